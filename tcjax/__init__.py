@@ -1,0 +1,6 @@
+"""tcjax: visual-token compression for PaliGemma-style multimodal models, in JAX."""
+
+from tcjax.tokens import Tokens
+from tcjax import compress
+
+__all__ = ["Tokens", "compress"]

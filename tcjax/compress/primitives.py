@@ -1,0 +1,279 @@
+"""Shared building blocks of every compression method.
+
+Axis legend: B batch, N tokens in, K tokens out, M original patches, D features.
+
+Methods are compositions of: input checks, a ranking key, `select_top` / `gather` (keep tokens in
+order, with `src` bookkeeping), `merge` (size-weighted scatter-merge into K slots), `pool_grid`
+(k x k pooling on the grid) and `sort_by_position`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from tcjax.parallel.mesh import batch_reshape, unshard_axis
+from tcjax.tokens import Tokens
+
+# ---------------------------------------------------------------------------------------------
+# Input checks (all raise at trace time, naming the argument).
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tokens(tokens, method: str) -> Tokens:
+  if not isinstance(tokens, Tokens):
+    raise ValueError(f"{method}: tokens must be a tcjax.Tokens, got {type(tokens).__name__}")
+  if tokens.x.ndim != 3:
+    raise ValueError(f"{method}: tokens.x must be float[B, N, D], got shape {tokens.x.shape}")
+  if not jnp.issubdtype(tokens.x.dtype, jnp.floating):
+    raise ValueError(f"{method}: tokens.x must be floating point, got dtype {tokens.x.dtype}")
+  b, n, _ = tokens.x.shape
+  for field, shape in (("pos", (b, n, 3)), ("size", (b, n)), ("mask", (b, n)),
+                       ("src", (b, tokens.num_patches))):
+    if getattr(tokens, field).shape != shape:
+      raise ValueError(f"{method}: tokens.{field} must have shape {shape}, "
+                       f"got {getattr(tokens, field).shape}")
+  return tokens
+
+
+def check_budget(tokens: Tokens, budget, method: str) -> int:
+  """`budget` must be a static Python int in [1, N]."""
+  n = tokens.num_tokens
+  if isinstance(budget, bool) or not isinstance(budget, int):
+    raise ValueError(f"{method}: budget must be a static Python int, got {budget!r}"
+                     " (mark it static under jax.jit)")
+  if budget <= 0 or budget > n:
+    raise ValueError(f"{method}: budget must be in [1, N={n}], got {budget}")
+  return budget
+
+
+def check_array(value, name: str, method: str, shape: Sequence[Optional[int]],
+                floating: bool = True) -> jax.Array:
+  """Checks a signal's presence, rank, shape (None = any) and dtype kind."""
+  if value is None:
+    raise ValueError(f"{method}: needs signal `{name}`")
+  value = jnp.asarray(value)
+  if value.ndim != len(shape) or any(s is not None and s != v for s, v in zip(shape, value.shape)):
+    want = ", ".join("?" if s is None else str(s) for s in shape)
+    raise ValueError(f"{method}: `{name}` must have shape [{want}], got {value.shape}")
+  if floating and not jnp.issubdtype(value.dtype, jnp.floating):
+    raise ValueError(f"{method}: `{name}` must be floating point, got dtype {value.dtype}")
+  return value
+
+
+def check_scores(tokens: Tokens, scores, method: str, name: str = "scores") -> jax.Array:
+  b, n, _ = tokens.x.shape
+  return check_array(scores, name, method, (b, n)).astype(jnp.float32)
+
+
+def check_rng(rng, method: str) -> jax.Array:
+  if rng is None:
+    raise ValueError(f"{method}: needs signal `rng` (a jax.random key)")
+  return rng
+
+
+def check_grid_tokens(tokens: Tokens, method: str) -> Tuple[int, int, int]:
+  """Grid methods need the raw patch grid: N == frames * h * w."""
+  if not tokens.is_raw_grid:
+    raise ValueError(f"{method}: needs tokens on their full grid {tokens.grid} "
+                     f"({tokens.num_patches} tokens), got N={tokens.num_tokens}")
+  return tokens.grid
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranking.
+# ---------------------------------------------------------------------------------------------
+
+
+def rank_key(scores: jax.Array, mask: jax.Array) -> jax.Array:
+  """float32[B, N] key for top-k: higher = keep.
+
+  NaN scores count as -inf: the least important, never kept over a token with a real score (a
+  NaN is kept only when the budget exceeds the tokens with real scores). Padding (mask False)
+  also counts as -inf; ties go to the lower index (`lax.top_k` is stable) and padding always
+  sits after the valid tokens, so valid tokens win every tie with padding.
+  """
+  s = scores.astype(jnp.float32)
+  return jnp.where(mask & ~jnp.isnan(s), s, -jnp.inf)
+
+
+def top_indices(key: jax.Array, k: int) -> jax.Array:
+  """int32[B, k] indices of the k largest entries of `key: float[B, N]`, in ascending order.
+
+  Works on a token axis sharded over Explicit mesh axes (it is resharded first).
+  """
+  _, idx = jax.lax.top_k(unshard_axis(key, -1), k)
+  return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gather, merge, reorder.
+# ---------------------------------------------------------------------------------------------
+
+
+def _take(a: jax.Array, idx: jax.Array) -> jax.Array:
+  """a: [B, N, ...], idx: int[B, K] -> [B, K, ...]."""
+  idx = idx.reshape(idx.shape + (1,) * (a.ndim - 2))
+  return jnp.take_along_axis(unshard_axis(a, 1), unshard_axis(idx, 1), axis=1)
+
+
+def remap_src(src: jax.Array, old_to_new: jax.Array) -> jax.Array:
+  """Compose `src: int[B, M]` (patch -> old token) with `old_to_new: int[B, N]` (-1 = dropped)."""
+  src = unshard_axis(src, 1)
+  carried = jnp.take_along_axis(unshard_axis(old_to_new, 1), jnp.maximum(src, 0), axis=1)
+  return jnp.where(src >= 0, carried, -1).astype(jnp.int32)
+
+
+def gather(tokens: Tokens, idx: jax.Array) -> Tokens:
+  """Keep tokens `idx: int[B, K]` (distinct) in the order given; every other token is dropped."""
+  b, n = tokens.mask.shape
+  k = idx.shape[1]
+  old_to_new = jax.vmap(
+      lambda i: jnp.full((n,), -1, jnp.int32).at[i].set(jnp.arange(k, dtype=jnp.int32)))(idx)
+  return Tokens(x=_take(tokens.x, idx), pos=_take(tokens.pos, idx), size=_take(tokens.size, idx),
+                mask=_take(tokens.mask, idx), src=remap_src(tokens.src, old_to_new),
+                grid=tokens.grid)
+
+
+def select_top(tokens: Tokens, scores: jax.Array, budget: int) -> Tokens:
+  """Keep the `budget` highest-scoring tokens, in their original order (see `rank_key`)."""
+  return gather(tokens, top_indices(rank_key(scores, tokens.mask), budget))
+
+
+def merge(tokens: Tokens, assign: jax.Array, rep: jax.Array) -> Tokens:
+  """Size-weighted scatter-merge of tokens into K slots.
+
+  Args:
+    tokens: N tokens in.
+    assign: int32[B, N] slot of each token in [0, K), or -1 to drop it. Padding should be -1.
+    rep: int32[B, K] the token whose `pos` each slot takes (its representative).
+
+  Returns:
+    K tokens: x = sum(size * x) / sum(size) over the slot's members, size = sum(size), pos of the
+    representative, mask = size > 0; empty slots are zero padding.
+  """
+  b, n, d = tokens.x.shape
+  k = rep.shape[1]
+  keep = (assign >= 0) & tokens.mask
+  w = jnp.where(keep, tokens.size, 0.0)
+  slot = jnp.where(keep, assign, k)  # an overflow slot collects the dropped tokens
+  onehot_sum = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=k + 1))
+  wx = onehot_sum((tokens.x.astype(jnp.float32) * w[..., None]), slot)[:, :k]
+  size = onehot_sum(w, slot)[:, :k]
+  x = (wx / jnp.maximum(size, 1e-30)[..., None]).astype(tokens.x.dtype)
+  mask = size > 0
+  pos = jnp.where(mask[..., None], _take(tokens.pos, rep), 0)
+  old_to_new = jnp.where(keep, assign, -1).astype(jnp.int32)
+  return Tokens(x=x, pos=pos.astype(jnp.int32), size=size, mask=mask,
+                src=remap_src(tokens.src, old_to_new), grid=tokens.grid)
+
+
+def sort_by_position(tokens: Tokens) -> Tokens:
+  """Reorder tokens by their origin's raster index (frame-major), padding last."""
+  big = jnp.iinfo(jnp.int32).max
+  key = jnp.where(tokens.mask, tokens.linear_pos(), big)
+  order = jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+  return gather(tokens, order)
+
+
+# ---------------------------------------------------------------------------------------------
+# Grid pooling.
+# ---------------------------------------------------------------------------------------------
+
+
+def pooled_grid(h: int, w: int, k: int) -> Tuple[int, int]:
+  """Output grid of k x k pooling in ceil mode (partial edge windows average what they cover)."""
+  return -(-h // k), -(-w // k)
+
+
+def pool_grid(tokens: Tokens, k: int, frames: Optional[Sequence[int]] = None) -> Tokens:
+  """Size-weighted k x k average pooling of each frame of a raw grid, in ceil mode.
+
+  Args:
+    tokens: tokens on their full grid, N == T * h * w.
+    k: window and stride.
+    frames: unused; pooling is per frame.
+
+  Returns:
+    T * ceil(h/k) * ceil(w/k) tokens in raster order; each takes the `pos` of its window's
+    top-left patch and `size` = patches covered.
+  """
+  del frames
+  t, h, w = tokens.grid
+  b, n, d = tokens.x.shape
+  ho, wo = pooled_grid(h, w, k)
+  ph, pw = ho * k - h, wo * k - w
+
+  def windows(a, fill):
+    a = batch_reshape(a, (b, t, h, w) + a.shape[2:])
+    pad = [(0, 0), (0, 0), (0, ph), (0, pw)] + [(0, 0)] * (a.ndim - 4)
+    a = jnp.pad(a, pad, constant_values=fill)
+    a = batch_reshape(a, (b, t, ho, k, wo, k) + a.shape[4:])
+    return batch_reshape(jnp.moveaxis(a, 3, 4), (b, t * ho * wo, k * k) + a.shape[6:])
+
+  size_w = windows(jnp.where(tokens.mask, tokens.size, 0.0), 0.0)  # [B, K, k*k]
+  x_w = windows(tokens.x.astype(jnp.float32), 0.0)  # [B, K, k*k, D]
+  size = size_w.sum(-1)
+  x = jnp.einsum("bkw,bkwd->bkd", size_w, x_w) / jnp.maximum(size, 1e-30)[..., None]
+  pos = windows(tokens.pos, 0)[:, :, 0]
+  # Window index of every original patch (tokens are the raw grid, so patch m is token m).
+  ti, ri, ci = tokens.pos[..., 0], tokens.pos[..., 1], tokens.pos[..., 2]
+  old_to_new = ((ti * ho + ri // k) * wo + ci // k).astype(jnp.int32)
+  old_to_new = jnp.where(tokens.mask, old_to_new, -1)
+  return Tokens(x=x.astype(tokens.x.dtype), pos=pos, size=size, mask=size > 0,
+                src=remap_src(tokens.src, old_to_new), grid=tokens.grid)
+
+
+def grid_for_budget(h: int, w: int, budget: int, frames: int = 1) -> Tuple[int, int]:
+  """The (h', w') with frames * h' * w' == budget whose aspect ratio is closest to h : w."""
+  if budget % frames:
+    raise ValueError(f"budget {budget} must be a multiple of the {frames} frames")
+  per = budget // frames
+  best = None
+  for hh in range(1, per + 1):
+    if per % hh == 0:
+      ww = per // hh
+      if hh <= h and ww <= w:
+        err = abs(math.log(hh / ww) - math.log(h / w))
+        if best is None or err < best[0]:
+          best = (err, hh, ww)
+  if best is None:
+    raise ValueError(f"budget {budget} does not fit a sub-grid of {frames}x{h}x{w}")
+  return best[1], best[2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Feature helpers.
+# ---------------------------------------------------------------------------------------------
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def to_grid(tokens: Tokens, values: jax.Array, fill=0) -> jax.Array:
+  """Scatter per-token values back onto the original patch grid through `src`.
+
+  Args:
+    tokens: the compressed tokens.
+    values: [B, N, ...] one value per token (e.g. `tokens.x`, or token ids for a picture).
+    fill: value for dropped patches.
+
+  Returns:
+    [B, T, h, w, ...]: each original patch gets the value of the token that carries it.
+  """
+  values = jnp.asarray(values)
+  b, n = tokens.mask.shape
+  if values.shape[:2] != (b, n):
+    raise ValueError(f"to_grid: values must be [B={b}, N={n}, ...], got {values.shape}")
+  out = _take(values, jnp.maximum(tokens.src, 0))
+  keep = (tokens.src >= 0).reshape(tokens.src.shape + (1,) * (values.ndim - 2))
+  out = jnp.where(keep, out, jnp.asarray(fill, values.dtype))
+  return batch_reshape(out, (b,) + tuple(tokens.grid) + values.shape[2:])
+
+
+unmerge = to_grid

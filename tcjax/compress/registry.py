@@ -1,0 +1,81 @@
+"""The method registry: `METHODS[name]` describes a method, `apply(name, ...)` runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, Callable, Dict, Tuple
+
+FAMILIES = ("sampling", "merging", "pooling", "cross_modal")
+STAGES = ("vit", "post_vit", "post_proj", "llm")
+SIGNALS = ("scores", "attn", "keys", "text", "text_mask", "rng")
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """What a compression method is and what it needs.
+
+  Attributes:
+    name: registry key, also the public function name in `tcjax.compress`.
+    fn: `fn(tokens, budget, *, <signals>, <options>) -> Tokens` with exactly `budget` tokens.
+    family: one of FAMILIES (the survey's four families).
+    stages: where in the model the method may act (subset of STAGES).
+    needs: signals the caller must pass (subset of SIGNALS); optional signals are not listed.
+    options: static options and their defaults, read from the function signature.
+    paper: short citation of the method's paper.
+  """
+
+  name: str
+  fn: Callable[..., Any]
+  family: str
+  stages: Tuple[str, ...]
+  needs: Tuple[str, ...]
+  options: Dict[str, Any]
+  paper: str
+
+  def __call__(self, *args, **kwargs):
+    return self.fn(*args, **kwargs)
+
+
+METHODS: Dict[str, Method] = {}
+
+
+def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[str, ...] = (),
+             paper: str = ""):
+  """Decorator adding a method function to METHODS."""
+  if family not in FAMILIES:
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+  if not set(stages) <= set(STAGES):
+    raise ValueError(f"stages must be a subset of {STAGES}, got {stages}")
+  if not set(needs) <= set(SIGNALS):
+    raise ValueError(f"needs must be a subset of {SIGNALS}, got {needs}")
+
+  def wrap(fn):
+    if name in METHODS:
+      raise ValueError(f"method {name!r} registered twice")
+    params = inspect.signature(fn).parameters
+    options = {k: p.default for k, p in params.items()
+               if p.kind is p.KEYWORD_ONLY and k not in SIGNALS}
+    METHODS[name] = Method(name, fn, family, tuple(stages), tuple(needs), options, paper)
+    return fn
+
+  return wrap
+
+
+def apply(name: str, tokens, budget: int, **signals_and_options):
+  """Run method `name` on `tokens` down to `budget` tokens.
+
+  Raises ValueError for an unknown method, a missing signal, or an option the method lacks.
+  """
+  if name not in METHODS:
+    raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+  method = METHODS[name]
+  missing = [s for s in method.needs if signals_and_options.get(s) is None]
+  if missing:
+    raise ValueError(f"method {name!r} needs signal(s) {missing}")
+  accepted = set(inspect.signature(method.fn).parameters)
+  unknown = sorted(set(signals_and_options) - accepted)
+  if unknown:
+    raise ValueError(f"method {name!r} takes no argument(s) {unknown}; "
+                     f"signals {list(method.needs)}, options {sorted(method.options)}")
+  return method.fn(tokens, budget, **signals_and_options)

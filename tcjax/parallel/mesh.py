@@ -1,0 +1,91 @@
+"""Mesh construction that always states axis types, and resharding helpers.
+
+jax >= 0.9 gives `jax.make_mesh` Explicit axes and `jax.sharding.Mesh` Auto axes by default;
+tcjax never relies on either default.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence, Tuple, Union
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, PartitionSpec as P
+
+AxisTypeLike = Union[str, AxisType]
+
+
+def _axis_type(t: AxisTypeLike) -> AxisType:
+  if isinstance(t, AxisType):
+    return t
+  try:
+    return {"explicit": AxisType.Explicit, "auto": AxisType.Auto,
+            "manual": AxisType.Manual}[t.lower()]
+  except (KeyError, AttributeError):
+    raise ValueError(f"axis_types entries must be 'explicit', 'auto' or an AxisType, got {t!r}")
+
+
+def make_mesh(axes: Sequence[Tuple[str, int]], axis_types, devices=None) -> jax.sharding.Mesh:
+  """A mesh over named axes, e.g. `make_mesh((("data", 2), ("seq", -1)), axis_types="explicit")`.
+
+  Args:
+    axes: (name, size) pairs; at most one size may be -1, meaning "the remaining devices".
+    axis_types: one type for all axes ("explicit" / "auto" / AxisType) or one per axis. Required:
+      the two JAX defaults differ, so tcjax always says which it means.
+    devices: defaults to `jax.devices()`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  names = [name for name, _ in axes]
+  sizes = [int(size) for _, size in axes]
+  if len(set(names)) != len(names):
+    raise ValueError(f"axes names must be unique, got {names}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"at most one axis size may be -1, got {sizes}")
+  known = int(np.prod([s for s in sizes if s != -1]))
+  if known <= 0 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"axis sizes must be positive or -1, got {sizes}")
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices do not divide by the fixed axes {sizes}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  total = int(np.prod(sizes))
+  if total > len(devices):
+    raise ValueError(f"mesh {dict(zip(names, sizes))} needs {total} devices, have {len(devices)}")
+  if isinstance(axis_types, (str, AxisType)):
+    axis_types = (axis_types,) * len(names)
+  if len(axis_types) != len(names):
+    raise ValueError(f"axis_types needs one entry per axis ({len(names)}), got {axis_types}")
+  types = tuple(_axis_type(t) for t in axis_types)
+  grid = np.asarray(devices[:total], dtype=object).reshape(sizes)
+  return jax.sharding.Mesh(grid, tuple(names), axis_types=types)
+
+
+def unshard_axis(x: jax.Array, axis: int) -> jax.Array:
+  """Make `axis` of `x` replicated before a sort / top-k along it.
+
+  On Explicit mesh axes `lax.top_k` refuses a sharded operand; this reshards that one axis and
+  keeps the others. On Auto axes (or outside a mesh) it is a no-op: XLA's partitioner decides.
+  """
+  sharding = jax.typeof(x).sharding
+  spec = getattr(sharding, "spec", None)
+  axis = axis % x.ndim
+  if spec is None or len(spec) <= axis or spec[axis] is None:
+    return x
+  new_spec = list(spec) + [None] * (x.ndim - len(spec))
+  new_spec[axis] = None
+  return jax.sharding.reshard(x, P(*new_spec))
+
+
+def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
+  """Reshape the non-leading axes of `x`, keeping axis 0 (the batch) and its sharding.
+
+  On Explicit mesh axes JAX cannot infer the sharding of a reshape that splits or merges axes;
+  compression methods only ever reshape per example, so the batch axis keeps its sharding and
+  every other axis is replicated.
+  """
+  if shape[0] != x.shape[0]:
+    raise ValueError(f"batch_reshape keeps axis 0: {x.shape} -> {tuple(shape)}")
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  if spec is None or all(s is None for s in spec):
+    return x.reshape(shape)
+  return jax.lax.reshape(x, tuple(shape), out_sharding=P(spec[0], *([None] * (len(shape) - 1))))

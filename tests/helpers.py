@@ -1,0 +1,91 @@
+"""Inputs for contract tests: tokens plus every signal a method declares it needs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import tcjax
+from tcjax.compress import METHODS
+
+# Per-method test geometry where the default (one 8x8 image, budget 16) does not fit.
+CASES = {
+    "temporal_merge": dict(frames=4, grid=(4, 4), budget=40),
+    "slowfast": dict(frames=4, grid=(4, 4), budget=28),
+}
+DEFAULT_CASE = dict(frames=1, grid=(8, 8), budget=16)
+
+
+def case(name):
+  return {**DEFAULT_CASE, **CASES.get(name, {})}
+
+
+def make_tokens(batch, frames, grid, dim=8, seed=0, dtype=jnp.float32):
+  n = frames * grid[0] * grid[1]
+  x = jax.random.normal(jax.random.key(seed), (batch, n, dim), dtype)
+  if frames == 1:
+    return tcjax.Tokens.from_grid(x, grid)
+  return tcjax.Tokens.from_video(x, frames=frames, grid=grid)
+
+
+def make_signals(name, tokens, seed=0, num_queries=3, text_len=5):
+  """Random signals for method `name`, shaped after `tokens`."""
+  b, n, d = tokens.x.shape
+  keys = jax.random.split(jax.random.key(seed + 1000), 6)
+  out = {}
+  for s in METHODS[name].needs:
+    if s == "scores":
+      out[s] = jax.random.normal(keys[0], (b, n))
+    elif s == "attn":
+      out[s] = jax.nn.softmax(3 * jax.random.normal(keys[1], (b, num_queries, n)), -1)
+    elif s == "keys":
+      out[s] = jax.random.normal(keys[2], (b, n, 6))
+    elif s == "text":
+      out[s] = jax.random.normal(keys[3], (b, text_len, d))
+    elif s == "text_mask":
+      lengths = jnp.arange(b) % (text_len - 1) + 2
+      out[s] = jnp.arange(text_len)[None] < lengths[:, None]
+    elif s == "rng":
+      out[s] = keys[5]
+  return out
+
+
+def inputs(name, batch=3, seed=0, dim=8):
+  c = case(name)
+  tokens = make_tokens(batch, c["frames"], c["grid"], dim=dim, seed=seed)
+  return tokens, make_signals(name, tokens, seed=seed), c["budget"]
+
+
+def np_tree(tree):
+  return jax.tree.map(np.asarray, tree)
+
+
+def check_contract(out, budget, batch):
+  """Invariants every output keeps, checked independently of the method's code.
+
+  - exactly `budget` tokens, every leaf batched;
+  - valid tokens first, in strictly increasing raster order of their origin;
+  - `src` points at valid tokens only, and a valid token stands for exactly the patches mapped
+    to it (`size` == count), one of which is its own origin `pos`.
+  """
+  o = np_tree(out)
+  m = out.num_patches
+  assert o.x.shape[:2] == (batch, budget)
+  assert o.pos.shape == (batch, budget, 3) and o.pos.dtype == np.int32
+  assert o.size.shape == (batch, budget) and o.mask.shape == (batch, budget)
+  assert o.src.shape == (batch, m) and o.src.dtype == np.int32
+  t, h, w = out.grid
+  lin = (o.pos[..., 0] * h + o.pos[..., 1]) * w + o.pos[..., 2]
+  for b in range(batch):
+    valid = o.mask[b]
+    count = int(valid.sum())
+    assert valid[:count].all(), "padding must come after the valid tokens"
+    assert np.all(np.diff(lin[b, :count]) > 0), "valid tokens must be in raster order"
+    src = o.src[b]
+    assert np.all((src >= -1) & (src < budget))
+    assert np.all(valid[src[src >= 0]]), "src points at a padding token"
+    counts = np.bincount(src[src >= 0], minlength=budget)
+    np.testing.assert_allclose(o.size[b, :count], counts[:count], rtol=1e-5)
+    assert np.all(counts[count:] == 0)
+    np.testing.assert_array_equal(src[lin[b, :count]], np.arange(count),
+                                  err_msg="a token's origin patch must be one it carries")
+    assert np.all(np.isfinite(o.x[b, :count]))

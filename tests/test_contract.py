@@ -1,0 +1,163 @@
+"""The contract of DESIGN.md, checked for every registered method."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import tcjax
+from tcjax import compress
+from tcjax.compress import METHODS
+from tcjax.parallel import make_mesh
+
+from helpers import case, check_contract, inputs, make_signals, make_tokens, np_tree
+
+NAMES = sorted(METHODS)
+
+
+def run(name, tokens, budget, signals):
+  return compress.apply(name, tokens, budget, **signals)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_registry_entry(name):
+  m = METHODS[name]
+  assert getattr(compress, name) is m.fn
+  assert m.fn.__module__.startswith("tcjax.compress.")
+  assert m.fn.__doc__ and m.paper
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_shape_order_src(name):
+  tokens, signals, budget = inputs(name, batch=3)
+  out = run(name, tokens, budget, signals)
+  check_contract(out, budget, 3)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batch_examples_are_independent(name):
+  tokens, signals, budget = inputs(name, batch=3)
+  out = np_tree(run(name, tokens, budget, signals))
+  if "rng" in METHODS[name].needs:
+    return  # one key draws one batch of noise; covered by test_random_* in its own file
+  for b in range(3):
+    one = jax.tree.map(lambda a: a[b:b + 1], tokens)
+    sig = {k: v[b:b + 1] for k, v in signals.items()}
+    single = np_tree(run(name, one, budget, sig))
+    chex.assert_trees_all_close(jax.tree.map(lambda a: a[b:b + 1], out), single, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_examples_differ_when_inputs_differ(name):
+  tokens, signals, budget = inputs(name, batch=2, seed=3)
+  out = np_tree(run(name, tokens, budget, signals))
+  assert not np.allclose(out.x[0], out.x[1])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_jit_matches_eager(name):
+  tokens, signals, budget = inputs(name, batch=2)
+  eager = run(name, tokens, budget, signals)
+  jitted = jax.jit(lambda t, s: run(name, t, budget, s))(tokens, signals)
+  chex.assert_trees_all_close(np_tree(eager), np_tree(jitted), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_vmap_over_extra_axis(name):
+  (t0, s0, budget), (t1, s1, _) = inputs(name, batch=2, seed=0), inputs(name, batch=2, seed=5)
+  stacked_t = jax.tree.map(lambda a, b: jnp.stack([a, b]), t0, t1)
+  stacked_s = {k: jnp.stack([s0[k], s1[k]]) for k in s0}
+  out = jax.vmap(lambda t, s: run(name, t, budget, s))(stacked_t, stacked_s)
+  for i, (t, s) in enumerate([(t0, s0), (t1, s1)]):
+    chex.assert_trees_all_close(np_tree(jax.tree.map(lambda a: a[i], out)),
+                                np_tree(run(name, t, budget, s)), atol=1e-5)
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+@pytest.mark.parametrize("name", NAMES)
+def test_sharded_batch_matches_one_device(name, axis_type):
+  tokens, signals, budget = inputs(name, batch=8)
+  mesh = make_mesh((("data", 8),), axis_types=axis_type)
+  shard = lambda a: jax.device_put(a, NamedSharding(mesh, P("data")))
+  tokens_s = jax.tree.map(shard, tokens)
+  signals_s = {k: (v if k == "rng" else shard(v)) for k, v in signals.items()}
+  with jax.set_mesh(mesh):
+    out = jax.jit(lambda t, s: run(name, t, budget, s))(tokens_s, signals_s)
+  ref = run(name, tokens, budget, signals)
+  chex.assert_trees_all_close(np_tree(out), np_tree(ref), atol=1e-5)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_budget(name):
+  tokens, signals, _ = inputs(name, batch=2)
+  n = tokens.num_tokens
+  for bad in (0, -3, n + 1, 2.5, "8"):
+    with pytest.raises(ValueError, match="budget"):
+      run(name, tokens, bad, signals)
+  with pytest.raises(ValueError, match="budget"):  # a traced budget is not static
+    jax.jit(lambda b: run(name, tokens, b, signals))(4)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if METHODS[n].needs])
+def test_missing_signal(name):
+  tokens, signals, budget = inputs(name, batch=2)
+  for s in METHODS[name].needs:
+    rest = {k: v for k, v in signals.items() if k != s}
+    with pytest.raises(ValueError, match=s):
+      run(name, tokens, budget, rest)
+    with pytest.raises(ValueError, match=s):  # direct call, not through apply
+      getattr(compress, name)(tokens, budget, **rest)
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if METHODS[n].needs])
+def test_wrong_signal_shapes(name):
+  tokens, signals, budget = inputs(name, batch=2)
+  for s, v in signals.items():
+    if s == "rng":
+      continue
+    bad = {**signals, s: v[:, 1:] if v.ndim >= 2 else v[1:]}
+    with pytest.raises(ValueError, match=s):
+      run(name, tokens, budget, bad)
+    bad = {**signals, s: v[0]}  # wrong rank
+    with pytest.raises(ValueError, match=s):
+      run(name, tokens, budget, bad)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_tokens(name):
+  tokens, signals, budget = inputs(name, batch=2)
+  with pytest.raises(ValueError, match="tokens"):
+    run(name, tokens.x, budget, signals)
+  as_int = tokens.replace(x=tokens.x.astype(jnp.int32))
+  with pytest.raises(ValueError, match="floating"):
+    run(name, as_int, budget, signals)
+  wrong_src = tokens.replace(src=tokens.src[:, 1:])
+  with pytest.raises(ValueError, match="src"):
+    run(name, wrong_src, budget, signals)
+
+
+def test_grid_must_match_n():
+  x = jnp.zeros((2, 15, 4))
+  with pytest.raises(ValueError, match="grid"):
+    tcjax.Tokens.from_grid(x, (4, 4))
+  with pytest.raises(ValueError, match="grid"):
+    tcjax.Tokens.from_video(jnp.zeros((2, 32, 4)), frames=3, grid=(4, 4))
+  with pytest.raises(ValueError, match="float"):
+    tcjax.Tokens.from_grid(jnp.zeros((2, 16, 4), jnp.int32), (4, 4))
+
+
+def test_apply_rejects_unknown():
+  tokens, signals, budget = inputs("topk", batch=2)
+  with pytest.raises(ValueError, match="unknown method"):
+    compress.apply("nope", tokens, budget)
+  with pytest.raises(ValueError, match="colour"):
+    compress.apply("topk", tokens, budget, colour=1, **signals)
+
+
+def test_every_method_runs_with_defaults_only():
+  for name in NAMES:
+    tokens, signals, budget = inputs(name, batch=2)
+    out = compress.apply(name, tokens, budget, **signals)
+    assert out.num_tokens == budget
