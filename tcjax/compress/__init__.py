@@ -8,7 +8,12 @@ from tcjax.compress.registry import METHODS, Method, apply, register
 from tcjax.compress.primitives import to_grid, unmerge
 
 # Methods, one file each. Keep this list sorted.
+from tcjax.compress.dart import dart
+from tcjax.compress.divprune import divprune
 from tcjax.compress.pool import pool
+from tcjax.compress.slowfast import slowfast
+from tcjax.compress.temporal_merge import temporal_merge
 from tcjax.compress.topk import topk
+from tcjax.compress.vispruner import vispruner
 
 __all__ = ["METHODS", "Method", "apply", "register", "to_grid", "unmerge"] + sorted(METHODS)

@@ -1,0 +1,152 @@
+"""VisPruner: hand-worked examples and a NumPy re-implementation of the official algorithm."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import tcjax
+from tcjax import compress
+from tcjax.compress.vispruner import dedup_schedule
+
+from helpers import check_contract, make_tokens
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(budget, ratio, step):
+  return jax.jit(lambda t, a: compress.vispruner(t, budget, attn=a, important_ratio=ratio,
+                                                 dedup_step=step))
+
+
+def reference(x, importance, budget, ratio, step):
+  """The official loop on Python lists (one example), odd lengths handled as in vispruner."""
+  n_imp = int(budget * ratio)
+  n_div = budget - n_imp
+  order = list(np.argsort(-importance, kind="stable"))
+  imp, res = order[:n_imp], order[n_imp:]
+  xn = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  while n_div > 0:
+    r = min(step, len(res) - n_div, (len(res) + 1) // 2)
+    if r <= 0:
+      break
+    a, b = res[0::2], res[1::2]
+    m = (xn[a] @ xn[b].T).max(-1)
+    by_m = np.argsort(-m, kind="stable")
+    res = [a[i] for i in by_m[r:]] + b
+  return sorted(imp + res[:n_div])
+
+
+def test_hand_worked():
+  # Attention order 0..7; 1 important (token 0), 2 diverse. Candidates [1..7], R=7:
+  # step 1 removes r=min(8, 7-2, 4)=4 -> all of the even half [1,3,5,7]; list [2,4,6];
+  # step 2, r=1: even half [2,6] vs odd [4]; token 6 duplicates 4, token 2 is orthogonal -> 6 goes.
+  x = np.zeros((1, 8, 3), np.float32)
+  x[0, :, 0] = 1.0
+  x[0, 2] = [0, 1, 0]
+  x[0, 4] = [0, 0, 1]
+  x[0, 6] = [0, 0, 2]
+  attn = jnp.asarray(np.linspace(1.0, 0.2, 8, dtype=np.float32))[None, None]
+  t = tcjax.Tokens.from_grid(jnp.asarray(x), (2, 4))
+  out = compress.vispruner(t, 3, attn=attn, important_ratio=1 / 3)
+  np.testing.assert_array_equal(out.src[0], [0, -1, 1, -1, 2, -1, -1, -1])
+  np.testing.assert_array_equal(out.pos[0, :, 1:], [[0, 0], [0, 2], [1, 0]])
+
+
+def test_schedule_matches_official_step_count():
+  # 576 tokens, budget 64 at ratio 0.75: 48 + 16, (528 - 16) / 8 = 64 steps of 8.
+  steps = dedup_schedule(576 - 48, 16, 8)
+  assert len(steps) == 64 and all(r == 8 for _, r in steps)
+  assert steps[-1][0] - steps[-1][1] == 16
+
+
+def test_ratio_one_is_attention_topk():
+  t = make_tokens(2, 1, (8, 8), seed=3)
+  attn = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 4, 64)), -1)
+  out = compress.vispruner(t, 12, attn=attn, important_ratio=1.0)
+  ref = compress.topk(t, 12, scores=attn.mean(1))
+  np.testing.assert_array_equal(out.src, ref.src)
+
+
+def test_nan_attention_ranks_last():
+  t = make_tokens(1, 1, (2, 4), seed=0)
+  attn = jnp.array([[[jnp.nan, 0.1, 0.5, 0.2, 0.9, jnp.nan, 0.3, 0.0]]])
+  out = compress.vispruner(t, 2, attn=attn, important_ratio=1.0)
+  np.testing.assert_array_equal(np.flatnonzero(out.src[0] >= 0), [2, 4])
+
+
+@settings(max_examples=15, deadline=None)
+@given(config=st.sampled_from([(8, 8, 16, 0.5, 8), (8, 8, 5, 0.0, 1), (6, 9, 9, 0.25, 3),
+                                (1, 13, 4, 0.75, 8), (8, 8, 16, 0.25, 1)]),
+       seed=st.integers(0, 10_000))
+def test_matches_reference(config, seed):
+  # Odd and even list lengths, several phases of the shrinking buffer, r capped by the half.
+  h, w, budget, ratio, step = config
+  t = make_tokens(2, 1, (h, w), dim=6, seed=seed)
+  attn = jax.nn.softmax(2 * jax.random.normal(jax.random.key(seed + 1), (2, 3, h * w)), -1)
+  out = _jitted(budget, ratio, step)(t, attn)
+  check_contract(out, budget, 2)
+  x, imp = np.asarray(t.x), np.asarray(attn.mean(1))
+  for b in range(2):
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.src[b]) >= 0),
+                                  reference(x[b], imp[b], budget, ratio, step))
+
+
+def test_matches_reference_over_several_phases():
+  # 256 tokens: the candidate buffer shrinks in phases (plus the cached-neighbour lists).
+  t = make_tokens(1, 1, (16, 16), dim=6, seed=4)
+  attn = jax.nn.softmax(jax.random.normal(jax.random.key(5), (1, 2, 256)), -1)
+  out = _jitted(21, 0.5, 8)(t, attn)
+  np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.src[0]) >= 0),
+                                reference(np.asarray(t.x[0]), np.asarray(attn.mean(1)[0]),
+                                          21, 0.5, 8))
+
+
+def test_keys_replace_features_for_similarity():
+  # Same hand-worked geometry, but the similarity comes from `keys`: now 2 duplicates 4.
+  x = jnp.ones((1, 8, 3))
+  keys = np.zeros((1, 8, 2), np.float32)
+  keys[0, :, 0] = 1.0
+  keys[0, 2] = [0, 1]
+  keys[0, 4] = [0, 1]
+  keys[0, 6] = [1, 0]
+  attn = jnp.asarray(np.linspace(1.0, 0.2, 8, dtype=np.float32))[None, None]
+  out = compress.vispruner(tcjax.Tokens.from_grid(x, (2, 4)), 3, attn=attn, keys=keys,
+                           important_ratio=1 / 3)
+  np.testing.assert_array_equal(np.flatnonzero(out.src[0] >= 0), [0, 4, 6])
+
+
+def test_bad_options():
+  t = make_tokens(1, 1, (4, 4))
+  attn = jnp.ones((1, 1, 16)) / 16
+  with pytest.raises(ValueError, match="important_ratio"):
+    compress.vispruner(t, 4, attn=attn, important_ratio=1.5)
+  with pytest.raises(ValueError, match="dedup_step"):
+    compress.vispruner(t, 4, attn=attn, dedup_step=0)
+
+
+@pytest.mark.parametrize("neighbours", [1, 2])
+def test_exact_when_the_neighbour_cache_misses(monkeypatch, neighbours):
+  # With 1-2 cached neighbours most rows miss the odd half and take the full-row fallback.
+  import importlib
+  module = importlib.import_module("tcjax.compress.vispruner")
+  monkeypatch.setattr(module, "_NEIGHBOURS", neighbours)
+  monkeypatch.setattr(module, "_FALLBACK_ROWS", 3)
+  monkeypatch.setattr(module, "_CACHE_MIN_CAP", 0)
+  t = make_tokens(2, 1, (8, 8), dim=6, seed=11)
+  attn = jax.nn.softmax(jax.random.normal(jax.random.key(12), (2, 3, 64)), -1)
+  out = jax.jit(lambda t, a: module.vispruner(t, 10, attn=a, important_ratio=0.3,
+                                              dedup_step=3))(t, attn)
+  x, imp = np.asarray(t.x), np.asarray(attn.mean(1))
+  for b in range(2):
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.src[b]) >= 0),
+                                  reference(x[b], imp[b], 10, 0.3, 3))
+
+
+def test_symmetric_gram():
+  from tcjax.compress.vispruner import symmetric_gram
+  x = np.random.default_rng(0).normal(size=(37, 5)).astype(np.float32)
+  np.testing.assert_allclose(symmetric_gram(jnp.asarray(x), chunk=8), x @ x.T, atol=1e-5)
+  np.testing.assert_allclose(symmetric_gram(jnp.asarray(x), chunk=64), x @ x.T, atol=1e-5)
