@@ -10,10 +10,18 @@ from tcjax.compress.primitives import to_grid, unmerge
 # Methods, one file each. Keep this list sorted.
 from tcjax.compress.dart import dart
 from tcjax.compress.divprune import divprune
+from tcjax.compress.fastervlm import fastervlm
+from tcjax.compress.fastv import fastv
+from tcjax.compress.keynorm import keynorm
 from tcjax.compress.pool import pool
+from tcjax.compress.pyramid import pyramid
+from tcjax.compress.random import random
+from tcjax.compress.resize import resize
 from tcjax.compress.slowfast import slowfast
 from tcjax.compress.temporal_merge import temporal_merge
+from tcjax.compress.text_relevance import text_relevance
 from tcjax.compress.topk import topk
+from tcjax.compress.uniform import uniform
 from tcjax.compress.vispruner import vispruner
 
 __all__ = ["METHODS", "Method", "apply", "register", "to_grid", "unmerge"] + sorted(METHODS)

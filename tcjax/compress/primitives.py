@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from tcjax.parallel.mesh import batch_reshape, unshard_axis
 from tcjax.tokens import Tokens
@@ -136,6 +137,27 @@ def gather(tokens: Tokens, idx: jax.Array) -> Tokens:
   return Tokens(x=_take(tokens.x, idx), pos=_take(tokens.pos, idx), size=_take(tokens.size, idx),
                 mask=_take(tokens.mask, idx), src=remap_src(tokens.src, old_to_new),
                 grid=tokens.grid)
+
+
+def gather_static(tokens: Tokens, idx) -> Tokens:
+  """Keep the same tokens `idx` (a static, distinct, int sequence of length K) in every example.
+
+  Plain static indexing keeps the batch axis's sharding untouched (no per-example index arrays).
+  """
+  idx = np.asarray(idx, np.int32)
+  n = tokens.num_tokens
+  old_to_new = np.full((n,), -1, np.int32)
+  old_to_new[idx] = np.arange(idx.size, dtype=np.int32)
+  return Tokens(x=tokens.x[:, idx], pos=tokens.pos[:, idx], size=tokens.size[:, idx],
+                mask=tokens.mask[:, idx], src=remap_src_static(tokens.src, old_to_new),
+                grid=tokens.grid)
+
+
+def remap_src_static(src: jax.Array, old_to_new) -> jax.Array:
+  """`remap_src` with a static table `old_to_new: int[N]` shared by every example."""
+  # Broadcast against src's batch axis so the table takes src's batch sharding.
+  table = jnp.zeros_like(src[:, :1]) + jnp.asarray(old_to_new, jnp.int32)[None]
+  return remap_src(src, table)
 
 
 def select_top(tokens: Tokens, scores: jax.Array, budget: int) -> Tokens:

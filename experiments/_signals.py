@@ -1,0 +1,97 @@
+"""Shared wiring for experiments: signals for every method and a budget each method accepts.
+
+Kept inside experiments/ (scripts never import tests/). Shapes are the realistic ones of a SigLIP /
+PaliGemma setting: attn with Q = 1 (a CLS-like row), keys with Dk = 72 (one So400m head),
+text with T = 16 prompt tokens.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+import jax
+import jax.numpy as jnp
+
+import tcjax
+from tcjax.compress import METHODS
+
+
+def make_signals(name, tokens, *, seed=0, num_queries=1, key_dim=72, text_len=16,
+                 attn_logits=None, text=None):
+  """Every signal `METHODS[name].needs`, shaped after `tokens: float[B, N, D]`."""
+  b, n, d = tokens.x.shape
+  ks = jax.random.split(jax.random.key(seed), 6)
+  out = {}
+  for s in METHODS[name].needs:
+    if s == "scores":
+      out[s] = (attn_logits if attn_logits is not None
+                else jax.random.normal(ks[0], (b, n)))
+    elif s == "attn":
+      logits = (jnp.broadcast_to(attn_logits[:, None], (b, num_queries, n))
+                if attn_logits is not None else 3 * jax.random.normal(ks[1], (b, num_queries, n)))
+      out[s] = jax.nn.softmax(logits, -1)
+    elif s == "keys":
+      out[s] = jax.random.normal(ks[2], (b, n, key_dim))
+    elif s == "text":
+      out[s] = text if text is not None else jax.random.normal(ks[3], (b, text_len, d))
+    elif s == "text_mask":
+      t = out["text"].shape[1] if "text" in out else text_len
+      out[s] = jnp.ones((b, t), bool)
+    elif s == "rng":
+      out[s] = ks[5]
+  return out
+
+
+def _accepts(name, tokens, budget, signals):
+  try:
+    jax.eval_shape(lambda t, s: METHODS[name].fn(t, budget, **s), tokens, signals)
+    return None
+  except ValueError as e:
+    return str(e)
+
+
+def pick_budget(name, tokens, signals, fraction=0.25):
+  """A budget near `fraction * N` that method `name` accepts on `tokens` (or None).
+
+  Tries round(fraction * N); if the method lists its valid budgets in the error, takes the
+  closest; otherwise scans outward from the target.
+  """
+  n = tokens.num_tokens
+  target = max(1, round(fraction * n))
+  err = _accepts(name, tokens, target, signals)
+  if err is None:
+    return target
+  m = re.search(r"valid budgets:?\s*\[([0-9,\s]+)\]", err)
+  if m:
+    options = [int(v) for v in m.group(1).split(",") if v.strip()]
+    for b in sorted(options, key=lambda v: (abs(math.log(v / target)), v)):
+      if _accepts(name, tokens, b, signals) is None:
+        return b
+  for delta in range(1, n):
+    for b in (target + delta, target - delta):
+      if 1 <= b <= n and _accepts(name, tokens, b, signals) is None:
+        return b
+    if delta > 256:
+      break
+  return None
+
+
+def make_tokens_for(name, x, grid):
+  """(tokens, budget) for method `name`: one image of `grid`, or the same N as a 4-frame clip
+  when that lets the method reach a budget closer to N/4 (video methods); (None, None) if
+  neither works."""
+  b, n, d = x.shape
+  img = tcjax.Tokens.from_grid(x, grid)
+  h, w = grid
+  candidates = [img]
+  if h % 2 == 0 and w % 2 == 0:
+    candidates.append(tcjax.Tokens.from_video(x, frames=4, grid=(h // 2, w // 2)))
+  best = (None, None)
+  target = max(1, round(0.25 * n))
+  err = lambda b: abs(math.log(b / target))
+  for tokens in candidates:  # the geometry whose accepted budget is closest to N/4 (image on ties)
+    budget = pick_budget(name, tokens, make_signals(name, tokens))
+    if budget is not None and (best[1] is None or err(budget) < err(best[1])):
+      best = (tokens, budget)
+  return best
