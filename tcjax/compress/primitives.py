@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcjax.parallel.mesh import batch_reshape, unshard_axis
+from tcjax.parallel.topk import topk as sharded_topk
 from tcjax.tokens import Tokens
 
 # ---------------------------------------------------------------------------------------------
@@ -104,8 +105,18 @@ def rank_key(scores: jax.Array, mask: jax.Array) -> jax.Array:
 def top_indices(key: jax.Array, k: int) -> jax.Array:
   """int32[B, k] indices of the k largest entries of `key: float[B, N]`, in ascending order.
 
-  Works on a token axis sharded over Explicit mesh axes (it is resharded first).
+  A token axis sharded over one Explicit mesh axis (dividing N) uses the exact two-stage
+  `tcjax.parallel.topk` (local top-k, gather candidates, final top-k; same result and ties as
+  `lax.top_k`); otherwise the axis is resharded first (`unshard_axis`, a no-op on Auto axes).
   """
+  sharding = jax.typeof(key).sharding
+  spec = getattr(sharding, "spec", None)
+  mesh = getattr(sharding, "mesh", None)
+  if (key.ndim == 2 and spec is not None and len(spec) == 2 and isinstance(spec[1], str)
+      and mesh.axis_types[mesh.axis_names.index(spec[1])] == jax.sharding.AxisType.Explicit
+      and key.shape[1] % mesh.shape[spec[1]] == 0):
+    _, idx = sharded_topk(key, k, mesh=mesh, axis=spec[1], batch_axis=spec[0])
+    return jnp.sort(idx, axis=-1).astype(jnp.int32)
   _, idx = jax.lax.top_k(unshard_axis(key, -1), k)
   return jnp.sort(idx, axis=-1).astype(jnp.int32)
 

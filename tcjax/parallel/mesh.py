@@ -89,3 +89,8 @@ def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   if spec is None or all(s is None for s in spec):
     return x.reshape(shape)
   return jax.lax.reshape(x, tuple(shape), out_sharding=P(spec[0], *([None] * (len(shape) - 1))))
+
+
+def mesh_from_config(cfg, devices=None) -> jax.sharding.Mesh:
+  """Mesh from a config with `mesh` ((name, size), ...) and `axis_types` (str or per-axis)."""
+  return make_mesh(tuple((str(n), int(s)) for n, s in cfg.mesh), cfg.axis_types, devices)

@@ -1,0 +1,153 @@
+"""Attention over a sequence-sharded token axis: ring attention and gathered-K/V attention.
+
+Mask (big_vision prefix-LM rule): query i attends key j iff key j is valid and
+cumsum(mask_ar)[j] <= cumsum(mask_ar)[i]. `mask_ar` is 0 on the bidirectional prefix and 1 on
+causal (autoregressive) tokens. The per-token attributes (cumsum, valid) travel with the K/V
+blocks around the ring, so no global mask is ever built.
+Shapes: q float[B, T, H, Dh], k/v float[B, S, KVH, Dh] (H divisible by KVH: MHA / GQA / MQA).
+Self-attention: T == S and q/k/v share the token axis sharded over `axis`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+
+
+def _to(x, spec, mesh):
+  """On Explicit meshes reshard x to `spec` (shard_map requires matching input specs)."""
+  if any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types):
+    return jax.sharding.reshard(x, NamedSharding(mesh, spec))
+  return x
+
+
+def _unshard(x, axis, mesh):
+  """Replicate `axis` of x (Explicit meshes only; Auto lets XLA decide)."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  if spec is None or len(spec) <= axis or spec[axis] is None:
+    return x
+  new = list(spec) + [None] * (x.ndim - len(spec))
+  new[axis] = None
+  return jax.sharding.reshard(x, NamedSharding(mesh, P(*new)))
+
+_NEG = -1e30
+
+
+def pad_to_multiple(x: jax.Array, multiple: int, axis: int = 1, value=0):
+  """Pad `axis` of x up to a multiple of `multiple` with `value`; returns (padded, old length)."""
+  n = x.shape[axis]
+  extra = (-n) % multiple
+  if not extra:
+    return x, n
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, extra)
+  return jnp.pad(x, widths, constant_values=value), n
+
+
+def _prep(q, k, v, mask_ar, kv_valid, n_shards, mesh):
+  b, t, h, dh = q.shape
+  if k.shape[:2] != (b, t) or v.shape != k.shape or h % k.shape[2]:
+    raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} mismatch")
+  if mask_ar is None:
+    mask_ar = jnp.zeros((b, t), jnp.int32)
+  if kv_valid is None:
+    kv_valid = jnp.ones((b, t), bool)
+  # Small [B, T] int attributes: the cumsum runs on a replicated token axis.
+  cum = jnp.cumsum(_unshard(mask_ar.astype(jnp.int32), 1, mesh), axis=1)
+  kv_valid = _unshard(kv_valid, 1, mesh)
+  if t % n_shards:  # uneven: pad (on a replicated token axis) and mask the padding
+    q, k, v = (_unshard(a, 1, mesh) for a in (q, k, v))
+  q, _ = pad_to_multiple(q, n_shards)
+  k, _ = pad_to_multiple(k, n_shards)
+  v, _ = pad_to_multiple(v, n_shards)
+  cum, _ = pad_to_multiple(cum, n_shards)
+  kv_valid, _ = pad_to_multiple(kv_valid, n_shards, value=False)  # padding never attended
+  return q, k, v, cum, kv_valid, t
+
+
+def _scores(q, k, qcum, kcum, kvalid, scale, softcap):
+  """q [B,Tq,H,Dh], k [B,Tk,KVH,Dh] -> masked logits [B,KVH,G,Tq,Tk] (float32)."""
+  b, tq, h, dh = q.shape
+  kvh = k.shape[2]
+  qg = q.reshape(b, tq, kvh, h // kvh, dh)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  if softcap is not None:
+    s = jnp.tanh(s / softcap) * softcap
+  allowed = (kcum[:, None, :] <= qcum[:, :, None]) & kvalid[:, None, :]
+  return jnp.where(allowed[:, None, None], s, _NEG), allowed
+
+
+def _specs(batch_axis, axis):
+  return P(batch_axis, axis, None, None), P(batch_axis, axis)
+
+
+def ring_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
+                   mask_ar: Optional[jax.Array] = None, kv_valid: Optional[jax.Array] = None,
+                   scale: Optional[float] = None, softcap: Optional[float] = None):
+  """Ring attention: each shard keeps its queries; K/V blocks (with their mask attributes) move
+  one step around `axis` per iteration (`lax.ppermute`) and an online softmax accumulates.
+  Returns float[B, T, H, Dh]; rows with no allowed key are 0. Uneven T is padded and masked."""
+  n_shards = mesh.shape[axis]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  q, k, v, cum, kv_valid, t = _prep(q, k, v, mask_ar, kv_valid, n_shards, mesh)
+  s4, s2 = _specs(batch_axis, axis)
+  perm = [(i, (i + 1) % n_shards) for i in range(n_shards)]
+
+  def local(q, k, v, qcum, kcum, kvalid):
+    b, tq, h, dh = q.shape
+    kvh = k.shape[2]
+    m = jnp.full((b, kvh, h // kvh, tq), _NEG, jnp.float32)
+    l = jnp.zeros_like(m)
+    acc = jnp.zeros((b, kvh, h // kvh, tq, dh), jnp.float32)
+
+    def step(_, carry):
+      m, l, acc, k, v, kcum, kvalid = carry
+      s, allowed = _scores(q, k, qcum, kcum, kvalid, scale, softcap)
+      m_new = jnp.maximum(m, s.max(-1))
+      p = jnp.where(allowed[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
+      corr = jnp.exp(m - m_new)
+      l = l * corr + p.sum(-1)
+      acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+      k, v, kcum, kvalid = (jax.lax.ppermute(a, axis, perm) for a in (k, v, kcum, kvalid))
+      return m_new, l, acc, k, v, kcum, kvalid
+
+    m, l, acc, *_ = jax.lax.fori_loop(0, n_shards, step, (m, l, acc, k, v, kcum, kvalid))
+    out = acc / jnp.where(l > 0, l, 1.0)[..., None]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, dh).astype(q.dtype)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(s4, s4, s4, s2, s2, s2), out_specs=s4,
+                    check_vma=False)
+  args = [_to(a, sp, mesh) for a, sp in zip((q, k, v, cum, cum, kv_valid),
+                                             (s4, s4, s4, s2, s2, s2))]
+  out = f(*args)
+  return out if out.shape[1] == t else _unshard(out, 1, mesh)[:, :t]
+
+
+def gathered_kv_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
+                          mask_ar=None, kv_valid=None, scale=None, softcap=None):
+  """Sharded queries attend all-gathered K/V (simple variant; K/V must fit one device)."""
+  n_shards = mesh.shape[axis]
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  q, k, v, cum, kv_valid, t = _prep(q, k, v, mask_ar, kv_valid, n_shards, mesh)
+  s4, s2 = _specs(batch_axis, axis)
+
+  def local(q, k, v, qcum, kcum, kvalid):
+    b, tq, h, dh = q.shape
+    k, v, kcum, kvalid = (jax.lax.all_gather(a, axis, axis=1, tiled=True)
+                          for a in (k, v, kcum, kvalid))
+    s, allowed = _scores(q, k, qcum, kcum, kvalid, scale, softcap)
+    p = jax.nn.softmax(s, axis=-1) * allowed[:, None, None]
+    out = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, dh).astype(q.dtype)
+
+  f = jax.shard_map(local, mesh=mesh, in_specs=(s4, s4, s4, s2, s2, s2), out_specs=s4,
+                    check_vma=False)
+  args = [_to(a, sp, mesh) for a, sp in zip((q, k, v, cum, cum, kv_valid),
+                                             (s4, s4, s4, s2, s2, s2))]
+  out = f(*args)
+  return out if out.shape[1] == t else _unshard(out, 1, mesh)[:, :t]
