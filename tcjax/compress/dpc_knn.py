@@ -1,0 +1,110 @@
+"""DPC-KNN: density-peak clustering with k-NN density; tokens merged into their cluster centres.
+
+Jin et al., "Chat-UniVi: Unified Visual Representation Empowers Large Language Models with Image
+and Video Understanding", arXiv 2311.08046, CVPR 2024 (official code: PKU-YuanGroup/Chat-UniVi,
+`ChatUniVi/model/cluster.py`: `cluster_dpc_knn`, `merge_tokens`).
+
+Axis legend: B batch, N tokens, D features, K centres (= budget).
+
+Official behaviour (followed here), in float32:
+  1. d_ij = ||x_i - x_j|| / sqrt(D).
+  2. rho_i = exp(-mean of d_ij^2 over the k nearest j, i itself included).
+  3. delta_i = min d_ij over denser j; the densest token gets the sample's max distance.
+  4. Centres: the `budget` largest rho * delta.
+  5. Every token joins its nearest centre (first centre on ties); centres own themselves.
+  6. Merge: the plain mean of the members (official weights 1); `weighting="size"` averages by
+     `size` instead (the two agree on raw tokens, whose sizes are all 1).
+The official code adds U(0, 1) * 1e-6 to rho to break ties, which makes it non-deterministic;
+by default ties are broken by index here (the lower index counts as denser), and `rng` restores
+the official noise. The official output is in centre-score order; here it is in raster order
+of the centres (each merged token takes its centre's position). The algorithm needs the N x N
+distance matrix; nothing larger is built. Padding tokens (mask False) are never neighbours,
+centres (unless the budget exceeds the valid tokens: those slots are padding) or members.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from tcjax.compress import primitives as P
+from tcjax.compress.registry import register
+
+
+def pairwise_distance(x: jax.Array) -> jax.Array:
+  """float32[N, N] Euclidean distances of `x: float[N, D]` divided by sqrt(D), zero diagonal."""
+  n, d = x.shape
+  x = x.astype(jnp.float32)
+  sq = jnp.sum(x * x, -1)
+  g = jnp.einsum("nd,md->nm", x, x, preferred_element_type=jnp.float32)
+  d2 = jnp.maximum(sq[:, None] + sq[None, :] - 2.0 * g, 0.0)
+  d2 = jnp.where(jnp.eye(n, dtype=bool), 0.0, d2)
+  return jnp.sqrt(d2) / jnp.sqrt(jnp.float32(d))
+
+
+def dpc_centres(dist: jax.Array, valid: jax.Array, budget: int, k: int, noise=None):
+  """Centres (int32[K], score order) of one example from `dist: float32[N, N]`."""
+  n = dist.shape[0]
+  big = jnp.float32(3e38)
+  both = valid[:, None] & valid[None, :]
+  dk = jnp.where(both, dist, big)
+  near = -jax.lax.top_k(-dk, k)[0]  # [N, k] smallest distances, self (0) included
+  rho = jnp.exp(-jnp.mean(near * near, -1))
+  if noise is not None:
+    rho = rho + noise
+  idx = jnp.arange(n)
+  denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None])
+                                           & (idx[None, :] < idx[:, None]))
+  dmax = jnp.max(jnp.where(both, dist, 0.0))
+  delta = jnp.min(jnp.where(denser & both, dist, dmax), -1)
+  score = jnp.where(valid, rho * delta, -jnp.inf)
+  _, centres = jax.lax.top_k(score, budget)
+  return centres.astype(jnp.int32)
+
+
+@register("dpc_knn", family="merging", stages=("post_vit", "post_proj"),
+          paper="DPC-KNN in Chat-UniVi, Jin et al., arXiv 2311.08046 (CVPR 2024)")
+def dpc_knn(tokens, budget, *, rng=None, k=5, weighting="plain"):
+  """Cluster the tokens into `budget` density peaks and merge each cluster into its centre.
+
+  Args:
+    tokens: N tokens (Chat-UniVi: the CLIP patch features before the projector).
+    budget: number of clusters (centres).
+    rng: optional PRNG key: adds the official U(0, 1) * 1e-6 density noise (one draw for the
+      batch); None (default) breaks density ties by index, deterministically.
+    k: neighbours in the density, self included (official 5 for the first level), clipped to N.
+    weighting: "plain" (official: mean with weight 1 per member) or "size" (size-weighted mean,
+      conserves sum(size * x)).
+
+  Returns:
+    `budget` tokens in raster order of their centres; `size` = patches carried.
+  """
+  name = "dpc_knn"
+  P.check_tokens(tokens, name)
+  budget = P.check_budget(tokens, budget, name)
+  if not isinstance(k, int) or k < 1:
+    raise ValueError(f"{name}: k must be a positive int, got {k!r}")
+  if weighting not in ("plain", "size"):
+    raise ValueError(f"{name}: weighting must be 'plain' or 'size', got {weighting!r}")
+  b, n, _ = tokens.x.shape
+  kk = min(k, n)
+  noise = None if rng is None else jax.random.uniform(rng, (b, n)) * 1e-6
+
+  def plan(x, valid, nz):
+    dist = pairwise_distance(x)
+    centres = dpc_centres(dist, valid, budget, kk, nz)
+    dc = jnp.where(valid[centres][:, None], dist[centres], jnp.inf)  # [K, N]
+    assign = jnp.argmin(dc, 0).astype(jnp.int32)
+    own = jnp.full((n,), -1, jnp.int32).at[centres].set(jnp.arange(budget, dtype=jnp.int32))
+    assign = jnp.where(own >= 0, own, assign)
+    return jnp.where(valid, assign, -1), centres
+
+  if noise is None:
+    assign, rep = jax.vmap(lambda x, v: plan(x, v, None))(tokens.x, tokens.mask)
+  else:
+    assign, rep = jax.vmap(plan)(tokens.x, tokens.mask, noise)
+  out = P.merge(tokens, assign, rep)
+  if weighting == "plain":
+    ones = tokens.replace(size=jnp.where(tokens.mask, 1.0, 0.0))
+    out = out.replace(x=P.merge(ones, assign, rep).x)
+  return P.sort_by_position(out)

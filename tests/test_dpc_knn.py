@@ -1,0 +1,84 @@
+"""DPC-KNN against a brute-force NumPy implementation; mass conservation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from hypothesis import given, settings, strategies as st
+
+import tcjax
+from tcjax import compress
+
+from helpers import check_contract
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(budget, **opts):
+  return jax.jit(lambda t: compress.dpc_knn(t, budget, **opts))
+
+
+def numpy_dpc(x, n_centres, k):
+  """Brute-force DPC-KNN of one example `x: [N, D]`: (centres, assignment, plain means)."""
+  x = x.astype(np.float64)
+  n, d = x.shape
+  dist = np.sqrt(((x[:, None] - x[None]) ** 2).sum(-1)) / np.sqrt(d)
+  rho = np.exp(-(np.sort(dist, axis=1)[:, :k] ** 2).mean(1))
+  delta = np.empty(n)
+  for i in range(n):
+    denser = [j for j in range(n) if rho[j] > rho[i] or (rho[j] == rho[i] and j < i)]
+    delta[i] = min(dist[i, j] for j in denser) if denser else dist.max()
+  score = rho * delta
+  centres = sorted(range(n), key=lambda i: (-score[i], i))[:n_centres]
+  assign = np.array([int(np.argmin(dist[centres, j])) for j in range(n)])
+  for c, i in enumerate(centres):
+    assign[i] = c
+  means = np.stack([x[assign == c].mean(0) for c in range(n_centres)])
+  return np.array(centres), assign, means
+
+
+def test_matches_numpy_brute_force():
+  for n, d, budget, k, seed in ((64, 8, 16, 5, 0), (64, 8, 16, 3, 1), (36, 5, 7, 5, 2)):
+    h = 8 if n == 64 else 6
+    x = np.asarray(jax.random.normal(jax.random.key(seed), (2, n, d)))
+    out = _jitted(budget, k=k)(tcjax.Tokens.from_grid(jnp.asarray(x), (h, n // h)))
+    check_contract(out, budget, 2)
+    for b in range(2):
+      centres, assign, means = numpy_dpc(x[b], budget, k)
+      order = np.argsort(centres)  # output is in raster order of the centres
+      slot = np.empty(budget, int)
+      slot[order] = np.arange(budget)
+      np.testing.assert_array_equal(out.src[b], slot[assign])
+      lin = np.asarray(out.pos[b, :, 1] * (n // h) + out.pos[b, :, 2])
+      np.testing.assert_array_equal(lin, centres[order])
+      np.testing.assert_allclose(out.x[b], means[order], rtol=1e-5, atol=1e-5)
+      np.testing.assert_array_equal(out.size[b], np.bincount(assign, minlength=budget)[order])
+
+
+def test_ties_are_deterministic_and_rng_runs():
+  x = jnp.tile(jnp.eye(4)[None], (1, 4, 1))  # 16 tokens, 4 distinct features, exact ties
+  t = tcjax.Tokens.from_grid(x, (4, 4))
+  a, b = _jitted(4)(t), _jitted(4)(t)
+  np.testing.assert_array_equal(a.src, b.src)
+  check_contract(a, 4, 1)
+  # One cluster per distinct feature, centred on its first occurrence.
+  np.testing.assert_array_equal(a.src[0], np.tile(np.arange(4), 4))
+  out = compress.dpc_knn(t, 4, rng=jax.random.key(0))
+  check_contract(out, 4, 1)
+  np.testing.assert_array_equal(np.sort(out.size[0]), [4, 4, 4, 4])
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), budget=st.sampled_from([4, 16]))
+def test_size_weighting_conserves_mass(seed, budget):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  t = tcjax.Tokens.from_grid(jax.random.normal(k1, (2, 64, 8)), (8, 8))
+  t = t.replace(size=jax.random.randint(k2, (2, 64), 1, 5).astype(jnp.float32))
+  out = _jitted(budget, weighting="size")(t)
+  np.testing.assert_allclose(out.size.sum(-1), t.size.sum(-1), rtol=1e-6)
+  np.testing.assert_allclose(jnp.einsum("bn,bnd->bd", out.size, out.x),
+                             jnp.einsum("bn,bnd->bd", t.size, t.x), rtol=1e-4, atol=1e-4)
+  # The official plain mean ignores sizes: it differs from the size-weighted one here.
+  plain = _jitted(budget)(t)
+  np.testing.assert_array_equal(plain.src, out.src)
+  assert not np.allclose(plain.x, out.x)
