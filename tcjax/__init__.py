@@ -2,5 +2,6 @@
 
 from tcjax.tokens import Tokens
 from tcjax import compress
+from tcjax.nn.sampling import generate
 
-__all__ = ["Tokens", "compress"]
+__all__ = ["Tokens", "compress", "generate"]

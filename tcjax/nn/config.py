@@ -100,10 +100,15 @@ class GemmaConfig:
 class PaliGemmaConfig:
   """SigLIP -> linear projector (`img/head`) -> Gemma, with a static compression plan.
 
-  plan: ordered tuple of (stage, options) pairs, options as a tuple of (key, value) pairs so the
-  config stays hashable; see `tcjax.nn.plan` / DESIGN.md.
+  plan: ordered tuple of (stage, options) pairs (see `tcjax.nn.plan` / DESIGN.md); options may be
+  given as dicts: they are validated and stored as sorted (key, value) tuples, so the config
+  stays hashable and can be a static argument under `jax.jit`.
   """
 
   img: SiglipConfig = SiglipConfig()
   llm: GemmaConfig = GemmaConfig()
   plan: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...] = ()
+
+  def __post_init__(self):
+    from tcjax.nn import plan as plan_lib  # pylint: disable=g-import-not-at-top
+    object.__setattr__(self, "plan", plan_lib.normalize(self.plan))

@@ -1,0 +1,165 @@
+"""big_vision PaliGemma `.npz` checkpoints: load into tcjax, save from tcjax.
+
+Format (what big_vision's `utils.save_checkpoint` / the Kaggle PaliGemma files hold): one `np.savez`
+archive, keys are `/`-joined Linen paths (`img/...`, `llm/...`, sometimes under a leading
+`params/`), scanned layers stacked on a leading axis. Arrays are float32, float16, or bfloat16.
+numpy has no bfloat16, so bf16 arrays are written as 2-byte void (`|V2`) records and come back as
+`numpy.void`; we reinterpret their bytes with `ml_dtypes.bfloat16` (same bits, no conversion).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from tcjax.checkpoints import tree as _tree
+from tcjax.nn.config import GemmaConfig, PaliGemmaConfig, SiglipConfig
+
+_DTYPES = {
+    "float32": np.dtype(np.float32), "f32": np.dtype(np.float32),
+    "bfloat16": np.dtype(ml_dtypes.bfloat16), "bf16": np.dtype(ml_dtypes.bfloat16),
+    "float16": np.dtype(np.float16), "f16": np.dtype(np.float16),
+}
+
+# Gemma 2 hyper-parameters that the weights do not reveal, keyed by (width, depth). The query
+# scale of the 27B model is width / num_heads = 144, not its head_dim of 128.
+_GEMMA2_QUERY_SCALAR = {(2304, 26): 256, (3584, 42): 256, (4608, 46): 144}
+
+
+def as_numpy_dtype(dtype) -> Optional[np.dtype]:
+  """"bf16" / "float32" / jnp.bfloat16 / np.float16 ... -> np.dtype (None stays None)."""
+  if dtype is None:
+    return None
+  if isinstance(dtype, str):
+    if dtype not in _DTYPES:
+      raise ValueError(f"dtype={dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+  return np.dtype(dtype)
+
+
+def _from_npz(a: np.ndarray) -> np.ndarray:
+  if a.dtype.kind == "V":
+    if a.dtype.itemsize != 2:
+      raise ValueError(f"cannot interpret a void array of item size {a.dtype.itemsize} "
+                       "(only 2-byte bfloat16 is stored as void)")
+    return a.view(ml_dtypes.bfloat16)
+  return a
+
+
+def read_npz(path) -> Dict[str, np.ndarray]:
+  """Reads a big_vision `.npz` into a flat {name: np.ndarray} (bf16 viewed via ml_dtypes)."""
+  with np.load(path, allow_pickle=False) as z:
+    flat = {k: _from_npz(z[k]) for k in z.files}
+  # Some exports keep the Linen collection name as a prefix.
+  if flat and all(k.startswith("params/") for k in flat):
+    flat = {k[len("params/"):]: v for k, v in flat.items()}
+  return flat
+
+
+def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
+  """Reads a PaliGemmaConfig off the parameter shapes of a flat big_vision tree.
+
+  Shapes fix every size; what they cannot show (norm eps, RoPE base, and for Gemma 2 the
+  soft-caps, sliding window and query scale) takes the published Gemma / Gemma 2 values.
+  """
+  def shape(name):
+    if name not in flat:
+      raise ValueError(f"cannot infer the config: parameter {name!r} is missing; pass config=")
+    return tuple(np.shape(flat[name]))
+
+  blk = "img/Transformer/encoderblock/"
+  p, _, _, D = shape("img/embedding/kernel")
+  _, N, _ = shape("img/pos_embedding")
+  side = math.isqrt(N)
+  if side * side != N:
+    raise ValueError(f"img/pos_embedding has {N} positions, not a square grid; pass config=")
+  L = shape(blk + "LayerNorm_0/scale")[0]
+  M = shape(blk + "MlpBlock_0/Dense_0/kernel")[-1]
+  H = shape(blk + "MultiHeadDotProductAttention_0/query/kernel")[2]
+  img = SiglipConfig(width=D, depth=L, mlp_dim=M, num_heads=H, patch_size=p,
+                     image_size=side * p)
+
+  V, E = shape("llm/embedder/input_embedding")
+  Lg = shape("llm/layers/pre_attention_norm/scale")[0]
+  F = shape("llm/layers/mlp/gating_einsum")[-1]
+  if "llm/layers/attn/qkv_einsum/w" in flat:
+    _, _, Hg, _, hd = shape("llm/layers/attn/qkv_einsum/w")
+    K = Hg
+  else:
+    _, Hg, _, hd = shape("llm/layers/attn/q_einsum/w")
+    K = shape("llm/layers/attn/kv_einsum/w")[2]
+  version = 2 if "llm/layers/post_attention_norm/scale" in flat else 1
+  extra = {}
+  if version == 2:
+    extra = dict(query_pre_attn_scalar=_GEMMA2_QUERY_SCALAR.get((E, Lg), hd),
+                 attn_logits_softcap=50.0, final_logits_softcap=30.0, sliding_window=4096)
+  llm = GemmaConfig(version=version, vocab_size=V, width=E, depth=Lg, mlp_dim=F, num_heads=Hg,
+                    num_kv_heads=K, head_dim=hd, **extra)
+  return PaliGemmaConfig(img=img, llm=llm, plan=tuple(plan))
+
+
+def finish(flat: Dict[str, np.ndarray], config: PaliGemmaConfig, *, dtype=None,
+           source: str = "checkpoint"):
+  """Validates a flat tree against `config`, casts, and returns (model, params) on device."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  _tree.check_flat(flat, _tree.param_shapes(config), source=source)
+  dt = as_numpy_dtype(dtype)
+  if dt is not None:
+    flat = {k: np.asarray(v).astype(dt) for k, v in flat.items()}
+  params = _tree.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  return make_model(config), params
+
+
+def make_model(config: PaliGemmaConfig):
+  """The tcjax PaliGemma module for `config`."""
+  from tcjax.nn import PaliGemma  # pylint: disable=g-import-not-at-top
+  return PaliGemma(config)
+
+
+def load_big_vision(path, config: Optional[PaliGemmaConfig] = None, *, dtype=None,
+                    plan=()) -> Tuple[Any, Dict[str, Any]]:
+  """Loads a big_vision PaliGemma `.npz` -> `(model, params)`.
+
+  Args:
+    path: the `.npz` file (or an open binary file).
+    config: the PaliGemmaConfig; None infers it from the parameter shapes (`infer_config`).
+    dtype: cast every parameter to this ("float32", "bfloat16", np.float16, ...); None keeps
+      the stored dtype (bf16 files give bf16 params).
+    plan: compression plan for the inferred config (ignored when `config` is given).
+
+  Raises:
+    ValueError naming every missing, unexpected and wrongly shaped key; nothing is loaded then.
+  """
+  flat = read_npz(path)
+  if config is None:
+    config = infer_config(flat, plan=plan)
+  name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "npz"
+  return finish(flat, config, dtype=dtype, source=f"big_vision checkpoint {name!r}")
+
+
+def save_big_vision(path, params, *, dtype=None) -> None:
+  """Writes tcjax `params` as a big_vision `.npz` (flat `/` keys, bf16 as 2-byte void).
+
+  dtype: cast every parameter first ("float32", "bfloat16", ...); None keeps each leaf's dtype.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  dt = as_numpy_dtype(dtype)
+  flat = {}
+  for k, v in _tree.flatten(params).items():
+    a = np.asarray(jax.device_get(v))
+    if dt is not None:
+      a = a.astype(dt)
+    if a.dtype == np.dtype(ml_dtypes.bfloat16):
+      a = a.view(np.dtype("V2"))  # what big_vision's bf16 files hold
+    flat[k] = a
+  if isinstance(path, (str, os.PathLike)):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  np.savez(path, **flat)

@@ -1,0 +1,359 @@
+"""HF `transformers` PaliGemma checkpoints (config.json + safetensors) -> tcjax.
+
+A directory written by `PaliGemmaForConditionalGeneration.save_pretrained` holds `config.json` and
+`model.safetensors` (or shards listed in `model.safetensors.index.json`). We read the safetensors
+files directly (header + raw bytes; bf16 via ml_dtypes, so neither torch nor a bf16-capable numpy
+is needed), map HF names to big_vision's tree and build the PaliGemmaConfig from config.json.
+
+Conventions that differ between the two (checked against transformers' modeling code):
+- key layouts: transformers releases name the same weights `language_model.model.layers.*`,
+  `model.language_model.layers.*` or `language_model.layers.*`; `vision_tower.vision_model.*`,
+  `model.vision_tower.vision_model.*` or `vision_tower.*`; `lm_head.weight` or
+  `language_model.lm_head.weight`. All are normalised to one canonical layout first.
+- vocabulary: HF appends `<image>` (id 257152) and pads the embedding to a multiple of 64 rows;
+  big_vision's embedding has the 257152 real rows. We slice the rows from the image token on.
+- RMSNorm: HF Gemma / Gemma 2 compute `x * (1 + weight)` with `weight` initialised to 0, i.e. the
+  stored value is big_vision's `scale` as is (no +1 to add or remove).
+- Gemma 1's HF `post_attention_layernorm` is the norm BEFORE the MLP (big_vision `pre_ffw_norm`);
+  in Gemma 2 it is the norm after attention (`post_attention_norm`).
+- torch Linear weights are [out, in]; the conv stem is OIHW (big_vision: HWIO).
+- HF scales image features inside the text embedding module only (text ids x sqrt(width)), as
+  big_vision does, so the projector maps over unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Dict, Optional, Tuple
+
+import ml_dtypes
+import numpy as np
+
+from tcjax.checkpoints import big_vision as _bv
+from tcjax.checkpoints import tree as _tree
+from tcjax.nn.config import GemmaConfig, PaliGemmaConfig, SiglipConfig
+
+_ST_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_,
+}
+_TANH_GELUS = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new")
+
+
+# ------------------------------------------------------------------------------------------------
+# safetensors reading
+# ------------------------------------------------------------------------------------------------
+def read_safetensors(path: str) -> Dict[str, np.ndarray]:
+  """One `.safetensors` file -> {name: np.ndarray} (copies, so the file can be closed)."""
+  with open(path, "rb") as f:
+    n = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(n))
+  # Memory-map the data section and copy one tensor at a time: no second copy of the file.
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+  out = {}
+  for name, info in header.items():
+    if name == "__metadata__":
+      continue
+    if info["dtype"] not in _ST_DTYPES:
+      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+    begin, end = info["data_offsets"]
+    a = np.array(data[begin:end]).view(_ST_DTYPES[info["dtype"]])
+    out[name] = a.reshape(info["shape"])
+  del data
+  return out
+
+
+def read_hf_dir(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """(config.json dict, merged state dict) of a `save_pretrained` directory."""
+  cfg_file = os.path.join(path, "config.json")
+  if not os.path.isfile(cfg_file):
+    raise ValueError(f"{path!r} has no config.json; expected a save_pretrained directory")
+  with open(cfg_file) as f:
+    cfg = json.load(f)
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.isfile(os.path.join(path, "model.safetensors")):
+    files = ["model.safetensors"]
+  else:
+    files = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+  if not files:
+    raise ValueError(f"{path!r} holds no .safetensors weights (pytorch .bin is not supported)")
+  state = {}
+  for fname in files:
+    part = read_safetensors(os.path.join(path, fname))
+    dup = set(part) & set(state)
+    if dup:
+      raise ValueError(f"tensors stored twice across shards: {sorted(dup)}")
+    state.update(part)
+  return cfg, state
+
+
+# ------------------------------------------------------------------------------------------------
+# config
+# ------------------------------------------------------------------------------------------------
+def image_token_id(hf: Dict[str, Any]) -> Optional[int]:
+  for k in ("image_token_id", "image_token_index"):
+    if hf.get(k) is not None:
+      return int(hf[k])
+  return None
+
+
+def real_vocab_size(hf: Dict[str, Any]) -> int:
+  """Rows of the HF embedding that big_vision has: those before `<image>` and its padding.
+
+  HF appends `<image>` after the real vocabulary and pads to a multiple of 64, so when the image
+  token sits in that trailing block (< 128 ids from the end) the vocabulary ends at it; otherwise
+  (e.g. the image token inside the vocabulary) the full embedding is kept.
+  """
+  v = int(hf["text_config"]["vocab_size"])
+  img = image_token_id(hf)
+  if img is not None and 0 < img < v and v - img <= 128:
+    return img
+  return v
+
+
+def config_from_hf(hf: Dict[str, Any], *, vocab_size: Optional[int] = None,
+                   plan=()) -> PaliGemmaConfig:
+  """PaliGemmaConfig from a HF PaliGemma config.json dict."""
+  if hf.get("model_type") not in (None, "paligemma"):
+    raise ValueError(f"config.json model_type is {hf.get('model_type')!r}, not 'paligemma'")
+  vc, tc = hf["vision_config"], hf["text_config"]
+  act = vc.get("hidden_act", "gelu_pytorch_tanh")
+  if act not in _TANH_GELUS:
+    raise ValueError(f"vision_config.hidden_act={act!r}; tcjax's SigLIP uses tanh-GELU")
+  img = SiglipConfig(width=vc["hidden_size"], depth=vc["num_hidden_layers"],
+                     mlp_dim=vc["intermediate_size"], num_heads=vc["num_attention_heads"],
+                     patch_size=vc["patch_size"], image_size=vc["image_size"],
+                     norm_eps=vc.get("layer_norm_eps", 1e-6))
+
+  mt = tc.get("model_type", "gemma")
+  if mt not in ("gemma", "gemma2"):
+    raise ValueError(f"text_config.model_type={mt!r}; supported: 'gemma', 'gemma2'")
+  act = tc.get("hidden_activation") or tc.get("hidden_act") or "gelu_pytorch_tanh"
+  if act not in _TANH_GELUS:
+    raise ValueError(f"text_config.hidden_activation={act!r}; tcjax's Gemma uses tanh-GELU")
+  heads = tc["num_attention_heads"]
+  head_dim = tc.get("head_dim") or tc["hidden_size"] // heads
+  rope = tc.get("rope_parameters") or {}
+  if rope.get("rope_type", "default") != "default":
+    raise ValueError(f"text_config rope_type={rope.get('rope_type')!r}; only 'default' RoPE")
+  rope_base = rope.get("rope_theta", tc.get("rope_theta", 10_000.0))
+  kw = dict(version=1 if mt == "gemma" else 2,
+            vocab_size=vocab_size if vocab_size is not None else real_vocab_size(hf),
+            width=tc["hidden_size"], depth=tc["num_hidden_layers"],
+            mlp_dim=tc["intermediate_size"], num_heads=heads,
+            num_kv_heads=tc.get("num_key_value_heads") or heads, head_dim=head_dim,
+            norm_eps=tc.get("rms_norm_eps", 1e-6), rope_base=float(rope_base))
+  if mt == "gemma2":
+    types = tc.get("layer_types")
+    window = tc.get("sliding_window")
+    expect = ["sliding_attention" if i % 2 == 0 else "full_attention"
+              for i in range(tc["num_hidden_layers"])]
+    if window is not None and types is not None and list(types) != expect:
+      raise ValueError(f"text_config.layer_types={types}; tcjax's Gemma 2 alternates local "
+                       "(even layers) and global attention")
+    kw.update(query_pre_attn_scalar=tc.get("query_pre_attn_scalar", head_dim),
+              attn_logits_softcap=tc.get("attn_logit_softcapping"),
+              final_logits_softcap=tc.get("final_logit_softcapping"),
+              sliding_window=window)
+  llm = GemmaConfig(**kw)
+  proj = vc.get("projection_dim", hf.get("projection_dim"))
+  if proj is not None and proj != llm.width:
+    raise ValueError(f"projector width {proj} != text hidden_size {llm.width}")
+  return PaliGemmaConfig(img=img, llm=llm, plan=tuple(plan))
+
+
+# ------------------------------------------------------------------------------------------------
+# names
+# ------------------------------------------------------------------------------------------------
+_LAYOUT = [  # (pattern, replacement) applied in order; result is the canonical layout.
+    (re.compile(r"^model\."), ""),
+    (re.compile(r"^language_model\.model\."), "language_model."),
+    (re.compile(r"^language_model\.lm_head\."), "lm_head."),
+    (re.compile(r"^vision_tower\.vision_model\."), "vision_tower."),
+]
+
+
+def canonical_name(name: str) -> str:
+  """Any transformers-release layout -> `language_model.*`, `vision_tower.*`, `lm_head.*`,
+  `multi_modal_projector.*`."""
+  for pat, rep in _LAYOUT:
+    name = pat.sub(rep, name)
+  return name
+
+
+def hf_shapes(config: PaliGemmaConfig, hf_vocab: int) -> Dict[str, Tuple[int, ...]]:
+  """Canonical HF names and shapes for `config` (the HF embedding has `hf_vocab` rows)."""
+  v, g = config.img, config.llm
+  D, M, p = v.width, v.mlp_dim, v.patch_size
+  s = {
+      "vision_tower.embeddings.patch_embedding.weight": (D, 3, p, p),
+      "vision_tower.embeddings.patch_embedding.bias": (D,),
+      "vision_tower.embeddings.position_embedding.weight": (v.num_patches, D),
+      "vision_tower.post_layernorm.weight": (D,),
+      "vision_tower.post_layernorm.bias": (D,),
+      "multi_modal_projector.linear.weight": (g.width, D),
+      "multi_modal_projector.linear.bias": (g.width,),
+      "language_model.embed_tokens.weight": (hf_vocab, g.width),
+      "language_model.norm.weight": (g.width,),
+  }
+  for i in range(v.depth):
+    b = f"vision_tower.encoder.layers.{i}."
+    for n in ("layer_norm1", "layer_norm2"):
+      s[b + n + ".weight"] = (D,)
+      s[b + n + ".bias"] = (D,)
+    for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+      s[b + f"self_attn.{n}.weight"] = (D, D)
+      s[b + f"self_attn.{n}.bias"] = (D,)
+    s[b + "mlp.fc1.weight"] = (M, D)
+    s[b + "mlp.fc1.bias"] = (M,)
+    s[b + "mlp.fc2.weight"] = (D, M)
+    s[b + "mlp.fc2.bias"] = (D,)
+  E, F, H, K, hd = g.width, g.mlp_dim, g.num_heads, g.num_kv_heads, g.head_dim
+  norms = ["input_layernorm", "post_attention_layernorm"]
+  if g.version == 2:
+    norms += ["pre_feedforward_layernorm", "post_feedforward_layernorm"]
+  for i in range(g.depth):
+    b = f"language_model.layers.{i}."
+    for n in norms:
+      s[b + n + ".weight"] = (E,)
+    s[b + "self_attn.q_proj.weight"] = (H * hd, E)
+    s[b + "self_attn.k_proj.weight"] = (K * hd, E)
+    s[b + "self_attn.v_proj.weight"] = (K * hd, E)
+    s[b + "self_attn.o_proj.weight"] = (E, H * hd)
+    s[b + "mlp.gate_proj.weight"] = (F, E)
+    s[b + "mlp.up_proj.weight"] = (F, E)
+    s[b + "mlp.down_proj.weight"] = (E, F)
+  return s
+
+
+def hf_to_big_vision(state: Dict[str, np.ndarray], config: PaliGemmaConfig
+                     ) -> Dict[str, np.ndarray]:
+  """Canonical-name HF state dict (already validated) -> flat big_vision tree."""
+  v, g = config.img, config.llm
+  D, H = v.width, v.num_heads
+  hd = D // H
+  out = {}
+  vt = "vision_tower."
+  out["img/embedding/kernel"] = state[vt + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
+  out["img/embedding/bias"] = state[vt + "embeddings.patch_embedding.bias"]
+  out["img/pos_embedding"] = state[vt + "embeddings.position_embedding.weight"][None]
+  out["img/Transformer/encoder_norm/scale"] = state[vt + "post_layernorm.weight"]
+  out["img/Transformer/encoder_norm/bias"] = state[vt + "post_layernorm.bias"]
+  out["img/head/kernel"] = state["multi_modal_projector.linear.weight"].T
+  out["img/head/bias"] = state["multi_modal_projector.linear.bias"]
+
+  def stack(fmt, n, fn):
+    return np.stack([fn(state[fmt.format(i)]) for i in range(n)])
+
+  blk = "img/Transformer/encoderblock/"
+  vl = vt + "encoder.layers.{}."
+  for ln, hn in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
+    out[blk + ln + "/scale"] = stack(vl + hn + ".weight", v.depth, lambda w: w)
+    out[blk + ln + "/bias"] = stack(vl + hn + ".bias", v.depth, lambda w: w)
+  mha = blk + "MultiHeadDotProductAttention_0/"
+  for bn, hn in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
+    out[mha + bn + "/kernel"] = stack(vl + f"self_attn.{hn}.weight", v.depth,
+                                      lambda w: w.T.reshape(D, H, hd))
+    out[mha + bn + "/bias"] = stack(vl + f"self_attn.{hn}.bias", v.depth,
+                                    lambda b: b.reshape(H, hd))
+  out[mha + "out/kernel"] = stack(vl + "self_attn.out_proj.weight", v.depth,
+                                  lambda w: w.T.reshape(H, hd, D))
+  out[mha + "out/bias"] = stack(vl + "self_attn.out_proj.bias", v.depth, lambda b: b)
+  for bn, hn in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
+    out[blk + f"MlpBlock_0/{bn}/kernel"] = stack(vl + f"mlp.{hn}.weight", v.depth, lambda w: w.T)
+    out[blk + f"MlpBlock_0/{bn}/bias"] = stack(vl + f"mlp.{hn}.bias", v.depth, lambda b: b)
+
+  E, Hg, K, hg = g.width, g.num_heads, g.num_kv_heads, g.head_dim
+  out["llm/embedder/input_embedding"] = state["language_model.embed_tokens.weight"][:g.vocab_size]
+  out["llm/final_norm/scale"] = state["language_model.norm.weight"]
+  ll = "language_model.layers.{}."
+  lay = "llm/layers/"
+  if g.version == 1:
+    norms = {"pre_attention_norm": "input_layernorm", "pre_ffw_norm": "post_attention_layernorm"}
+  else:
+    norms = {"pre_attention_norm": "input_layernorm",
+             "post_attention_norm": "post_attention_layernorm",
+             "pre_ffw_norm": "pre_feedforward_layernorm",
+             "post_ffw_norm": "post_feedforward_layernorm"}
+  for bn, hn in norms.items():
+    out[lay + bn + "/scale"] = stack(ll + hn + ".weight", g.depth, lambda w: w)
+  # torch [heads * hd, E] -> big_vision [heads, E, hd]
+  heads_first = lambda n: (lambda w: w.reshape(n, hg, E).transpose(0, 2, 1))
+  q = stack(ll + "self_attn.q_proj.weight", g.depth, heads_first(Hg))
+  k = stack(ll + "self_attn.k_proj.weight", g.depth, heads_first(K))
+  vv = stack(ll + "self_attn.v_proj.weight", g.depth, heads_first(K))
+  if K == Hg:
+    out[lay + "attn/qkv_einsum/w"] = np.stack([q, k, vv], axis=1)
+  else:
+    out[lay + "attn/q_einsum/w"] = q
+    out[lay + "attn/kv_einsum/w"] = np.stack([k, vv], axis=1)
+  out[lay + "attn/attn_vec_einsum/w"] = stack(ll + "self_attn.o_proj.weight", g.depth,
+                                              lambda w: w.reshape(E, Hg, hg).transpose(1, 2, 0))
+  gate = stack(ll + "mlp.gate_proj.weight", g.depth, lambda w: w.T)
+  up = stack(ll + "mlp.up_proj.weight", g.depth, lambda w: w.T)
+  out[lay + "mlp/gating_einsum"] = np.stack([gate, up], axis=1)
+  out[lay + "mlp/linear"] = stack(ll + "mlp.down_proj.weight", g.depth, lambda w: w.T)
+  return out
+
+
+def convert_state(state: Dict[str, np.ndarray], config: PaliGemmaConfig, hf_vocab: int, *,
+                  ignore_vision_head: bool = False, source: str = "HF checkpoint"
+                  ) -> Dict[str, np.ndarray]:
+  """Validates a HF state dict (any key layout) and maps it to the flat big_vision tree.
+
+  Raises ONE ValueError naming (in HF's names) every missing, unexpected or mis-shaped tensor.
+  """
+  canon: Dict[str, np.ndarray] = {}
+  origin: Dict[str, str] = {}
+  clashes = []
+  for name, a in state.items():
+    c = canonical_name(name)
+    if c in canon:
+      clashes.append(f"{origin[c]} and {name}")
+    canon[c] = a
+    origin[c] = name
+  if clashes:
+    raise ValueError(f"{source}: the same tensor under two key layouts: {clashes}")
+  if ignore_vision_head:  # SigLIP's MAP head: present when vision_use_head, unused by PaliGemma
+    canon = {k: a for k, a in canon.items() if not k.startswith("vision_tower.head.")}
+  lm_head = canon.pop("lm_head.weight", None)
+  expected = hf_shapes(config, hf_vocab)
+  _tree.check_flat(canon, expected, source=source)
+  if lm_head is not None and not np.array_equal(lm_head, canon["language_model.embed_tokens.weight"]):
+    raise ValueError(f"{source}: lm_head.weight differs from the input embedding; tcjax ties "
+                     "the output embedding to the input embedding")
+  if config.llm.vocab_size > hf_vocab:
+    raise ValueError(f"vocab_size={config.llm.vocab_size} > the {hf_vocab} embedding rows")
+  return hf_to_big_vision(canon, config)
+
+
+def load_hf(path: str, *, dtype=None, vocab_size: Optional[int] = None, plan=()
+            ) -> Tuple[Any, Dict[str, Any]]:
+  """Loads a HF `PaliGemmaForConditionalGeneration.save_pretrained` directory.
+
+  Args:
+    path: directory with config.json and model.safetensors (or sharded safetensors + index).
+    dtype: cast every parameter ("float32", "bfloat16", ...); None keeps the stored dtype.
+    vocab_size: rows of the embedding to keep; None slices off `<image>` and HF's padding rows
+      (`real_vocab_size`).
+    plan: the compression plan of the returned model's config.
+
+  Returns:
+    (model, params): `tcjax.nn.PaliGemma` and big_vision-named params.
+
+  Raises:
+    ValueError naming every missing, unexpected or wrongly shaped tensor; nothing is loaded then.
+  """
+  hf, state = read_hf_dir(path)
+  config = config_from_hf(hf, vocab_size=vocab_size, plan=plan)
+  hf_vocab = int(hf["text_config"]["vocab_size"])
+  flat = convert_state(state, config, hf_vocab,
+                       ignore_vision_head=bool(hf["vision_config"].get("vision_use_head", False)),
+                       source=f"HF checkpoint {path!r}")
+  return _bv.finish(flat, config, dtype=dtype, source=f"HF checkpoint {path!r}")

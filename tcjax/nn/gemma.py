@@ -1,0 +1,349 @@
+"""Gemma 1 / Gemma 2 decoder (big_vision `ppp/gemma.py` parameters), prefill with in-LLM pruning,
+and KV-cached decoding.
+
+Axis legend: B batch, S sequence (image tokens first, then text), C cache capacity, E width,
+H query heads, K key/value heads, h head dim, F MLP width, V vocabulary, L layers (Ls in one
+segment), N image tokens, T text tokens.
+
+Layer: x += [post_attention_norm](Attn(pre_attention_norm(x))); x += [post_ffw_norm](GeGLU(
+pre_ffw_norm(x))) with RMSNorm x * (1 + scale), RoPE on the two halves of the head dim, queries
+scaled by `query_pre_attn_scalar ** -0.5` (Gemma 2) or `head_dim ** -0.5`, Gemma 2 logit
+soft-caps and a sliding window on even (local) layers. Attention mask: big_vision's prefix-LM
+rule (image + prefix bidirectional, suffix causal) over valid tokens.
+
+In-LLM pruning (`plan.LLMHook`) splits the layers into segments of fixed sequence length; each
+segment runs as one `lax.scan` over its stacked parameters and owns its slice of the KV cache,
+so layers after a pruning step cache only the retained tokens. Retained tokens keep their
+original RoPE positions; decoding continues from the last position + 1.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from tcjax import compress
+from tcjax.compress import primitives as cp
+from tcjax.compress.text_relevance import relevance, sparsevlm_raters
+from tcjax.nn import layers as nl
+from tcjax.nn import plan as plan_lib
+from tcjax.nn.config import GemmaConfig
+from tcjax.tokens import Tokens
+
+
+@struct.dataclass
+class Seq:
+  """The decoder's input sequence: N image tokens, then T text tokens.
+
+  x: float[B, S, E]; pos: int32[B, S] RoPE positions; valid: bool[B, S]; mask_ar: int32[B, S]
+  (0 = prefix, 1 = causal suffix); n_img: static N.
+  """
+
+  x: jax.Array
+  pos: jax.Array
+  valid: jax.Array
+  mask_ar: jax.Array
+  n_img: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Segment:
+  """KV cache of layers [first_layer, first_layer + Ls), which all see the same tokens.
+
+  k, v: float[Ls, B, C, K, h] (post-RoPE keys); pos: int32[B, C]; valid: bool[B, C];
+  length: static entries written by prefill (decoding appends at length + step).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  pos: jax.Array
+  valid: jax.Array
+  length: int = struct.field(pytree_node=False)
+  first_layer: int = struct.field(pytree_node=False)
+
+
+@struct.dataclass
+class Cache:
+  """segments: tuple of Segment; step: int32[] tokens decoded; next_pos: int32[B]."""
+
+  segments: Tuple[Segment, ...]
+  step: jax.Array
+  next_pos: jax.Array
+
+
+def scale(cfg: GemmaConfig) -> float:
+  return float(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
+
+
+def is_local(cfg: GemmaConfig, layer: int) -> bool:
+  """Gemma 2's even layers attend within a sliding window."""
+  return cfg.version == 2 and bool(cfg.sliding_window) and layer % 2 == 0
+
+
+def embed_text(p, text, cfg: GemmaConfig):
+  """int32[B, T] -> float[B, T, E], scaled by sqrt(E) as Gemma does."""
+  emb = p["embedder"]["input_embedding"]
+  return emb[text] * jnp.sqrt(jnp.asarray(cfg.width, jnp.float32)).astype(emb.dtype)
+
+
+def logits(p, x, cfg: GemmaConfig):
+  """final norm, tied output embedding, Gemma 2 final soft-cap: float[..., E] -> float[..., V]."""
+  x = nl.rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps)
+  out = jnp.einsum("...e,ve->...v", x, p["embedder"]["input_embedding"])
+  return nl.softcap(out, cfg.final_logits_softcap)
+
+
+def _project(p, x, pos, cfg: GemmaConfig):
+  """q [B, T, H, h], k / v [B, T, K, h] with RoPE on q and k."""
+  a = p["attn"]
+  y = nl.rms_norm(x, p["pre_attention_norm"]["scale"], cfg.norm_eps)
+  if "qkv_einsum" in a:
+    w = a["qkv_einsum"]["w"]
+    q, k, v = (jnp.einsum("btd,hdk->bthk", y, w[i]) for i in range(3))
+  else:
+    q = jnp.einsum("btd,hdk->bthk", y, a["q_einsum"]["w"])
+    w = a["kv_einsum"]["w"]
+    k, v = (jnp.einsum("btd,hdk->bthk", y, w[i]) for i in range(2))
+  return nl.rope(q, pos, cfg.rope_base), nl.rope(k, pos, cfg.rope_base), v
+
+
+def _finish(p, x, o, cfg: GemmaConfig):
+  """Attention output projection, residuals and the GeGLU MLP."""
+  o = jnp.einsum("bthk,hkd->btd", o, p["attn"]["attn_vec_einsum"]["w"])
+  if cfg.version == 2:
+    o = nl.rms_norm(o, p["post_attention_norm"]["scale"], cfg.norm_eps)
+  x = x + o
+  y = nl.rms_norm(x, p["pre_ffw_norm"]["scale"], cfg.norm_eps)
+  w = p["mlp"]["gating_einsum"]
+  h = nl.gelu(y @ w[0]) * (y @ w[1])
+  h = h @ p["mlp"]["linear"]
+  if cfg.version == 2:
+    h = nl.rms_norm(h, p["post_ffw_norm"]["scale"], cfg.norm_eps)
+  return x + h
+
+
+def seq_masks(seq: Seq, cfg: GemmaConfig):
+  """(global, local) bool[B, S, S] masks; local adds Gemma 2's window (query pos - key pos <
+  window) except between two prefix tokens, which always see each other (as transformers
+  builds PaliGemma 2's mask)."""
+  glob = nl.prefix_lm_mask(seq.mask_ar, seq.valid)
+  if not (cfg.version == 2 and cfg.sliding_window):
+    return glob, glob
+  near = (seq.pos[:, :, None] - seq.pos[:, None, :]) < cfg.sliding_window
+  prefix = seq.mask_ar == 0
+  return glob, glob & (near | (prefix[:, :, None] & prefix[:, None, :]))
+
+
+def _layer_slice(layers, lo, hi):
+  return jax.tree.map(lambda a: a[lo:hi], layers)
+
+
+def _run_segment(layers, seq: Seq, masks, lo: int, hi: int, cfg: GemmaConfig):
+  """Layers [lo, hi) as one scan: (x out, k [Ls, B, S, K, h], v)."""
+  glob, loc = masks
+  flags = jnp.asarray([is_local(cfg, l) for l in range(lo, hi)])
+
+  def body(x, xs):
+    p, local = xs
+    q, k, v = _project(p, x, seq.pos, cfg)
+    o = nl.attention(q, k, v, mask=jnp.where(local, loc, glob), scale=scale(cfg),
+                     cap=cfg.attn_logits_softcap)
+    return _finish(p, x, o, cfg), (k, v)
+
+  return jax.lax.scan(body, seq.x, (_layer_slice(layers, lo, hi), flags))
+
+
+def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib.LLMHook] = (),
+            *, cache_size: int = 0) -> Tuple[jax.Array, Seq, Cache, Dict[str, Any]]:
+  """Runs every decoder layer over `seq`, pruning image tokens where `hooks` say.
+
+  Args:
+    p: the `llm` parameter subtree.
+    seq: image + text sequence (`embed` order); img: the N image tokens' bookkeeping
+      (pos / size / mask / src of their origin on the image grid), x unused.
+    hooks: pruning steps (plan.llm_hooks), sorted by layer.
+    cache_size: extra cache entries reserved for decoding.
+
+  Returns:
+    (x: float[B, S', E] output of the last layer, the final Seq (S' = N' + T tokens), the KV
+     cache, aux {"llm_tokens": static tokens entering each layer, "llm_valid_tokens":
+     int32[B, L] valid tokens entering each layer, "image_tokens_kept": int32[B]}).
+  """
+  depth = cfg.depth
+  layers = p["layers"]
+  at = {}
+  for h in hooks:
+    if h.layer in at:
+      raise ValueError(f"two llm-stage methods prune at decoder layer {h.layer}; "
+                       "combine them into one or use different layers")
+    at[h.layer] = h
+  raters = None
+  if any(h.raters for h in hooks):
+    raters = _sparsevlm_raters(seq)
+  n_initial = seq.n_img
+  segments, counts, valid_counts = [], [], []
+  lo = 0
+  for stop in sorted(at) + [depth]:
+    masks = seq_masks(seq, cfg)
+    need_prev = stop in at and at[stop].attn_from == "prev" and stop > lo
+    hi = stop - 1 if need_prev else stop
+    ks, vs = [], []
+    x = seq.x
+    if hi > lo:
+      x, (k, v) = _run_segment(layers, seq, masks, lo, hi, cfg)
+      ks, vs = [k], [v]
+    prev = None
+    if need_prev:  # layer stop-1 on its own: its q and k are the hook's signals
+      pl = jax.tree.map(lambda a: a[hi], layers)
+      q, k, v = _project(pl, x, seq.pos, cfg)
+      mask = masks[1] if is_local(cfg, hi) else masks[0]
+      o = nl.attention(q, k, v, mask=mask, scale=scale(cfg), cap=cfg.attn_logits_softcap)
+      x = _finish(pl, x, o, cfg)
+      ks, vs = ks + [k[None]], vs + [v[None]]
+      prev = (q, k, mask)
+    seq = seq.replace(x=x)
+    if stop > lo:
+      segments.append(_segment(ks, vs, seq, lo, cache_size))
+      counts += [seq.x.shape[1]] * (stop - lo)
+      valid_counts += [seq.valid.sum(-1)] * (stop - lo)
+    if stop == depth:
+      break
+    hook = at[stop]
+    if prev is None:  # attn_from "next": layer `stop`'s own projections of its input
+      pl = jax.tree.map(lambda a: a[stop], layers)
+      q, k, _ = _project(pl, seq.x, seq.pos, cfg)
+      prev = (q, k, masks[1] if is_local(cfg, stop) else masks[0])
+    seq, img = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
+    lo = stop
+  last = _last_valid(seq.valid)
+  cache = Cache(segments=tuple(segments), step=jnp.zeros((), jnp.int32),
+                next_pos=jnp.take_along_axis(seq.pos, last[:, None], 1)[:, 0] + 1)
+  aux = {"llm_tokens": tuple(counts), "llm_valid_tokens": jnp.stack(valid_counts, -1),
+         "image_tokens_kept": img.count()}
+  return x, seq, cache, aux
+
+
+def _last_valid(valid):
+  """int32[B] index of the last valid token."""
+  s = valid.shape[1]
+  return (s - 1 - jnp.argmax(valid[:, ::-1], axis=1)).astype(jnp.int32)
+
+
+def _segment(ks, vs, seq: Seq, first_layer: int, cache_size: int) -> Segment:
+  k = jnp.concatenate(ks, 0) if len(ks) > 1 else ks[0]
+  v = jnp.concatenate(vs, 0) if len(vs) > 1 else vs[0]
+  pad = ((0, 0), (0, 0), (0, cache_size), (0, 0), (0, 0))
+  return Segment(k=jnp.pad(k, pad), v=jnp.pad(v, pad),
+                 pos=jnp.pad(seq.pos, ((0, 0), (0, cache_size))),
+                 valid=jnp.pad(seq.valid, ((0, 0), (0, cache_size))),
+                 length=seq.x.shape[1], first_layer=first_layer)
+
+
+def _sparsevlm_raters(seq: Seq):
+  """bool[B, T]: SparseVLM's text raters from the layer-0 embeddings (raw dot products, as the
+  official code; `text_relevance.sparsevlm_raters`)."""
+  n = seq.n_img
+  text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)
+  s = relevance(seq.x[:, :n], jnp.where(text_ok[..., None], seq.x[:, n:], 0.0), "dot")
+  return sparsevlm_raters(s, text_ok, seq.valid[:, :n])
+
+
+# Features a method compares, where its paper uses something other than the hidden states.
+_FEATURES = {"dart": "final_norm"}  # DART: cosine similarity after the model's final RMSNorm
+
+
+def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: GemmaConfig):
+  """Applies one llm-stage hook to the image part of `seq`; returns (seq, img)."""
+  n = seq.n_img
+  where = f"llm {hook.method} at layer {hook.layer}"
+  budget = plan_lib.hook_size(hook, n, n_initial, where)
+  q, k, mask = prev
+  text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)  # prompt rows score; suffix never
+  if raters is not None and hook.raters:
+    text_ok = text_ok & raters
+  x_img, x_txt = seq.x[:, :n], seq.x[:, n:]
+  if _FEATURES.get(hook.method) == "final_norm":
+    x_img, x_txt = (nl.rms_norm(a, p["final_norm"]["scale"], cfg.norm_eps) for a in (x_img, x_txt))
+  signals = {"text": x_txt, "text_mask": text_ok,
+             "rng": jax.random.fold_in(jax.random.key(hook.seed), hook.layer)}
+  m = compress.METHODS[hook.method]
+  if {"attn", "scores"} & set(m.needs):
+    rows = nl.attention_rows(q[:, n:], k, mask=mask[:, n:], scale=scale(cfg),
+                             cap=cfg.attn_logits_softcap)[..., :n]  # [B, T, N]
+    signals["attn"] = rows
+    last = _last_valid(text_ok)
+    signals["scores"] = jnp.take_along_axis(rows, last[:, None, None], 1)[:, 0]
+  if "keys" in m.needs or hook.method == "dart":
+    signals["keys"] = k[:, :n].reshape(k.shape[0], n, -1)
+  import inspect  # pylint: disable=g-import-not-at-top
+  accepted = set(inspect.signature(m.fn).parameters)
+  kw = {s: v for s, v in signals.items() if s in accepted}
+  kw.update(dict(hook.options))
+  before = img.replace(x=x_img)
+  after = compress.apply(hook.method, before, budget, **kw)
+  idx = kept_indices(before, after)
+  take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), 1)
+  new_valid = jnp.concatenate([after.mask, seq.valid[:, n:]], 1)
+  seq = Seq(x=jnp.concatenate([take(seq.x[:, :n]), seq.x[:, n:]], 1),
+            pos=jnp.concatenate([take(seq.pos[:, :n]), seq.pos[:, n:]], 1),
+            valid=new_valid,
+            mask_ar=jnp.concatenate([take(seq.mask_ar[:, :n]), seq.mask_ar[:, n:]], 1),
+            n_img=budget)
+  return seq, after.replace(x=seq.x[:, :budget])
+
+
+def kept_indices(before: Tokens, after: Tokens) -> jax.Array:
+  """int32[B, K]: for each output token of a selection, the input token it is.
+
+  Read off `src` (patch -> token before, patch -> token after). An output slot carrying no patch
+  (padding) points at input 0; its mask is False, so its contents never count.
+  """
+  k = after.num_tokens
+
+  def one(src_before, src_after):
+    slot = jnp.where(src_after >= 0, src_after, k)
+    return jnp.zeros((k,), jnp.int32).at[slot].set(src_before, mode="drop")
+
+  return jax.vmap(one)(before.src, after.src)
+
+
+def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Cache]:
+  """One token `int32[B]` through every layer with the cache -> (logits float[B, V], cache).
+
+  The token goes at position `cache.next_pos` and into cache slot `length + step` of every
+  segment (the same slot for the whole batch; per-example positions keep RoPE right for
+  prompts of different lengths). A cache that is full clamps the slot: reserve `cache_size`.
+  """
+  x = embed_text(p, token[:, None], cfg)
+  pos = cache.next_pos
+  segments = []
+  for seg in cache.segments:
+    slot = seg.length + cache.step
+    seg_pos = jax.lax.dynamic_update_slice(seg.pos, pos[:, None], (0, slot))
+    seg_valid = jax.lax.dynamic_update_slice(seg.valid, jnp.ones_like(seg.valid[:, :1]),
+                                             (0, slot))
+    glob = seg_valid[:, None, :]
+    loc = glob
+    if cfg.version == 2 and cfg.sliding_window:
+      loc = glob & ((pos[:, None, None] - seg_pos[:, None, :]) < cfg.sliding_window)
+    lo = seg.first_layer
+    hi = lo + seg.k.shape[0]
+    flags = jnp.asarray([is_local(cfg, l) for l in range(lo, hi)])
+
+    def body(x, xs, slot=slot, glob=glob, loc=loc):
+      pl, k_l, v_l, local = xs
+      q, k, v = _project(pl, x, pos[:, None], cfg)
+      k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), (0, slot, 0, 0))
+      v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), (0, slot, 0, 0))
+      o = nl.attention(q, k_l, v_l, mask=jnp.where(local, loc, glob), scale=scale(cfg),
+                       cap=cfg.attn_logits_softcap)
+      return _finish(pl, x, o, cfg), (k_l, v_l)
+
+    x, (ks, vs) = jax.lax.scan(body, x, (_layer_slice(p["layers"], lo, hi), seg.k, seg.v, flags))
+    segments.append(seg.replace(k=ks, v=vs, pos=seg_pos, valid=seg_valid))
+  out = logits(p, x[:, 0], cfg)
+  return out, Cache(segments=tuple(segments), step=cache.step + 1, next_pos=pos + 1)

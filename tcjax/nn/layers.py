@@ -1,0 +1,140 @@
+"""Pure building blocks shared by the SigLIP and Gemma towers.
+
+Axis legend: B batch, T query tokens, S key/value tokens, H query heads, K key/value heads
+(H divisible by K: MHA / GQA / MQA), G = H // K query heads per key/value head, h head dim,
+D model width, R selected query rows.
+
+Everything here is a function of arrays and static Python values: no Flax, so the same code runs
+under `jit`, `vmap`, `lax.scan` over stacked layers and `shard_map`.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
+
+
+def layer_norm(x, scale, bias, eps):
+  """LayerNorm over the last axis, computed in float32."""
+  x32 = x.astype(jnp.float32)
+  mu = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mu).mean(-1, keepdims=True)
+  y = (x32 - mu) * jax.lax.rsqrt(var + eps)
+  return (y * scale + bias).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps):
+  """Gemma RMSNorm: x / rms(x) * (1 + scale) (scale stored without the +1, as in big_vision)."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+  return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+
+
+def gelu(x):
+  """tanh-approximate GELU (SigLIP's and Gemma's activation)."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def rope(x, positions, base):
+  """Rotary embedding on the two halves of the head dim (big_vision / Gemma convention).
+
+  x: float[B, T, N, h]; positions: int[B, T] (any values: pruned tokens keep theirs).
+  """
+  half = x.shape[-1] // 2
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, half]
+  sin, cos = jnp.sin(angle), jnp.cos(angle)
+  a, b = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(x.dtype)
+
+
+def softcap(logits, cap: Optional[float]):
+  return logits if not cap else jnp.tanh(logits / cap) * cap
+
+
+def attention_logits(q, k, scale, cap):
+  """float32[B, K, G, T, S] logits of q float[B, T, H, h] against k float[B, S, K, h]."""
+  b, t, h, d = q.shape
+  kh = k.shape[2]
+  qg = q.reshape(b, t, kh, h // kh, d)
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  return softcap(s, cap)
+
+
+def attention(q, k, v, *, mask=None, bias=None, scale: float, cap: Optional[float] = None):
+  """Multi-head attention, float[B, T, H, h].
+
+  q: float[B, T, H, h]; k, v: float[B, S, K, h]; mask: bool[B, T, S] (True = may attend);
+  bias: float[B, S] added to every query's logits for that key (ToMe's log(size)).
+  Without soft-capping this is `jax.nn.dot_product_attention`, so the backend's fused kernel is
+  used where it has one; Gemma 2's logit soft-cap is not expressible there and takes the
+  explicit path.
+  """
+  if cap is None:
+    m = None if mask is None else mask[:, None]
+    bb = None if bias is None else bias[:, None, None, :].astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bb, mask=m, scale=scale)
+  b, t, h, d = q.shape
+  s = attention_logits(q, k, scale, cap)
+  if bias is not None:
+    s = s + bias[:, None, None, None, :]
+  if mask is not None:
+    s = jnp.where(mask[:, None, None], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)
+  out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
+  return out.reshape(b, t, h, d)
+
+
+def attention_rows(q_rows, k, *, mask=None, bias=None, scale: float, cap: Optional[float] = None):
+  """Exact attention probabilities of a few query rows, averaged over heads: float32[B, R, S].
+
+  q_rows: float[B, R, H, h] (only the rows a method needs, e.g. the prompt tokens);
+  k: float[B, S, K, h]; mask: bool[B, R, S]; bias: float[B, S]. The softmax is the layer's own
+  (same scale, soft-cap, mask and bias), computed for R rows: O(R S), never the S x S matrix.
+  """
+  s = attention_logits(q_rows, k, scale, cap)
+  if bias is not None:
+    s = s + bias[:, None, None, None, :]
+  if mask is not None:
+    s = jnp.where(mask[:, None, None], s, NEG_INF)
+  p = jax.nn.softmax(s, axis=-1)  # [B, K, G, R, S]
+  return p.mean(axis=(1, 2))
+
+
+def received_attention(q, k, *, key_mask=None, bias=None, scale: float, query_mask=None,
+                       chunk: int = 256):
+  """Mean attention each key receives from the valid queries, averaged over heads: float32[B, S].
+
+  For towers without a [CLS] token (SigLIP) this is the "mean received attention" score. Query
+  rows are processed `chunk` at a time (`lax.map`), so memory is O(chunk S), not O(T S).
+  q: float[B, T, H, h]; k: float[B, S, K, h]; key_mask, query_mask: bool[B, S] / bool[B, T].
+  """
+  b, t, _, _ = q.shape
+  if query_mask is None:
+    query_mask = jnp.ones((b, t), bool)
+  n_chunks = -(-t // chunk)
+  pad = n_chunks * chunk - t
+  qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+  qm = jnp.pad(query_mask, ((0, 0), (0, pad)))
+  qp = qp.reshape(b, n_chunks, chunk, *q.shape[2:]).swapaxes(0, 1)
+  qm = qm.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+  mask = None if key_mask is None else key_mask[:, None, :]
+
+  def one(args):
+    qc, mc = args
+    rows = attention_rows(qc, k, mask=mask, bias=bias, scale=scale)  # [B, chunk, S]
+    return jnp.einsum("br,brs->bs", mc.astype(jnp.float32), rows)
+
+  total = jax.lax.map(one, (qp, qm)).sum(0)
+  return total / jnp.maximum(query_mask.sum(-1, keepdims=True), 1).astype(jnp.float32)
+
+
+def prefix_lm_mask(mask_ar, valid):
+  """bool[B, T, T]: big_vision's prefix-LM rule, query i sees key j iff j is valid and
+  cumsum(mask_ar)[j] <= cumsum(mask_ar)[i] (0 = bidirectional prefix, 1 = causal)."""
+  cum = jnp.cumsum(mask_ar.astype(jnp.int32), axis=-1)
+  return (cum[:, None, :] <= cum[:, :, None]) & valid[:, None, :]

@@ -1,0 +1,154 @@
+"""PaliGemma: SigLIP -> linear projector (`img/head`) -> Gemma, with a static compression plan.
+
+Follows big_vision's `models/proj/paligemma/paligemma.py` method split and parameter names
+(`img/...`, `llm/...`), so big_vision `.npz` and converted HF checkpoints load without remapping.
+
+  text_logits, aux = model.apply({"params": params}, image, text, mask_ar)
+  zimg, img_tokens, aux = model.apply(variables, image, text, mask_ar, method=model.embed_image)
+  last_logits, cache, aux = model.apply(variables, image, text, mask_ar, method=model.prefill)
+  logits, cache = model.apply(variables, token, cache, method=model.decode_step)
+
+Shapes: image float[B, H, W, 3] in [-1, 1] (or a clip float[B, F, H, W, 3]); text int32[B, T]
+(BOS, prefix, separator, suffix; no image placeholder tokens); mask_ar int32[B, T] (0 prefix,
+1 causal suffix); input_mask bool[B, T] (False = padding, default all valid).
+
+The plan (config.plan, see `tcjax.nn.plan`) acts in `embed_image` (vit, post_vit, post_proj
+stages) and in the decoder (llm stage) of `__call__` and `prefill`. `aux` reports what it did:
+"vit_tokens" (tokens entering each ViT layer), "image_tokens" (to the LLM), "llm_tokens" (tokens
+entering each decoder layer, the KV entries each layer caches), "llm_valid_tokens" int32[B, L].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tcjax.nn import gemma
+from tcjax.nn import plan as plan_lib
+from tcjax.nn import siglip
+from tcjax.nn.config import PaliGemmaConfig
+from tcjax.nn.params import ParamTree
+from tcjax.tokens import Tokens
+
+
+def _check_text(text, mask_ar, input_mask):
+  text = jnp.asarray(text)
+  if text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer):
+    raise ValueError(f"text must be int32[B, T], got {text.dtype}{list(text.shape)}")
+  mask_ar = jnp.zeros_like(text) if mask_ar is None else jnp.asarray(mask_ar)
+  if mask_ar.shape != text.shape:
+    raise ValueError(f"mask_ar must have the shape of text {text.shape}, got {mask_ar.shape}")
+  if input_mask is None:
+    input_mask = jnp.ones(text.shape, bool)
+  input_mask = jnp.asarray(input_mask)
+  if input_mask.shape != text.shape:
+    raise ValueError(f"input_mask must have the shape of text {text.shape}, "
+                     f"got {input_mask.shape}")
+  return text, mask_ar.astype(jnp.int32), input_mask.astype(bool)
+
+
+class PaliGemma(nn.Module):
+  """PaliGemma 1 / 2 with compression hook points. `config`: a `PaliGemmaConfig`."""
+
+  config: PaliGemmaConfig
+
+  def setup(self):
+    self.img = ParamTree.for_config(self.config, "img")
+    self.llm = ParamTree.for_config(self.config, "llm")
+
+  def with_plan(self, plan) -> "PaliGemma":
+    """The same model (same parameters) with another compression plan."""
+    return PaliGemma(dataclasses.replace(self.config, plan=plan))
+
+  # ---------------------------------------------------------------------------------------
+  def embed_image(self, image, text=None, mask_ar=None, input_mask=None
+                  ) -> Tuple[jax.Array, Tokens, Dict[str, Any]]:
+    """Image (or clip) -> projected image tokens, after the vit / post_vit / post_proj stages.
+
+    Returns (zimg float[B, N, E], tokens: their Tokens bookkeeping (pos / size / mask / src on
+    the patch grid; x = zimg), aux). `text` is needed only by text-guided post_proj methods.
+    """
+    cfg, plan = self.config, self.config.plan
+    p = self.img()
+    image = jnp.asarray(image)
+    frames = None
+    if image.ndim == 5:  # a clip: frames are encoded independently
+      frames = image.shape[1]
+      image = image.reshape((-1,) + image.shape[2:])
+    elif image.ndim != 4:
+      raise ValueError(f"image must be float[B, H, W, 3] or a clip float[B, F, H, W, 3], "
+                       f"got shape {image.shape}")
+    want = plan_lib.signal_layer(plan, cfg.img.depth)
+    tokens, signals, aux = siglip.encode(p, image, cfg.img, plan, want_signals=want)
+    if frames is not None:
+      changed = tokens.num_tokens != cfg.img.num_patches
+      tokens = siglip.frames_to_video(tokens, frames)
+      signals = siglip.video_signals(signals, frames)
+      if changed:  # per-frame padding must move behind every frame's valid tokens
+        from tcjax.compress import primitives as cp  # pylint: disable=g-import-not-at-top
+        tokens = cp.sort_by_position(tokens)
+    for i, opts in plan_lib.entries(plan, "post_vit"):
+      tokens = siglip._apply(opts, tokens, signals, "post_vit",  # pylint: disable=protected-access
+                             f"plan[{i}] (post_vit, {opts['method']})", 0)
+    head = p["head"]
+    tokens = tokens.replace(x=tokens.x @ head["kernel"] + head["bias"])
+    post_proj = plan_lib.entries(plan, "post_proj")
+    if post_proj:
+      extra = dict(signals)
+      if text is not None:
+        text, mask_ar, input_mask = _check_text(text, mask_ar, input_mask)
+        extra["text"] = gemma.embed_text(self.llm(), text, cfg.llm)
+        extra["text_mask"] = input_mask & (mask_ar == 0)
+      for i, opts in post_proj:
+        tokens = siglip._apply(opts, tokens, extra, "post_proj",  # pylint: disable=protected-access
+                               f"plan[{i}] (post_proj, {opts['method']})", 0)
+    aux = dict(aux, image_tokens=tokens.num_tokens, image_tokens_valid=tokens.count())
+    return tokens.x, tokens, aux
+
+  def embed_text(self, text):
+    """int32[B, T] -> float[B, T, E] (scaled by sqrt(E))."""
+    return gemma.embed_text(self.llm(), jnp.asarray(text), self.config.llm)
+
+  def embed_image_and_text(self, image, text, mask_ar=None, input_mask=None):
+    """-> (x float[B, N+T, E], input_mask bool[B, N+T], mask_ar int32[B, N+T]), as big_vision,
+    plus the image Tokens and aux."""
+    text, mask_ar, input_mask = _check_text(text, mask_ar, input_mask)
+    zimg, img, aux = self.embed_image(image, text, mask_ar, input_mask)
+    ztxt = self.embed_text(text)
+    x = jnp.concatenate([zimg.astype(ztxt.dtype), ztxt], 1)
+    valid = jnp.concatenate([img.mask, input_mask], 1)
+    ar = jnp.concatenate([jnp.zeros(img.mask.shape, jnp.int32), mask_ar], 1)
+    return x, valid, ar, img, aux
+
+  def _decoder(self, image, text, mask_ar, input_mask, cache_size):
+    x, valid, ar, img, aux = self.embed_image_and_text(image, text, mask_ar, input_mask)
+    # Positions count valid tokens only (big_vision: cumsum(input_mask) - 1), so merged-away
+    # padding leaves no holes in RoPE.
+    pos = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), 1) - 1, 0)
+    seq = gemma.Seq(x=x, pos=pos, valid=valid, mask_ar=ar, n_img=img.num_tokens)
+    hooks = plan_lib.llm_hooks(self.config.plan, self.config.llm.depth)
+    out, seq, cache, llm_aux = gemma.prefill(self.llm(), seq, img, self.config.llm, hooks,
+                                             cache_size=cache_size)
+    return out, seq, cache, {**aux, **llm_aux}
+
+  def __call__(self, image, text, mask_ar=None, input_mask=None):
+    """Training / scoring forward: (text_logits float[B, T, V], aux)."""
+    out, seq, _, aux = self._decoder(image, text, mask_ar, input_mask, 0)
+    return gemma.logits(self.llm(), out[:, seq.n_img:], self.config.llm), aux
+
+  def prefill(self, image, text, mask_ar=None, input_mask=None, *, cache_size: int = 0):
+    """Prefill the KV cache with image + prompt; `cache_size` entries are reserved for decoding.
+
+    Returns (logits float[B, V] at each example's last valid prompt token, cache, aux).
+    """
+    out, seq, cache, aux = self._decoder(image, text, mask_ar, input_mask, cache_size)
+    last = jnp.take_along_axis(out, gemma._last_valid(seq.valid)[:, None, None], 1)[:, 0]  # pylint: disable=protected-access
+    return gemma.logits(self.llm(), last, self.config.llm), cache, aux
+
+  def decode_step(self, token, cache):
+    """token int32[B] -> (logits float[B, V], cache)."""
+    return gemma.decode_step(self.llm(), jnp.asarray(token), cache, self.config.llm)

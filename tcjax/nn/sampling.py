@@ -1,0 +1,67 @@
+"""Autoregressive generation with the KV cache: greedy or temperature sampling."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from tcjax.nn.paligemma import PaliGemma
+
+
+def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, plan=None,
+             temperature: float = 0.0, rng=None, prefix_mask=None, eos_id: int = 1,
+             pad_id: int = 0):
+  """Generates `max_new_tokens` tokens after image + prompt: int32[B, max_new_tokens].
+
+  Args:
+    model, params: a `PaliGemma` and its parameters (`{"params": ...}` or the bare tree).
+    image: float[B, H, W, 3] in [-1, 1] (or a clip float[B, F, H, W, 3]).
+    prefix: int32[B, T] prompt (BOS, prefix, separator), attended bidirectionally.
+    plan: a compression plan replacing the model's own (None keeps it).
+    temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature) with `rng`.
+    prefix_mask: bool[B, T], False on right padding (prompts of different lengths).
+    eos_id, pad_id: an example that emitted `eos_id` continues with `pad_id`.
+  """
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+      or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  if not isinstance(temperature, (int, float)) or temperature < 0:
+    raise ValueError(f"temperature must be a number >= 0, got {temperature!r}")
+  if temperature > 0 and rng is None:
+    raise ValueError("temperature > 0 samples: pass rng (a jax.random key)")
+  if plan is not None:
+    model = model.with_plan(plan)
+  if isinstance(params, dict) and set(params) == {"params"}:
+    params = params["params"]
+  if rng is None:
+    rng = jax.random.key(0)
+  return _generate(model.config, params, image, prefix, prefix_mask, rng, max_new_tokens,
+                   float(temperature), eos_id, pad_id)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
+def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, temperature,
+              eos_id, pad_id):
+  model = PaliGemma(config)
+  variables = {"params": params}
+  prefix = jnp.asarray(prefix)
+  mask_ar = jnp.zeros(prefix.shape, jnp.int32)
+  logits, cache, _ = model.apply(variables, image, prefix, mask_ar, prefix_mask,
+                                 cache_size=max_new_tokens, method=model.prefill)
+
+  def step(carry, key):
+    logits, cache, done = carry
+    if temperature > 0:
+      token = jax.random.categorical(key, logits.astype(jnp.float32) / temperature, axis=-1)
+    else:
+      token = jnp.argmax(logits, axis=-1)
+    token = jnp.where(done, pad_id, token).astype(jnp.int32)
+    done = done | (token == eos_id)
+    logits, cache = model.apply(variables, token, cache, method=model.decode_step)
+    return (logits, cache, done), token
+
+  done = jnp.zeros(prefix.shape[:1], bool)
+  _, tokens = jax.lax.scan(step, (logits, cache, done), jax.random.split(rng, max_new_tokens))
+  return tokens.T
