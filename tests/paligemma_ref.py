@@ -37,10 +37,10 @@ def _rope(x, pos, base):  # x [B, T, H, h]; rotate the two halves of the head di
   return np.concatenate([a * np.cos(ang) - b * np.sin(ang), b * np.cos(ang) + a * np.sin(ang)], -1)
 
 
-def paligemma_logits(p, cfg, image, text, mask_ar):
-  """NumPy float64 forward of big_vision-named params: text logits [B, T, V]."""
+def image_embed(p, cfg, image):
+  """NumPy float64 SigLIP + projector: image float[B, H, W, 3] -> zimg [B, N, E]."""
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
-  v, g = cfg.img, cfg.llm
+  v = cfg.img
   B, P = image.shape[0], v.patch_size
   G = v.image_size // P
   patches = image.reshape(B, G, P, G, P, 3).transpose(0, 1, 3, 2, 4, 5).reshape(B, G * G, -1)
@@ -60,22 +60,37 @@ def paligemma_logits(p, cfg, image, text, mask_ar):
     x = x + h @ p[blk + "MlpBlock_0/Dense_1/kernel"][l] + p[blk + "MlpBlock_0/Dense_1/bias"][l]
   x = _ln(x, p["img/Transformer/encoder_norm/scale"], p["img/Transformer/encoder_norm/bias"],
           v.norm_eps)
-  zimg = x @ p["img/head/kernel"] + p["img/head/bias"]
+  return x @ p["img/head/kernel"] + p["img/head/bias"]
 
-  emb = p["llm/embedder/input_embedding"]
-  ztxt = emb[text] * np.sqrt(g.width)
-  x = np.concatenate([zimg, ztxt], 1)
-  N, S = zimg.shape[1], x.shape[1]
-  ar = np.concatenate([np.zeros((B, N)), mask_ar], 1)
-  cum = np.cumsum(ar, 1)
-  allowed = cum[:, None, :] <= cum[:, :, None]  # [B, q, k] prefix-LM (big_vision make_attn_mask)
-  i, j = np.arange(S)[:, None], np.arange(S)[None, :]
-  prefix = ar == 0
-  both_prefix = prefix[:, :, None] & prefix[:, None, :]
-  pos = np.broadcast_to(np.arange(S, dtype=np.float64), (B, S))
+
+def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=()):
+  """NumPy float64 Gemma over embeddings x [B, S, E] with mask_ar `ar` [B, S] (image tokens 0).
+
+  pos: RoPE positions [B, S] (default 0..S-1). prune: {layer K: keep bool[B, S_K]}, the tokens
+  entering layer K that stay (the same count in every example); pruned tokens keep their
+  positions. attn_layers: layers whose full attention probabilities [B, H, S, S] to return.
+  Returns (logits of every final token [B, S', V], {layer: attention}, final positions).
+  """
+  p = {k: np.asarray(v, np.float64) for k, v in p.items()}
+  g = cfg.llm
+  B, S = ar.shape
+  pos = np.broadcast_to(np.arange(S, dtype=np.float64), (B, S)) if pos is None else pos
+  pos = np.asarray(pos, np.float64)
+  ar = np.asarray(ar)
   L = "llm/layers/"
   H, K, hd = g.num_heads, g.num_kv_heads, g.head_dim
+  attns = {}
   for l in range(g.depth):
+    if prune and l in prune:
+      keep = np.asarray(prune[l])
+      sel = [np.nonzero(keep[b])[0] for b in range(B)]
+      x = np.stack([x[b, sel[b]] for b in range(B)])
+      pos = np.stack([pos[b, sel[b]] for b in range(B)])
+      ar = np.stack([ar[b, sel[b]] for b in range(B)])
+    cum = np.cumsum(ar, 1)
+    allowed = cum[:, None, :] <= cum[:, :, None]  # [B, q, k] prefix-LM (big_vision make_attn_mask)
+    prefix = ar == 0
+    both_prefix = prefix[:, :, None] & prefix[:, None, :]
     y = _rms(x, p[L + "pre_attention_norm/scale"][l], g.norm_eps)
     if K == H:
       w = p[L + "attn/qkv_einsum/w"][l]
@@ -93,9 +108,13 @@ def paligemma_logits(p, cfg, image, text, mask_ar):
       logit = np.tanh(logit / g.attn_logits_softcap) * g.attn_logits_softcap
     m = allowed
     if g.version == 2 and g.sliding_window and l % 2 == 0:
-      m = (m & ((i - j) < g.sliding_window)) | both_prefix
+      near = (pos[:, :, None] - pos[:, None, :]) < g.sliding_window
+      m = (m & near) | both_prefix
     logit = np.where(m[:, None], logit, -1e30)
-    o = np.einsum("bhqs,bshk->bqhk", _softmax(logit), vv)
+    a = _softmax(logit)
+    if l in attn_layers:
+      attns[l] = a
+    o = np.einsum("bhqs,bshk->bqhk", a, vv)
     o = np.einsum("bqhk,hkd->bqd", o, p[L + "attn/attn_vec_einsum/w"][l])
     if g.version == 2:
       o = _rms(o, p[L + "post_attention_norm/scale"][l], g.norm_eps)
@@ -107,7 +126,22 @@ def paligemma_logits(p, cfg, image, text, mask_ar):
       h = _rms(h, p[L + "post_ffw_norm/scale"][l], g.norm_eps)
     x = x + h
   x = _rms(x, p["llm/final_norm/scale"], g.norm_eps)
-  logits = x[:, N:] @ emb.T
+  logits = x @ p["llm/embedder/input_embedding"].T
   if g.final_logits_softcap:
     logits = np.tanh(logits / g.final_logits_softcap) * g.final_logits_softcap
-  return logits
+  return logits, attns, pos
+
+
+def embed_text(p, cfg, text):
+  emb = np.asarray(p["llm/embedder/input_embedding"], np.float64)
+  return emb[text] * np.sqrt(cfg.llm.width)
+
+
+def paligemma_logits(p, cfg, image, text, mask_ar):
+  """NumPy float64 forward of big_vision-named params: text logits [B, T, V]."""
+  zimg = image_embed(p, cfg, image)
+  x = np.concatenate([zimg, embed_text(p, cfg, text)], 1)
+  N = zimg.shape[1]
+  ar = np.concatenate([np.zeros((text.shape[0], N)), mask_ar], 1)
+  logits, _, _ = decoder(p, cfg, x, ar)
+  return logits[:, N:]

@@ -171,7 +171,10 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
   Returns:
     (x: float[B, S', E] output of the last layer, the final Seq (S' = N' + T tokens), the KV
      cache, aux {"llm_tokens": static tokens entering each layer, "llm_valid_tokens":
-     int32[B, L] valid tokens entering each layer, "image_tokens_kept": int32[B]}).
+     int32[B, L] valid tokens entering each layer, "image_tokens_kept": int32[B],
+     "llm_kept_pos": per hook int32[B, N'] RoPE positions of the kept image tokens (-1 on
+     padding), "llm_attn": per hook the float32[B, T, N] prompt-row attention it scored with
+     (mean over heads; None when the method needs none)}).
   """
   depth = cfg.depth
   layers = p["layers"]
@@ -185,7 +188,7 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
   if any(h.raters for h in hooks):
     raters = _sparsevlm_raters(seq)
   n_initial = seq.n_img
-  segments, counts, valid_counts = [], [], []
+  segments, counts, valid_counts, kept_pos, rows = [], [], [], [], []
   lo = 0
   for stop in sorted(at) + [depth]:
     masks = seq_masks(seq, cfg)
@@ -217,13 +220,16 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
       pl = jax.tree.map(lambda a: a[stop], layers)
       q, k, _ = _project(pl, seq.x, seq.pos, cfg)
       prev = (q, k, masks[1] if is_local(cfg, stop) else masks[0])
-    seq, img = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
+    seq, img, attn = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
+    kept_pos.append(jnp.where(img.mask, seq.pos[:, :seq.n_img], -1))
+    rows.append(attn)
     lo = stop
   last = _last_valid(seq.valid)
   cache = Cache(segments=tuple(segments), step=jnp.zeros((), jnp.int32),
                 next_pos=jnp.take_along_axis(seq.pos, last[:, None], 1)[:, 0] + 1)
   aux = {"llm_tokens": tuple(counts), "llm_valid_tokens": jnp.stack(valid_counts, -1),
-         "image_tokens_kept": img.count()}
+         "image_tokens_kept": img.count(), "llm_kept_pos": tuple(kept_pos),
+         "llm_attn": tuple(rows)}
   return x, seq, cache, aux
 
 
@@ -257,7 +263,7 @@ _FEATURES = {"dart": "final_norm"}  # DART: cosine similarity after the model's 
 
 
 def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: GemmaConfig):
-  """Applies one llm-stage hook to the image part of `seq`; returns (seq, img)."""
+  """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows)."""
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
   budget = plan_lib.hook_size(hook, n, n_initial, where)
@@ -271,6 +277,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   signals = {"text": x_txt, "text_mask": text_ok,
              "rng": jax.random.fold_in(jax.random.key(hook.seed), hook.layer)}
   m = compress.METHODS[hook.method]
+  rows = None
   if {"attn", "scores"} & set(m.needs):
     rows = nl.attention_rows(q[:, n:], k, mask=mask[:, n:], scale=scale(cfg),
                              cap=cfg.attn_logits_softcap)[..., :n]  # [B, T, N]
@@ -293,7 +300,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
             valid=new_valid,
             mask_ar=jnp.concatenate([take(seq.mask_ar[:, :n]), seq.mask_ar[:, n:]], 1),
             n_img=budget)
-  return seq, after.replace(x=seq.x[:, :budget])
+  return seq, after.replace(x=seq.x[:, :budget]), rows
 
 
 def kept_indices(before: Tokens, after: Tokens) -> jax.Array:

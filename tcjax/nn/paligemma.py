@@ -60,9 +60,10 @@ class PaliGemma(nn.Module):
     self.img = ParamTree.for_config(self.config, "img")
     self.llm = ParamTree.for_config(self.config, "llm")
 
+  @nn.nowrap
   def with_plan(self, plan) -> "PaliGemma":
     """The same model (same parameters) with another compression plan."""
-    return PaliGemma(dataclasses.replace(self.config, plan=plan))
+    return PaliGemma(dataclasses.replace(self.config, plan=plan), parent=None)
 
   # ---------------------------------------------------------------------------------------
   def embed_image(self, image, text=None, mask_ar=None, input_mask=None
