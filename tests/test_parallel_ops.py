@@ -87,3 +87,40 @@ def test_sharded_attention_equals_full(fn, axes, batch_axis, kind, t):
   out = np.asarray(f(*args))
   assert out.shape == q.shape
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("fn", [ring_attention, gathered_kv_attention])
+@pytest.mark.parametrize("local", [True, False])
+def test_sliding_window_attention_equals_full(fn, local):
+  """Gemma 2 local layers: q_pos - k_pos < window unless both in the prefix, with positions that
+  have holes (pruned tokens keep theirs)."""
+  mesh = make_mesh((("data", 2), ("seq", 4)), axis_types="auto")
+  rng = np.random.default_rng(7)
+  b, t, h, kvh, dh, window = 2, 20, 4, 2, 8, 5
+  q = rng.normal(size=(b, t, h, dh)).astype(np.float32)
+  k = rng.normal(size=(b, t, kvh, dh)).astype(np.float32)
+  v = rng.normal(size=(b, t, kvh, dh)).astype(np.float32)
+  mask_ar = np.zeros((b, t), np.int32)
+  mask_ar[:, 8:] = 1
+  kv_valid = np.ones((b, t), bool)
+  pos = np.sort(rng.choice(40, size=(b, t), replace=False), axis=1).astype(np.int32)
+  scale = dh ** -0.5
+  # Reference with an explicit mask (NumPy, float64).
+  cum = np.cumsum(mask_ar, 1)
+  allowed = cum[:, None, :] <= cum[:, :, None]
+  if local:
+    near = (pos[:, :, None] - pos[:, None, :]) < window
+    prefix = cum == 0
+    allowed &= near | (prefix[:, :, None] & prefix[:, None, :])
+  kk, vv = np.repeat(k, h // kvh, 2), np.repeat(v, h // kvh, 2)
+  s = np.einsum("bthd,bshd->bhts", q.astype(np.float64), kk) * scale
+  s = np.where(allowed[:, None], s, -np.inf)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  p /= p.sum(-1, keepdims=True)
+  ref = np.einsum("bhts,bshd->bthd", p, vv)
+  args = [_put(a, mesh, P("data", "seq")) for a in (q, k, v, mask_ar, kv_valid, pos)]
+  f = jax.jit(lambda q, k, v, m, kv, ps, loc: fn(
+      q, k, v, mesh=mesh, axis="seq", batch_axis="data", mask_ar=m, kv_valid=kv, scale=scale,
+      positions=ps, window=window, local=loc))
+  out = np.asarray(f(*args, jnp.asarray(local)))
+  np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)

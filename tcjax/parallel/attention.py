@@ -49,7 +49,7 @@ def pad_to_multiple(x: jax.Array, multiple: int, axis: int = 1, value=0):
   return jnp.pad(x, widths, constant_values=value), n
 
 
-def _prep(q, k, v, mask_ar, kv_valid, n_shards, mesh):
+def _prep(q, k, v, mask_ar, kv_valid, positions, n_shards, mesh):
   b, t, h, dh = q.shape
   if k.shape[:2] != (b, t) or v.shape != k.shape or h % k.shape[2]:
     raise ValueError(f"attention: q {q.shape}, k {k.shape}, v {v.shape} mismatch")
@@ -57,28 +57,39 @@ def _prep(q, k, v, mask_ar, kv_valid, n_shards, mesh):
     mask_ar = jnp.zeros((b, t), jnp.int32)
   if kv_valid is None:
     kv_valid = jnp.ones((b, t), bool)
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   # Small [B, T] int attributes: the cumsum runs on a replicated token axis.
   cum = jnp.cumsum(_unshard(mask_ar.astype(jnp.int32), 1, mesh), axis=1)
   kv_valid = _unshard(kv_valid, 1, mesh)
+  positions = _unshard(positions.astype(jnp.int32), 1, mesh)
   if t % n_shards:  # uneven: pad (on a replicated token axis) and mask the padding
     q, k, v = (_unshard(a, 1, mesh) for a in (q, k, v))
-  q, _ = pad_to_multiple(q, n_shards)
-  k, _ = pad_to_multiple(k, n_shards)
-  v, _ = pad_to_multiple(v, n_shards)
-  cum, _ = pad_to_multiple(cum, n_shards)
+  q, k, v, cum, positions = (pad_to_multiple(a, n_shards)[0] for a in (q, k, v, cum, positions))
   kv_valid, _ = pad_to_multiple(kv_valid, n_shards, value=False)  # padding never attended
-  return q, k, v, cum, kv_valid, t
+  return q, k, v, (cum, kv_valid, positions), t
 
 
-def _scores(q, k, qcum, kcum, kvalid, scale, softcap):
-  """q [B,Tq,H,Dh], k [B,Tk,KVH,Dh] -> masked logits [B,KVH,G,Tq,Tk] (float32)."""
+def _scores(q, k, q_attr, k_attr, scale, softcap, window, local):
+  """q [B,Tq,H,Dh], k [B,Tk,KVH,Dh] -> masked logits [B,KVH,G,Tq,Tk] (float32) and the mask.
+
+  Attributes are (cumsum(mask_ar), valid, position) per token. With a `window` and `local`
+  true (a traced bool: the layer is a sliding-window layer), a query also needs
+  q_pos - k_pos < window unless both tokens are in the prefix (Gemma 2 as PaliGemma 2 runs it).
+  """
   b, tq, h, dh = q.shape
   kvh = k.shape[2]
+  qcum, _, qpos = q_attr
+  kcum, kvalid, kpos = k_attr
   qg = q.reshape(b, tq, kvh, h // kvh, dh)
   s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
   allowed = (kcum[:, None, :] <= qcum[:, :, None]) & kvalid[:, None, :]
+  if window is not None:
+    near = (qpos[:, :, None] - kpos[:, None, :] < window)
+    near |= (qcum[:, :, None] == 0) & (kcum[:, None, :] == 0)
+    allowed &= near | ~jnp.asarray(local)
   return jnp.where(allowed[:, None, None], s, _NEG), allowed
 
 
@@ -88,17 +99,22 @@ def _specs(batch_axis, axis):
 
 def ring_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
                    mask_ar: Optional[jax.Array] = None, kv_valid: Optional[jax.Array] = None,
-                   scale: Optional[float] = None, softcap: Optional[float] = None):
+                   scale: Optional[float] = None, softcap: Optional[float] = None,
+                   positions: Optional[jax.Array] = None, window: Optional[int] = None,
+                   local=True):
   """Ring attention: each shard keeps its queries; K/V blocks (with their mask attributes) move
   one step around `axis` per iteration (`lax.ppermute`) and an online softmax accumulates.
+
+  positions: int[B, T] RoPE positions (default 0..T-1), used by the sliding `window` (Gemma 2
+  local layers; `local` may be a traced bool so one scan body serves both layer kinds).
   Returns float[B, T, H, Dh]; rows with no allowed key are 0. Uneven T is padded and masked."""
   n_shards = mesh.shape[axis]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  q, k, v, cum, kv_valid, t = _prep(q, k, v, mask_ar, kv_valid, n_shards, mesh)
+  q, k, v, attrs, t = _prep(q, k, v, mask_ar, kv_valid, positions, n_shards, mesh)
   s4, s2 = _specs(batch_axis, axis)
   perm = [(i, (i + 1) % n_shards) for i in range(n_shards)]
 
-  def local(q, k, v, qcum, kcum, kvalid):
+  def local_fn(q, k, v, q_attr, k_attr, local):
     b, tq, h, dh = q.shape
     kvh = k.shape[2]
     m = jnp.full((b, kvh, h // kvh, tq), _NEG, jnp.float32)
@@ -106,48 +122,50 @@ def ring_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
     acc = jnp.zeros((b, kvh, h // kvh, tq, dh), jnp.float32)
 
     def step(_, carry):
-      m, l, acc, k, v, kcum, kvalid = carry
-      s, allowed = _scores(q, k, qcum, kcum, kvalid, scale, softcap)
+      m, l, acc, k, v, k_attr = carry
+      s, allowed = _scores(q, k, q_attr, k_attr, scale, softcap, window, local)
       m_new = jnp.maximum(m, s.max(-1))
       p = jnp.where(allowed[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
       l = l * corr + p.sum(-1)
       acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
-      k, v, kcum, kvalid = (jax.lax.ppermute(a, axis, perm) for a in (k, v, kcum, kvalid))
-      return m_new, l, acc, k, v, kcum, kvalid
+      k, v, k_attr = jax.tree.map(lambda a: jax.lax.ppermute(a, axis, perm), (k, v, k_attr))
+      return m_new, l, acc, k, v, k_attr
 
-    m, l, acc, *_ = jax.lax.fori_loop(0, n_shards, step, (m, l, acc, k, v, kcum, kvalid))
+    m, l, acc, *_ = jax.lax.fori_loop(0, n_shards, step, (m, l, acc, k, v, k_attr))
     out = acc / jnp.where(l > 0, l, 1.0)[..., None]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, dh).astype(q.dtype)
 
-  f = jax.shard_map(local, mesh=mesh, in_specs=(s4, s4, s4, s2, s2, s2), out_specs=s4,
-                    check_vma=False)
-  args = [_to(a, sp, mesh) for a, sp in zip((q, k, v, cum, cum, kv_valid),
-                                             (s4, s4, s4, s2, s2, s2))]
-  out = f(*args)
+  return _call(local_fn, mesh, q, k, v, attrs, local, s4, s2, t, axis)
+
+
+def _call(fn, mesh, q, k, v, attrs, local, s4, s2, t, axis):
+  """shard_map `fn(q, k, v, q_attr, k_attr, local)` with the token axis on `axis`."""
+  attr_specs = (s2, s2, s2)
+  f = jax.shard_map(fn, mesh=mesh, in_specs=(s4, s4, s4, attr_specs, attr_specs, P()),
+                    out_specs=s4, check_vma=False)
+  q, k, v = (_to(a, s4, mesh) for a in (q, k, v))
+  attrs = tuple(_to(a, s2, mesh) for a in attrs)
+  out = f(q, k, v, attrs, attrs, jnp.asarray(local))
   return out if out.shape[1] == t else _unshard(out, 1, mesh)[:, :t]
 
 
 def gathered_kv_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
-                          mask_ar=None, kv_valid=None, scale=None, softcap=None):
+                          mask_ar=None, kv_valid=None, scale=None, softcap=None,
+                          positions=None, window=None, local=True):
   """Sharded queries attend all-gathered K/V (simple variant; K/V must fit one device)."""
   n_shards = mesh.shape[axis]
   scale = q.shape[-1] ** -0.5 if scale is None else scale
-  q, k, v, cum, kv_valid, t = _prep(q, k, v, mask_ar, kv_valid, n_shards, mesh)
+  q, k, v, attrs, t = _prep(q, k, v, mask_ar, kv_valid, positions, n_shards, mesh)
   s4, s2 = _specs(batch_axis, axis)
 
-  def local(q, k, v, qcum, kcum, kvalid):
+  def local_fn(q, k, v, q_attr, k_attr, local):
     b, tq, h, dh = q.shape
-    k, v, kcum, kvalid = (jax.lax.all_gather(a, axis, axis=1, tiled=True)
-                          for a in (k, v, kcum, kvalid))
-    s, allowed = _scores(q, k, qcum, kcum, kvalid, scale, softcap)
+    k, v, k_attr = jax.tree.map(lambda a: jax.lax.all_gather(a, axis, axis=1, tiled=True),
+                                (k, v, k_attr))
+    s, allowed = _scores(q, k, q_attr, k_attr, scale, softcap, window, local)
     p = jax.nn.softmax(s, axis=-1) * allowed[:, None, None]
     out = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, dh).astype(q.dtype)
 
-  f = jax.shard_map(local, mesh=mesh, in_specs=(s4, s4, s4, s2, s2, s2), out_specs=s4,
-                    check_vma=False)
-  args = [_to(a, sp, mesh) for a, sp in zip((q, k, v, cum, cum, kv_valid),
-                                             (s4, s4, s4, s2, s2, s2))]
-  out = f(*args)
-  return out if out.shape[1] == t else _unshard(out, 1, mesh)[:, :t]
+  return _call(local_fn, mesh, q, k, v, attrs, local, s4, s2, t, axis)
