@@ -32,6 +32,8 @@ from tcjax.compress.text_relevance import relevance, sparsevlm_raters
 from tcjax.nn import layers as nl
 from tcjax.nn import plan as plan_lib
 from tcjax.nn.config import GemmaConfig
+from tcjax.parallel import attention as par_attn
+from tcjax.parallel.mesh import constrain, context_mesh, mesh_axis
 from tcjax.tokens import Tokens
 
 
@@ -126,16 +128,53 @@ def _finish(p, x, o, cfg: GemmaConfig):
   return x + h
 
 
+def mask_rows(seq: Seq, start: int, cfg: GemmaConfig, local):
+  """bool[B, S - start, S]: what query rows start.. may attend. big_vision's prefix-LM rule over
+  valid keys; on Gemma 2's local layers (`local` may be traced) also query pos - key pos <
+  window, except between two prefix tokens, which always see each other (as transformers builds
+  PaliGemma 2's mask)."""
+  cum = jnp.cumsum(seq.mask_ar.astype(jnp.int32), axis=-1)
+  allowed = (cum[:, None, :] <= cum[:, start:, None]) & seq.valid[:, None, :]
+  if not (cfg.version == 2 and cfg.sliding_window):
+    return allowed
+  near = (seq.pos[:, start:, None] - seq.pos[:, None, :]) < cfg.sliding_window
+  prefix = cum == 0
+  near |= prefix[:, start:, None] & prefix[:, None, :]
+  return allowed & (near | ~jnp.asarray(local))
+
+
+def ring_mesh():
+  """The context mesh when its `seq` axis shards the sequence (ring attention), else None."""
+  mesh = context_mesh()
+  return mesh if mesh_axis(mesh, "seq") else None
+
+
+def self_attention(q, k, v, seq: Seq, layer, cfg: GemmaConfig, masks=None):
+  """Prefill self-attention of one layer (`layer` may be traced inside a scan).
+
+  On a mesh with a `seq` axis: ring attention (`tcjax.parallel.ring_attention`), the mask built
+  block by block from (cumsum(mask_ar), valid, position), never as an S x S array. Otherwise the
+  fused `jax.nn.dot_product_attention` path with `masks` = (global, local) from `mask_rows`.
+  """
+  mesh = ring_mesh()
+  if mesh is not None:
+    window = cfg.sliding_window if cfg.version == 2 else None
+    return par_attn.ring_attention(
+        q, k, v, mesh=mesh, axis="seq", batch_axis=mesh_axis(mesh, "data"), mask_ar=seq.mask_ar,
+        kv_valid=seq.valid, scale=scale(cfg), softcap=cfg.attn_logits_softcap,
+        positions=seq.pos, window=window or None, local=layer % 2 == 0)
+  return nl.attention(q, k, v, mask=_layer_mask(cfg, layer, *masks), scale=scale(cfg),
+                      cap=cfg.attn_logits_softcap)
+
+
 def seq_masks(seq: Seq, cfg: GemmaConfig):
-  """(global, local) bool[B, S, S] masks; local adds Gemma 2's window (query pos - key pos <
-  window) except between two prefix tokens, which always see each other (as transformers
-  builds PaliGemma 2's mask)."""
-  glob = nl.prefix_lm_mask(seq.mask_ar, seq.valid)
+  """(global, local) masks bool[B, S, S] for the dense path; None under ring attention."""
+  if ring_mesh() is not None:
+    return None
+  glob = mask_rows(seq, 0, cfg, False)
   if not (cfg.version == 2 and cfg.sliding_window):
     return glob, glob
-  near = (seq.pos[:, :, None] - seq.pos[:, None, :]) < cfg.sliding_window
-  prefix = seq.mask_ar == 0
-  return glob, glob & (near | (prefix[:, :, None] & prefix[:, None, :]))
+  return glob, mask_rows(seq, 0, cfg, True)
 
 
 def scan_layers(body, carry, layers, lo: int, hi: int, xs=None):
@@ -155,14 +194,11 @@ def scan_layers(body, carry, layers, lo: int, hi: int, xs=None):
 
 def _run_segment(layers, seq: Seq, masks, lo: int, hi: int, cfg: GemmaConfig):
   """Layers [lo, hi) as one scan: (x out, k [Ls, B, S, K, h], v)."""
-  glob, loc = masks
-
   def body(x, args):
     p, l, _ = args
     q, k, v = _project(p, x, seq.pos, cfg)
-    o = nl.attention(q, k, v, mask=_layer_mask(cfg, l, glob, loc), scale=scale(cfg),
-                     cap=cfg.attn_logits_softcap)
-    return _finish(p, x, o, cfg), (k, v)
+    x = _finish(p, x, self_attention(q, k, v, seq, l, cfg, masks), cfg)
+    return constrain(x, "data", "seq"), (k, v)
 
   return scan_layers(body, seq.x, layers, lo, hi)
 
@@ -208,6 +244,7 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
   segments, counts, valid_counts, kept_pos, rows = [], [], [], [], []
   lo = 0
   for stop in sorted(at) + [depth]:
+    seq = seq.replace(x=constrain(seq.x, "data", "seq"))
     masks = seq_masks(seq, cfg)
     need_prev = stop in at and at[stop].attn_from == "prev" and stop > lo
     hi = stop - 1 if need_prev else stop
@@ -220,11 +257,9 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     if need_prev:  # layer stop-1 on its own: its q and k are the hook's signals
       pl = jax.tree.map(lambda a: a[hi], layers)
       q, k, v = _project(pl, x, seq.pos, cfg)
-      mask = masks[1] if is_local(cfg, hi) else masks[0]
-      o = nl.attention(q, k, v, mask=mask, scale=scale(cfg), cap=cfg.attn_logits_softcap)
-      x = _finish(pl, x, o, cfg)
+      x = _finish(pl, x, self_attention(q, k, v, seq, hi, cfg, masks), cfg)
       ks, vs = ks + [k[None]], vs + [v[None]]
-      prev = (q, k, mask)
+      prev = (q, k, hi)
     seq = seq.replace(x=x)
     if stop > lo:
       segments.append(_segment(ks, vs, seq, lo, cache_size))
@@ -236,7 +271,7 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     if prev is None:  # attn_from "next": layer `stop`'s own projections of its input
       pl = jax.tree.map(lambda a: a[stop], layers)
       q, k, _ = _project(pl, seq.x, seq.pos, cfg)
-      prev = (q, k, masks[1] if is_local(cfg, stop) else masks[0])
+      prev = (q, k, stop)
     seq, img, attn = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
     kept_pos.append(jnp.where(img.mask, seq.pos[:, :seq.n_img], -1))
     rows.append(attn)
@@ -284,7 +319,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
   budget = plan_lib.hook_size(hook, n, n_initial, where)
-  q, k, mask = prev
+  q, k, layer = prev
   text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)  # prompt rows score; suffix never
   if raters is not None and hook.raters:
     text_ok = text_ok & raters
@@ -296,8 +331,8 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   m = compress.METHODS[hook.method]
   rows = None
   if {"attn", "scores"} & set(m.needs):
-    rows = nl.attention_rows(q[:, n:], k, mask=mask[:, n:], scale=scale(cfg),
-                             cap=cfg.attn_logits_softcap)[..., :n]  # [B, T, N]
+    rows = nl.attention_rows(q[:, n:], k, mask=mask_rows(seq, n, cfg, is_local(cfg, layer)),
+                             scale=scale(cfg), cap=cfg.attn_logits_softcap)[..., :n]  # [B, T, N]
     signals["attn"] = rows
     last = _last_valid(text_ok)
     signals["scores"] = jnp.take_along_axis(rows, last[:, None, None], 1)[:, 0]
@@ -346,10 +381,11 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
   pos = cache.next_pos
   segments = []
   for seg in cache.segments:
-    slot = seg.length + cache.step
-    seg_pos = jax.lax.dynamic_update_slice(seg.pos, pos[:, None], (0, slot))
+    slot = (seg.length + cache.step).astype(jnp.int32)
+    zero = jnp.zeros((), jnp.int32)  # index operands must share one integer type (x64 too)
+    seg_pos = jax.lax.dynamic_update_slice(seg.pos, pos[:, None], (zero, slot))
     seg_valid = jax.lax.dynamic_update_slice(seg.valid, jnp.ones_like(seg.valid[:, :1]),
-                                             (0, slot))
+                                             (zero, slot))
     glob = seg_valid[:, None, :]
     loc = glob
     if cfg.version == 2 and cfg.sliding_window:
@@ -357,11 +393,11 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
     lo = seg.first_layer
     hi = lo + seg.k.shape[0]
 
-    def body(x, args, slot=slot, glob=glob, loc=loc):
+    def body(x, args, slot=slot, zero=zero, glob=glob, loc=loc):
       pl, l, (k_l, v_l) = args
       q, k, v = _project(pl, x, pos[:, None], cfg)
-      k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), (0, slot, 0, 0))
-      v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), (0, slot, 0, 0))
+      k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), (zero, slot, zero, zero))
+      v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), (zero, slot, zero, zero))
       o = nl.attention(q, k_l, v_l, mask=_layer_mask(cfg, l, glob, loc), scale=scale(cfg),
                        cap=cfg.attn_logits_softcap)
       return _finish(pl, x, o, cfg), (k_l, v_l)

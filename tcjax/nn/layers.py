@@ -18,9 +18,14 @@ import jax.numpy as jnp
 NEG_INF = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
 
+def compute_dtype(*xs):
+  """At least float32 (bf16 / f16 inputs are normalised in float32; float64 stays float64)."""
+  return jnp.promote_types(jnp.result_type(*xs), jnp.float32)
+
+
 def layer_norm(x, scale, bias, eps):
-  """LayerNorm over the last axis, computed in float32."""
-  x32 = x.astype(jnp.float32)
+  """LayerNorm over the last axis, computed in at least float32."""
+  x32 = x.astype(compute_dtype(x))
   mu = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mu).mean(-1, keepdims=True)
   y = (x32 - mu) * jax.lax.rsqrt(var + eps)
@@ -29,9 +34,9 @@ def layer_norm(x, scale, bias, eps):
 
 def rms_norm(x, scale, eps):
   """Gemma RMSNorm: x / rms(x) * (1 + scale) (scale stored without the +1, as in big_vision)."""
-  x32 = x.astype(jnp.float32)
+  x32 = x.astype(compute_dtype(x))
   y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
-  return (y * (1.0 + scale.astype(jnp.float32))).astype(x.dtype)
+  return (y * (1.0 + scale.astype(x32.dtype))).astype(x.dtype)
 
 
 def gelu(x):
@@ -45,10 +50,11 @@ def rope(x, positions, base):
   x: float[B, T, N, h]; positions: int[B, T] (any values: pruned tokens keep theirs).
   """
   half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[..., None, None] * freq  # [B, T, 1, half]
+  dt = compute_dtype(x)
+  freq = base ** (-jnp.arange(half, dtype=dt) / half)
+  angle = positions.astype(dt)[..., None, None] * freq  # [B, T, 1, half]
   sin, cos = jnp.sin(angle), jnp.cos(angle)
-  a, b = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
+  a, b = x[..., :half].astype(dt), x[..., half:].astype(dt)
   return jnp.concatenate([a * cos - b * sin, b * cos + a * sin], -1).astype(x.dtype)
 
 
@@ -57,11 +63,12 @@ def softcap(logits, cap: Optional[float]):
 
 
 def attention_logits(q, k, scale, cap):
-  """float32[B, K, G, T, S] logits of q float[B, T, H, h] against k float[B, S, K, h]."""
+  """float32[B, K, G, T, S] logits of q float[B, T, H, h] against k float[B, S, K, h]
+  (float64 for float64 inputs)."""
   b, t, h, d = q.shape
   kh = k.shape[2]
   qg = q.reshape(b, t, kh, h // kh, d)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=compute_dtype(q, k)) * scale
   return softcap(s, cap)
 
 
@@ -127,14 +134,7 @@ def received_attention(q, k, *, key_mask=None, bias=None, scale: float, query_ma
   def one(args):
     qc, mc = args
     rows = attention_rows(qc, k, mask=mask, bias=bias, scale=scale)  # [B, chunk, S]
-    return jnp.einsum("br,brs->bs", mc.astype(jnp.float32), rows)
+    return jnp.einsum("br,brs->bs", mc.astype(rows.dtype), rows)
 
   total = jax.lax.map(one, (qp, qm)).sum(0)
-  return total / jnp.maximum(query_mask.sum(-1, keepdims=True), 1).astype(jnp.float32)
-
-
-def prefix_lm_mask(mask_ar, valid):
-  """bool[B, T, T]: big_vision's prefix-LM rule, query i sees key j iff j is valid and
-  cumsum(mask_ar)[j] <= cumsum(mask_ar)[i] (0 = bidirectional prefix, 1 = causal)."""
-  cum = jnp.cumsum(mask_ar.astype(jnp.int32), axis=-1)
-  return (cum[:, None, :] <= cum[:, :, None]) & valid[:, None, :]
+  return total / jnp.maximum(query_mask.sum(-1, keepdims=True), 1).astype(total.dtype)

@@ -32,6 +32,7 @@ from tcjax.nn import plan as plan_lib
 from tcjax.nn import siglip
 from tcjax.nn.config import PaliGemmaConfig
 from tcjax.nn.params import ParamTree
+from tcjax.parallel.mesh import constrain
 from tcjax.tokens import Tokens
 
 
@@ -83,11 +84,14 @@ class PaliGemma(nn.Module):
     elif image.ndim != 4:
       raise ValueError(f"image must be float[B, H, W, 3] or a clip float[B, F, H, W, 3], "
                        f"got shape {image.shape}")
+    # Frames are independent: spread them over every device of the mesh (data and seq).
+    image = constrain(image, ("data", "seq") if frames else "data")
     want = plan_lib.signal_layer(plan, cfg.img.depth)
     tokens, signals, aux = siglip.encode(p, image, cfg.img, plan, want_signals=want)
     if frames is not None:
       changed = tokens.num_tokens != cfg.img.num_patches
       tokens = siglip.frames_to_video(tokens, frames)
+      tokens = tokens.replace(x=constrain(tokens.x, "data", "seq"))
       signals = siglip.video_signals(signals, frames)
       if changed:  # per-frame padding must move behind every frame's valid tokens
         from tcjax.compress import primitives as cp  # pylint: disable=g-import-not-at-top

@@ -82,7 +82,8 @@ def _scores(q, k, q_attr, k_attr, scale, softcap, window, local):
   qcum, _, qpos = q_attr
   kcum, kvalid, kpos = k_attr
   qg = q.reshape(b, tq, kvh, h // kvh, dh)
-  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+  acc = jnp.promote_types(jnp.result_type(q, k), jnp.float32)  # f32, or f64 for f64 inputs
+  s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=acc) * scale
   if softcap is not None:
     s = jnp.tanh(s / softcap) * softcap
   allowed = (kcum[:, None, :] <= qcum[:, :, None]) & kvalid[:, None, :]
@@ -117,9 +118,10 @@ def ring_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
   def local_fn(q, k, v, q_attr, k_attr, local):
     b, tq, h, dh = q.shape
     kvh = k.shape[2]
-    m = jnp.full((b, kvh, h // kvh, tq), _NEG, jnp.float32)
+    dt = jnp.promote_types(q.dtype, jnp.float32)
+    m = jnp.full((b, kvh, h // kvh, tq), _NEG, dt)
     l = jnp.zeros_like(m)
-    acc = jnp.zeros((b, kvh, h // kvh, tq, dh), jnp.float32)
+    acc = jnp.zeros((b, kvh, h // kvh, tq, dh), dt)
 
     def step(_, carry):
       m, l, acc, k, v, k_attr = carry
@@ -128,7 +130,7 @@ def ring_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
       p = jnp.where(allowed[:, None, None], jnp.exp(s - m_new[..., None]), 0.0)
       corr = jnp.exp(m - m_new)
       l = l * corr + p.sum(-1)
-      acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+      acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(dt))
       k, v, k_attr = jax.tree.map(lambda a: jax.lax.ppermute(a, axis, perm), (k, v, k_attr))
       return m_new, l, acc, k, v, k_attr
 
@@ -165,7 +167,7 @@ def gathered_kv_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,
                                 (k, v, k_attr))
     s, allowed = _scores(q, k, q_attr, k_attr, scale, softcap, window, local)
     p = jax.nn.softmax(s, axis=-1) * allowed[:, None, None]
-    out = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(jnp.float32))
+    out = jnp.einsum("bkgts,bskd->bkgtd", p, v.astype(p.dtype))
     return out.transpose(0, 3, 1, 2, 4).reshape(b, tq, h, dh).astype(q.dtype)
 
   return _call(local_fn, mesh, q, k, v, attrs, local, s4, s2, t, axis)

@@ -94,3 +94,43 @@ def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
 def mesh_from_config(cfg, devices=None) -> jax.sharding.Mesh:
   """Mesh from a config with `mesh` ((name, size), ...) and `axis_types` (str or per-axis)."""
   return make_mesh(tuple((str(n), int(s)) for n, s in cfg.mesh), cfg.axis_types, devices)
+
+
+def context_mesh():
+  """The mesh set with `jax.set_mesh(mesh)` (inside `jit`: its AbstractMesh), or None."""
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def mesh_axis(mesh, name):
+  """`name` if the mesh has that axis with more than one device, else None."""
+  if mesh is None or name not in mesh.axis_names or dict(mesh.shape)[name] == 1:
+    return None
+  return name
+
+
+def constrain(x: jax.Array, *axes) -> jax.Array:
+  """Shard x's leading axes over the context mesh's axes `axes` (names, tuples of names, None).
+
+  Names the mesh lacks (or has with one device) are dropped, so model code can always say
+  `constrain(x, "data", "seq")`. A no-op without a context mesh. Auto axes get a
+  `with_sharding_constraint` (uneven sizes are padded by XLA); Explicit axes a `reshard`, skipping
+  axes that do not divide evenly.
+  """
+  mesh = context_mesh()
+  if mesh is None:
+    return x
+  sizes = dict(mesh.shape)
+  explicit = any(t == AxisType.Explicit for t in mesh.axis_types)
+  spec = []
+  for dim, a in zip(x.shape, axes):
+    names = tuple(n for n in ((a,) if isinstance(a, str) else (a or ())) if mesh_axis(mesh, n))
+    total = int(np.prod([sizes[n] for n in names])) if names else 1
+    if not names or (explicit and dim % total):
+      spec.append(None)
+    else:
+      spec.append(names[0] if len(names) == 1 else names)
+  spec += [None] * (x.ndim - len(spec))
+  if explicit:
+    return jax.sharding.reshard(x, P(*spec))
+  return jax.lax.with_sharding_constraint(x, P(*spec))

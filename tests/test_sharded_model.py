@@ -1,0 +1,105 @@
+"""The model under sharded `jax.jit` on 8 simulated CPU devices equals one device.
+
+Meshes over (data, seq): (8,) = data parallel, (2, 4) and (1, 8) shard the token axis, so the
+decoder runs ring attention (sliding window included, Gemma 2). Parameters are placed by the
+regex rules of configs/sharding.py (FSDP over data).
+
+Equality to 1e-5 is checked in float64 (`jax.enable_x64`): in float32, any change of reduction
+order (a batch of 1 per device, an FSDP-sharded contraction, ring attention's online softmax)
+moves logits of this small random model by up to ~2e-5 through its layers, even for pure data
+parallelism with replicated weights; the float32 run is checked to give the same tokens and
+logits within that noise (1e-4).
+"""
+
+import numpy as np
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import tcjax
+from configs.sharding import PALIGEMMA_RULES
+from tcjax.parallel import make_mesh, shard_params
+from test_model import CONFIGS, IMG, inputs, make_params
+
+MESHES = {"8": (("data", 8),), "2x4": (("data", 2), ("seq", 4)), "1x8": (("data", 1), ("seq", 8))}
+PLANS = {
+    "none": None,
+    "fastv": (("llm", {"method": "fastv", "layer": 2, "keep": 0.5}),),
+    "pool+pdrop": (("post_vit", {"method": "pool", "budget": 4}),
+                   ("llm", {"method": "pyramiddrop", "layers": (1, 3), "ratios": (0.5, 0.25)})),
+}
+B = 8
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+  model, params, _ = make_params(CONFIGS[2], seed=11)
+  image, text, mask_ar = inputs(seed=12, B=B)
+  return model, params, image, text, mask_ar
+
+
+def _f64(tree):
+  return jax.tree.map(lambda a: np.asarray(a, np.float64) if np.issubdtype(np.asarray(a).dtype,
+                                                                          np.floating) else a, tree)
+
+
+def _sharded(mesh, params, *arrays):
+  batch = NamedSharding(mesh, P("data"))
+  return shard_params(params, mesh, PALIGEMMA_RULES), [jax.device_put(a, batch) for a in arrays]
+
+
+@pytest.mark.parametrize("plan_name", sorted(PLANS))
+@pytest.mark.parametrize("mesh_name", sorted(MESHES))
+def test_sharded_forward_and_generation_equal_one_device(model_and_data, mesh_name, plan_name):
+  model, params, image, text, mask_ar = model_and_data
+  plan = PLANS[plan_name]
+  m = model if plan is None else model.with_plan(plan)
+  forward = lambda p, i, t, a: m.apply({"params": p}, i, t, a)[0]
+  gen = lambda p, i, t: tcjax.generate(m, p, i, t, max_new_tokens=4)
+  with jax.enable_x64(True):
+    params, image = _f64(params), _f64(image)
+    want_logits = jax.jit(forward)(params, image, text, mask_ar)
+    want_tokens = gen(params, image, text[:, :6])
+    mesh = make_mesh(MESHES[mesh_name], axis_types="auto")
+    with jax.set_mesh(mesh):
+      sp, (si, st, sa) = _sharded(mesh, params, image, text, mask_ar)
+      logits = jax.jit(forward)(sp, si, st, sa)
+      tokens = jax.jit(gen)(sp, si, st[:, :6])
+    assert logits.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
+
+
+def test_sharded_float32_within_reduction_noise(model_and_data):
+  model, params, image, text, mask_ar = model_and_data
+  m = model.with_plan(PLANS["fastv"])
+  forward = jax.jit(lambda p, i, t, a: m.apply({"params": p}, i, t, a)[0])
+  gen = jax.jit(lambda p, i, t: tcjax.generate(m, p, i, t, max_new_tokens=4))
+  want_logits, want_tokens = forward(params, image, text, mask_ar), gen(params, image, text[:, :6])
+  mesh = make_mesh(MESHES["2x4"], axis_types="auto")
+  with jax.set_mesh(mesh):
+    sp, (si, st, sa) = _sharded(mesh, params, image, text, mask_ar)
+    logits, tokens = forward(sp, si, st, sa), gen(sp, si, st[:, :6])
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-4, rtol=1e-4)
+  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
+
+
+def test_sharded_video_with_temporal_merge_equals_one_device(model_and_data):
+  model, params, _, text, mask_ar = model_and_data
+  clip = np.random.default_rng(13).uniform(-1, 1, (2, 4, 16, 16, 3)).astype(np.float32)
+  clip[:, 2] = clip[:, 1]  # a repeated frame: temporal merging has something to merge
+  plan = (("post_vit", {"method": "temporal_merge", "budget": 40}),
+          ("llm", {"method": "fastv", "layer": 1, "keep": 0.5}))
+  m = model.with_plan(plan)
+  run = jax.jit(lambda p, c, t: tcjax.generate(m, p, c, t, max_new_tokens=3))
+  want = run(params, clip, text[:2, :6])
+  fwd = jax.jit(lambda p, c, t, a: m.apply({"params": p}, c, t, a)[0])
+  want_logits = fwd(params, clip, text[:2], mask_ar[:2])
+  mesh = make_mesh(MESHES["2x4"], axis_types="auto")
+  with jax.set_mesh(mesh):
+    sp, (sc, st, sa) = _sharded(mesh, params, clip, text[:2], mask_ar[:2])
+    got = run(sp, sc, st[:, :6])
+    logits = fwd(sp, sc, st, sa)
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=1e-5)
