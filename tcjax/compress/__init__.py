@@ -22,8 +22,10 @@ from tcjax.compress.resize import resize
 from tcjax.compress.slowfast import slowfast
 from tcjax.compress.temporal_merge import temporal_merge
 from tcjax.compress.text_relevance import text_relevance
+from tcjax.compress.tome import tome
 from tcjax.compress.topk import topk
 from tcjax.compress.uniform import uniform
+from tcjax.compress.visionzip import visionzip
 from tcjax.compress.vispruner import vispruner
 
 __all__ = ["METHODS", "Method", "apply", "register", "to_grid", "unmerge"] + sorted(METHODS)

@@ -188,20 +188,34 @@ def merge(tokens: Tokens, assign: jax.Array, rep: jax.Array) -> Tokens:
     K tokens: x = sum(size * x) / sum(size) over the slot's members, size = sum(size), pos of the
     representative, mask = size > 0; empty slots are zero padding.
   """
-  b, n, d = tokens.x.shape
   k = rep.shape[1]
   keep = (assign >= 0) & tokens.mask
   w = jnp.where(keep, tokens.size, 0.0)
-  slot = jnp.where(keep, assign, k)  # an overflow slot collects the dropped tokens
-  onehot_sum = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=k + 1))
-  wx = onehot_sum((tokens.x.astype(jnp.float32) * w[..., None]), slot)[:, :k]
-  size = onehot_sum(w, slot)[:, :k]
+  slot = jnp.where(keep, assign, -1)
+  wx = slot_sum(tokens.x.astype(jnp.float32) * w[..., None], slot, k)
+  size = slot_sum(w, slot, k)
   x = (wx / jnp.maximum(size, 1e-30)[..., None]).astype(tokens.x.dtype)
   mask = size > 0
   pos = jnp.where(mask[..., None], _take(tokens.pos, rep), 0)
   old_to_new = jnp.where(keep, assign, -1).astype(jnp.int32)
   return Tokens(x=x, pos=pos.astype(jnp.int32), size=size, mask=mask,
                 src=remap_src(tokens.src, old_to_new), grid=tokens.grid)
+
+
+def slot_sum(values: jax.Array, slot: jax.Array, k: int) -> jax.Array:
+  """Per-example scatter-add: `out[b, s] = sum of values[b, i] over i with slot[b, i] == s`.
+
+  Args:
+    values: [B, N, ...] values to add up.
+    slot: int[B, N] destination in [0, k); -1 (or any value outside) drops the value.
+    k: number of slots.
+
+  Returns:
+    [B, k, ...] sums (zero for empty slots).
+  """
+  slot = jnp.where((slot >= 0) & (slot < k), slot, k)  # an overflow slot collects the dropped
+  add = jax.vmap(lambda v, s: jax.ops.segment_sum(v, s, num_segments=k + 1))
+  return add(values, slot)[:, :k]
 
 
 def sort_by_position(tokens: Tokens) -> Tokens:
