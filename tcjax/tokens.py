@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from tcjax.parallel.mesh import like_batch
+
 
 @struct.dataclass
 class Tokens:
@@ -69,12 +71,13 @@ class Tokens:
           f"grid {frames}x{h}x{w} = {frames * h * w} patches does not match x with N={n} tokens")
     t_idx, r_idx, c_idx = jnp.unravel_index(jnp.arange(n, dtype=jnp.int32), (frames, h, w))
     pos = jnp.stack([t_idx, r_idx, c_idx], axis=-1).astype(jnp.int32)
+    batched = lambda a: like_batch(a, x)  # Explicit meshes: bookkeeping sharded like x's batch
     return cls(
         x=x,
-        pos=jnp.broadcast_to(pos, (b, n, 3)),
-        size=jnp.ones((b, n), jnp.float32),
-        mask=jnp.ones((b, n), bool),
-        src=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)),
+        pos=batched(jnp.broadcast_to(pos, (b, n, 3))),
+        size=batched(jnp.ones((b, n), jnp.float32)),
+        mask=batched(jnp.ones((b, n), bool)),
+        src=batched(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))),
         grid=(frames, h, w),
     )
 

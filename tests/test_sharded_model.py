@@ -11,6 +11,8 @@ parallelism with replicated weights; the float32 run is checked to give the same
 logits within that noise (1e-4).
 """
 
+import functools
+
 import numpy as np
 import jax
 import jax.numpy as jnp
@@ -32,11 +34,16 @@ PLANS = {
 B = 8
 
 
-@pytest.fixture(scope="module")
-def model_and_data():
+@functools.lru_cache(maxsize=None)
+def _data():
   model, params, _ = make_params(CONFIGS[2], seed=11)
   image, text, mask_ar = inputs(seed=12, B=B)
   return model, params, image, text, mask_ar
+
+
+@pytest.fixture(scope="module")
+def model_and_data():
+  return _data()
 
 
 def _f64(tree):
@@ -49,26 +56,41 @@ def _sharded(mesh, params, *arrays):
   return shard_params(params, mesh, PALIGEMMA_RULES), [jax.device_put(a, batch) for a in arrays]
 
 
-@pytest.mark.parametrize("plan_name", sorted(PLANS))
-@pytest.mark.parametrize("mesh_name", sorted(MESHES))
-def test_sharded_forward_and_generation_equal_one_device(model_and_data, mesh_name, plan_name):
-  model, params, image, text, mask_ar = model_and_data
-  plan = PLANS[plan_name]
+def _run(model, plan):
+  """One jitted function per plan: (forward logits, greedy tokens after the prompt)."""
   m = model if plan is None else model.with_plan(plan)
-  forward = lambda p, i, t, a: m.apply({"params": p}, i, t, a)[0]
-  gen = lambda p, i, t: tcjax.generate(m, p, i, t, max_new_tokens=4)
+
+  def run(p, i, t, a):
+    logits = m.apply({"params": p}, i, t, a)[0]
+    return logits, tcjax.generate(m, p, i, t[:, :6], max_new_tokens=4)
+
+  return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=None)
+def _one_device(plan_name):
+  model, params, image, text, mask_ar = _data()
   with jax.enable_x64(True):
-    params, image = _f64(params), _f64(image)
-    want_logits = jax.jit(forward)(params, image, text, mask_ar)
-    want_tokens = gen(params, image, text[:, :6])
+    return jax.device_get(_run(model, PLANS[plan_name])(_f64(params), _f64(image), text, mask_ar))
+
+
+# Every mesh without and with a compression plan (in-LLM pruning, and pooling + PyramidDrop).
+CASES = [("8", "none"), ("8", "fastv"), ("2x4", "none"), ("2x4", "pool+pdrop"), ("1x8", "none"),
+         ("1x8", "fastv")]
+
+
+@pytest.mark.parametrize("mesh_name, plan_name", CASES)
+def test_sharded_forward_and_generation_equal_one_device(mesh_name, plan_name):
+  model, params, image, text, mask_ar = _data()
+  want_logits, want_tokens = _one_device(plan_name)
+  with jax.enable_x64(True):
     mesh = make_mesh(MESHES[mesh_name], axis_types="auto")
     with jax.set_mesh(mesh):
-      sp, (si, st, sa) = _sharded(mesh, params, image, text, mask_ar)
-      logits = jax.jit(forward)(sp, si, st, sa)
-      tokens = jax.jit(gen)(sp, si, st[:, :6])
+      sp, (si, st, sa) = _sharded(mesh, _f64(params), _f64(image), text, mask_ar)
+      logits, tokens = _run(model, PLANS[plan_name])(sp, si, st, sa)
     assert logits.dtype == jnp.float64
-  np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=1e-5)
-  np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
+  np.testing.assert_allclose(np.asarray(logits), want_logits, atol=1e-5, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(tokens), want_tokens)
 
 
 def test_sharded_float32_within_reduction_noise(model_and_data):

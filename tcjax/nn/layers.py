@@ -15,6 +15,8 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
+from tcjax.parallel.mesh import batch_reshape, gather_params
+
 NEG_INF = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
 
@@ -67,7 +69,7 @@ def attention_logits(q, k, scale, cap):
   (float64 for float64 inputs)."""
   b, t, h, d = q.shape
   kh = k.shape[2]
-  qg = q.reshape(b, t, kh, h // kh, d)
+  qg = batch_reshape(q, (b, t, kh, h // kh, d))
   s = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=compute_dtype(q, k)) * scale
   return softcap(s, cap)
 
@@ -79,9 +81,9 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float, cap: Optional[floa
   bias: float[B, S] added to every query's logits for that key (ToMe's log(size)).
   Without soft-capping this is `jax.nn.dot_product_attention`, so the backend's fused kernel is
   used where it has one; Gemma 2's logit soft-cap is not expressible there and takes the
-  explicit path.
+  explicit path, as does float64 (the fused path keeps its logits in float32).
   """
-  if cap is None:
+  if cap is None and q.dtype != jnp.float64:
     m = None if mask is None else mask[:, None]
     bb = None if bias is None else bias[:, None, None, :].astype(q.dtype)
     return jax.nn.dot_product_attention(q, k, v, bias=bb, mask=m, scale=scale)
@@ -93,7 +95,7 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float, cap: Optional[floa
     s = jnp.where(mask[:, None, None], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
   out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
-  return out.reshape(b, t, h, d)
+  return batch_reshape(out, (b, t, h, d))
 
 
 def attention_rows(q_rows, k, *, mask=None, bias=None, scale: float, cap: Optional[float] = None):
@@ -127,8 +129,8 @@ def received_attention(q, k, *, key_mask=None, bias=None, scale: float, query_ma
   pad = n_chunks * chunk - t
   qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
   qm = jnp.pad(query_mask, ((0, 0), (0, pad)))
-  qp = qp.reshape(b, n_chunks, chunk, *q.shape[2:]).swapaxes(0, 1)
-  qm = qm.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+  qp = batch_reshape(qp, (b, n_chunks, chunk) + q.shape[2:]).swapaxes(0, 1)
+  qm = batch_reshape(qm, (b, n_chunks, chunk)).swapaxes(0, 1)
   mask = None if key_mask is None else key_mask[:, None, :]
 
   def one(args):
@@ -138,3 +140,24 @@ def received_attention(q, k, *, key_mask=None, bias=None, scale: float, query_ma
 
   total = jax.lax.map(one, (qp, qm)).sum(0)
   return total / jnp.maximum(query_mask.sum(-1, keepdims=True), 1).astype(total.dtype)
+
+
+def layer_params(stacked, layer):
+  """Parameters of one layer (`layer` may be traced) out of a stack [L, ...], ready for compute
+  (FSDP shards gathered on Explicit meshes)."""
+  return gather_params(jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, layer, 0, False),
+                                    stacked))
+
+
+def scan_layers(body, carry, stacked, lo: int, hi: int, xs=None):
+  """`lax.scan` of `body(carry, (layer params, layer index, xs_l))` over layers [lo, hi).
+
+  The loop indexes the full stacked parameters (one dynamic slice per layer, as a scan over
+  them would do) instead of scanning a static slice `a[lo:hi]`, which XLA would copy first: a
+  copy of every weight per call that made segmented decoding 3x slower.
+  """
+  def step(c, args):
+    l, x_l = args
+    return body(c, (layer_params(stacked, l), l, x_l))
+
+  return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs))

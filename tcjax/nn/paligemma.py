@@ -32,7 +32,7 @@ from tcjax.nn import plan as plan_lib
 from tcjax.nn import siglip
 from tcjax.nn.config import PaliGemmaConfig
 from tcjax.nn.params import ParamTree
-from tcjax.parallel.mesh import constrain
+from tcjax.parallel.mesh import batch_reshape, constrain, gather_params, like_batch
 from tcjax.tokens import Tokens
 
 
@@ -58,8 +58,15 @@ class PaliGemma(nn.Module):
   config: PaliGemmaConfig
 
   def setup(self):
-    self.img = ParamTree.for_config(self.config, "img")
-    self.llm = ParamTree.for_config(self.config, "llm")
+    self.img_params = ParamTree.for_config(self.config, "img")
+    self.llm_params = ParamTree.for_config(self.config, "llm")
+
+  def img(self):
+    """The `img` parameters (stacked layers gathered one at a time inside their scan)."""
+    return gather_params(self.img_params(), skip=("encoderblock",))
+
+  def llm(self):
+    return gather_params(self.llm_params(), skip=("layers",))
 
   @nn.nowrap
   def with_plan(self, plan) -> "PaliGemma":
@@ -80,7 +87,7 @@ class PaliGemma(nn.Module):
     frames = None
     if image.ndim == 5:  # a clip: frames are encoded independently
       frames = image.shape[1]
-      image = image.reshape((-1,) + image.shape[2:])
+      image = batch_reshape(image, (image.shape[0] * frames,) + image.shape[2:])
     elif image.ndim != 4:
       raise ValueError(f"image must be float[B, H, W, 3] or a clip float[B, F, H, W, 3], "
                        f"got shape {image.shape}")
@@ -124,9 +131,10 @@ class PaliGemma(nn.Module):
     text, mask_ar, input_mask = _check_text(text, mask_ar, input_mask)
     zimg, img, aux = self.embed_image(image, text, mask_ar, input_mask)
     ztxt = self.embed_text(text)
-    x = jnp.concatenate([zimg.astype(ztxt.dtype), ztxt], 1)
-    valid = jnp.concatenate([img.mask, input_mask], 1)
-    ar = jnp.concatenate([jnp.zeros(img.mask.shape, jnp.int32), mask_ar], 1)
+    same = lambda a: like_batch(a, ztxt)  # Explicit meshes: one batch sharding for the concat
+    x = jnp.concatenate([same(zimg.astype(ztxt.dtype)), ztxt], 1)
+    valid = jnp.concatenate([same(img.mask), same(input_mask)], 1)
+    ar = jnp.concatenate([same(jnp.zeros(img.mask.shape, jnp.int32)), same(mask_ar)], 1)
     return x, valid, ar, img, aux
 
   def _decoder(self, image, text, mask_ar, input_mask, cache_size):

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from tcjax.nn.paligemma import PaliGemma
+from tcjax.parallel.mesh import like_batch
 
 
 def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, plan=None,
@@ -62,6 +63,6 @@ def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, t
     logits, cache = model.apply(variables, token, cache, method=model.decode_step)
     return (logits, cache, done), token
 
-  done = jnp.zeros(prefix.shape[:1], bool)
+  done = like_batch(jnp.zeros(prefix.shape[:1], bool), logits)
   _, tokens = jax.lax.scan(step, (logits, cache, done), jax.random.split(rng, max_new_tokens))
   return tokens.T

@@ -23,6 +23,7 @@ from tcjax.compress import primitives as cp
 from tcjax.nn import layers as nl
 from tcjax.nn import plan as plan_lib
 from tcjax.nn.config import SiglipConfig
+from tcjax.parallel.mesh import batch_reshape
 from tcjax.tokens import Tokens
 
 _BLOCK = ("Transformer", "encoderblock")
@@ -36,7 +37,8 @@ def patch_embed(p, image, cfg: SiglipConfig):
     raise ValueError(f"image must be [B, {cfg.image_size}, {cfg.image_size}, 3], "
                      f"got {image.shape}")
   g = cfg.image_size // ps
-  patches = image.reshape(b, g, ps, g, ps, c).transpose(0, 1, 3, 2, 4, 5).reshape(b, g * g, -1)
+  patches = batch_reshape(image, (b, g, ps, g, ps, c)).transpose(0, 1, 3, 2, 4, 5)
+  patches = batch_reshape(patches, (b, g * g, ps * ps * c))
   kernel = p["embedding"]["kernel"].reshape(-1, cfg.width)  # HWIO -> [p*p*3, D], same order
   x = patches.astype(kernel.dtype) @ kernel + p["embedding"]["bias"]
   return x + p["pos_embedding"]
@@ -60,21 +62,17 @@ def _mlp_half(p, x, cfg: SiglipConfig):
   return x + h @ mlp["Dense_1"]["kernel"] + mlp["Dense_1"]["bias"]
 
 
-def _layer(stacked, l: int):
-  return jax.tree.map(lambda a: a[l], stacked)
-
-
 def _run(stacked, x, bias, lo: int, hi: int, cfg: SiglipConfig):
   """Layers [lo, hi) as one scan (token count fixed)."""
   if hi <= lo:
     return x
-  part = jax.tree.map(lambda a: a[lo:hi], stacked)
 
-  def body(x, p):
+  def body(x, args):
+    p = args[0]
     x, _, _ = _attn_half(p, x, bias, cfg)
     return _mlp_half(p, x, cfg), None
 
-  return jax.lax.scan(body, x, part)[0]
+  return nl.scan_layers(body, x, stacked, lo, hi)[0]
 
 
 def key_bias(tokens: Tokens, prop_attn: bool):
@@ -128,7 +126,7 @@ def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Optional[int] 
     counts += [tokens.num_tokens] * (l - lo)
     if l == depth:
       break
-    pl = _layer(stacked, l)
+    pl = nl.layer_params(stacked, l)
     counts.append(tokens.num_tokens)
     x, q, k = _attn_half(pl, tokens.x, bias, cfg)
     if l == want_signals:
@@ -194,12 +192,14 @@ def frames_to_video(tokens: Tokens, frames: int) -> Tokens:
   b = bt // frames
   _, h, w = tokens.grid
   frame = jnp.arange(frames, dtype=jnp.int32)
-  pos = tokens.pos.reshape(b, frames, n, 3).at[..., 0].set(frame[None, :, None])
-  src = tokens.src.reshape(b, frames, h * w)
+  pos = batch_reshape(tokens.pos, (b, frames, n, 3)).at[..., 0].set(frame[None, :, None])
+  src = batch_reshape(tokens.src, (b, frames, h * w))
   src = jnp.where(src >= 0, src + frame[None, :, None] * n, -1)
-  return Tokens(x=tokens.x.reshape(b, frames * n, d), pos=pos.reshape(b, frames * n, 3),
-                size=tokens.size.reshape(b, frames * n), mask=tokens.mask.reshape(b, frames * n),
-                src=src.reshape(b, frames * h * w), grid=(frames, h, w))
+  return Tokens(x=batch_reshape(tokens.x, (b, frames * n, d)),
+                pos=batch_reshape(pos, (b, frames * n, 3)),
+                size=batch_reshape(tokens.size, (b, frames * n)),
+                mask=batch_reshape(tokens.mask, (b, frames * n)),
+                src=batch_reshape(src, (b, frames * h * w)), grid=(frames, h, w))
 
 
 def video_signals(signals, frames: int):
@@ -208,9 +208,9 @@ def video_signals(signals, frames: int):
   for name, v in signals.items():
     bt = v.shape[0]
     if name == "attn":
-      out[name] = v.reshape(bt // frames, 1, -1)
+      out[name] = batch_reshape(v, (bt // frames, 1, v.size // bt * frames))
     elif name == "scores":
-      out[name] = v.reshape(bt // frames, -1)
+      out[name] = batch_reshape(v, (bt // frames, v.size // bt * frames))
     else:
-      out[name] = v.reshape(bt // frames, -1, v.shape[-1])
+      out[name] = batch_reshape(v, (bt // frames, v.shape[1] * frames, v.shape[-1]))
   return out

@@ -77,18 +77,30 @@ def unshard_axis(x: jax.Array, axis: int) -> jax.Array:
 
 
 def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
-  """Reshape the non-leading axes of `x`, keeping axis 0 (the batch) and its sharding.
+  """Reshape `x` per example, keeping the sharding of the batch axis (axis 0).
 
   On Explicit mesh axes JAX cannot infer the sharding of a reshape that splits or merges axes;
-  compression methods only ever reshape per example, so the batch axis keeps its sharding and
-  every other axis is replicated.
+  model and compression code only reshape within an example, or fold a clip's frames into the
+  batch (`[B, T, ...] -> [B*T, ...]` and back), so axis 0 keeps its sharding (the batch stays the
+  major part of a folded axis) and every other axis is replicated.
   """
-  if shape[0] != x.shape[0]:
-    raise ValueError(f"batch_reshape keeps axis 0: {x.shape} -> {tuple(shape)}")
-  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  sharding = jax.typeof(x).sharding
+  spec = getattr(sharding, "spec", None)
   if spec is None or all(s is None for s in spec):
     return x.reshape(shape)
-  return jax.lax.reshape(x, tuple(shape), out_sharding=P(spec[0], *([None] * (len(shape) - 1))))
+  lead = spec[0]
+  if lead is not None and shape[0] != x.shape[0]:
+    # Unfolding [B*T] -> [B, T]: keep the major mesh axes of the batch spec that divide B.
+    names = (lead,) if isinstance(lead, str) else tuple(lead)
+    sizes = dict(sharding.mesh.shape)
+    keep, total = [], 1
+    for n in names:
+      if shape[0] % (total * sizes[n]):
+        break
+      keep.append(n)
+      total *= sizes[n]
+    lead = None if not keep else keep[0] if len(keep) == 1 else tuple(keep)
+  return jax.lax.reshape(x, tuple(shape), out_sharding=P(lead, *([None] * (len(shape) - 1))))
 
 
 def mesh_from_config(cfg, devices=None) -> jax.sharding.Mesh:
@@ -134,3 +146,39 @@ def constrain(x: jax.Array, *axes) -> jax.Array:
   if explicit:
     return jax.sharding.reshard(x, P(*spec))
   return jax.lax.with_sharding_constraint(x, P(*spec))
+
+
+def like_batch(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """`x` resharded so its batch axis (axis 0) is sharded like `ref`'s and the rest replicated.
+
+  On Explicit axes, ops over several arrays (concatenate, where, take) need one sharding; arrays
+  built inside a function (masks, positions) start replicated. A no-op on Auto axes / no mesh.
+  """
+  mesh = context_mesh()
+  if mesh is None or not any(t == AxisType.Explicit for t in mesh.axis_types):
+    return x
+  spec = getattr(jax.typeof(ref).sharding, "spec", None)
+  want = P(spec[0] if spec else None, *([None] * (x.ndim - 1)))
+  if getattr(jax.typeof(x).sharding, "spec", None) == want:
+    return x
+  return jax.sharding.reshard(x, want)
+
+
+def gather_params(tree, skip=()):
+  """Parameters replicated for compute: on Explicit axes FSDP-stored weights are all-gathered
+  (`reshard` to P()) where they are used; Auto axes leave it to XLA. Subtrees under a key in
+  `skip` (stacked layers, gathered one layer at a time inside the layer scan) stay as they are.
+  """
+  mesh = context_mesh()
+  if mesh is None or not any(t == AxisType.Explicit for t in mesh.axis_types):
+    return tree
+
+  def one(node):
+    if isinstance(node, dict):
+      return {k: (v if k in skip else one(v)) for k, v in node.items()}
+    spec = getattr(jax.typeof(node).sharding, "spec", None)
+    if spec is None or all(s is None for s in spec):
+      return node
+    return jax.sharding.reshard(node, P())
+
+  return one(tree)

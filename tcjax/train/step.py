@@ -1,0 +1,66 @@
+"""Compression-aware training step: the model's own forward (with its plan) under a next-token
+loss on the suffix, as big_vision's PaliGemma trainer computes it.
+
+Batch (a dict of arrays, batch axis first): image float[B, H, W, 3] (or a clip), text int32[B, T],
+mask_ar int32[B, T], mask_loss int32[B, T] (1 on the suffix tokens to predict, EOS included),
+optional input_mask bool[B, T].
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Tuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import struct
+
+from tcjax.nn.paligemma import PaliGemma
+
+
+@struct.dataclass
+class TrainState:
+  """params: the model's parameter tree; opt_state: the optimizer's; step: int32[]."""
+
+  params: Any
+  opt_state: Any
+  step: jax.Array
+
+  @classmethod
+  def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
+    return cls(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+
+
+def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array]) -> Tuple[jax.Array, Dict]:
+  """Mean next-token cross-entropy over the tokens `mask_loss` marks: (loss, metrics).
+
+  Logits at position t predict text[t + 1] (big_vision: logits[:, :-1] vs text[:, 1:] weighted by
+  mask_loss[:, 1:]). Examples with no loss token contribute nothing.
+  """
+  text = batch["text"]
+  logits, aux = model.apply({"params": params}, batch["image"], text, batch["mask_ar"],
+                            batch.get("input_mask"))
+  logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.promote_types(logits.dtype, jnp.float32)),
+                            axis=-1)
+  nll = -jnp.take_along_axis(logp, text[:, 1:, None], axis=-1)[..., 0]
+  weight = batch["mask_loss"][:, 1:].astype(nll.dtype)
+  count = weight.sum()
+  loss = (nll * weight).sum() / jnp.maximum(count, 1.0)
+  return loss, {"loss": loss, "tokens": count, "image_tokens_kept": aux.get("image_tokens_kept")}
+
+
+def make_train_step(model: PaliGemma, optimizer: optax.GradientTransformation
+                    ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
+  """`step(state, batch) -> (state, metrics)`, pure: wrap it in `jax.jit` with shardings from
+  `tcjax.parallel.param_shardings` (and `donate_argnums=0`) for data / FSDP parallel training.
+  metrics: loss, tokens (loss tokens), grad_norm."""
+
+  def step(state: TrainState, batch):
+    (_, metrics), grads = jax.value_and_grad(
+        lambda p: loss_fn(model, p, batch), has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(metrics, grad_norm=optax.global_norm(grads))
+    return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+
+  return step
