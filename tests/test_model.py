@@ -303,3 +303,34 @@ def test_bad_inputs_fail_clearly():
     model.apply({"params": params}, image, text.astype(np.float32), mask_ar)
   with pytest.raises(ValueError, match="mask_ar"):
     model.apply({"params": params}, image, text, mask_ar[:, :3])
+
+
+def test_tome_in_the_vit_merges_exact_duplicates_without_changing_anything():
+  """ToMe between attention and MLP of every ViT block, with proportional attention log(size):
+  on an image of two kinds of identical patches (zero position embedding, so identical patches
+  are identical tokens), merging duplicates must leave every patch's output unchanged - the
+  invariant that size-weighted merging + proportional attention exist for."""
+  model, params, _ = make_params(CONFIGS[1])
+  params = jax.tree.map(lambda a: a, params)
+  params["img"]["pos_embedding"] = jnp.zeros_like(params["img"]["pos_embedding"])
+  rng = np.random.default_rng(14)
+  kinds = rng.uniform(-1, 1, size=(2, 4, 4, 3)).astype(np.float32)  # two patch contents
+  which = rng.integers(0, 2, size=(2, 4, 4))  # per example, per grid cell
+  which[:, 0, :2] = [0, 1]  # both kinds present
+  image = kinds[which].transpose(0, 1, 3, 2, 4, 5).reshape(2, 16, 16, 3)
+  embed = lambda m: jax.jit(lambda p, i: m.apply({"params": p}, i, method=m.embed_image))
+  dense, _, _ = embed(model)(params, image)
+  plan = (("vit", {"method": "tome", "r": 3}),)
+  z, tokens, aux = embed(model.with_plan(plan))(params, image)
+  assert tuple(np.asarray(aux["vit_tokens"])) == (16, 13, 10) and z.shape[1] == 7
+  np.testing.assert_array_equal(np.asarray(tokens.size.sum(1)), [16, 16])
+  back = tcjax.compress.to_grid(tokens, z).reshape(2, N, -1)  # each patch: its token's output
+  np.testing.assert_allclose(np.asarray(back), np.asarray(dense), atol=2e-5, rtol=2e-5)
+  # Without proportional attention the merged duplicates are under-weighted: outputs change.
+  plan = (("vit", {"method": "tome", "r": 3, "prop_attn": False}),)
+  z, tokens, _ = embed(model.with_plan(plan))(params, image)
+  back = tcjax.compress.to_grid(tokens, z).reshape(2, N, -1)
+  assert np.abs(np.asarray(back) - np.asarray(dense)).max() > 1e-3
+  # ToMe with r = 0 is the identity.
+  z0, _, _ = embed(model.with_plan((("vit", {"method": "tome", "r": 0}),)))(params, image)
+  np.testing.assert_allclose(np.asarray(z0), np.asarray(dense), atol=1e-6)

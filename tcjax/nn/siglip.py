@@ -76,10 +76,10 @@ def _run(stacked, x, bias, lo: int, hi: int, cfg: SiglipConfig):
 
 
 def key_bias(tokens: Tokens, prop_attn: bool):
-  """float32[B, N] attention bias for keys: log(size) (ToMe's proportional attention) when on,
-  NEG_INF on padding; None when neither applies (plain fused attention)."""
+  """float32[B, N] attention bias for keys: ToMe's proportional attention log(size) when on
+  (`tome.attention_bias`), and in any case a large negative bias on padding."""
   if prop_attn:
-    return jnp.where(tokens.mask, jnp.log(jnp.maximum(tokens.size, 1e-30)), nl.NEG_INF)
+    return compress.tome.attention_bias(tokens)
   return jnp.where(tokens.mask, 0.0, nl.NEG_INF)
 
 
