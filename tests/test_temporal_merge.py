@@ -82,5 +82,29 @@ def test_needs_video():
   clip = make_tokens(1, 2, (4, 4))
   with pytest.raises(ValueError, match="budget"):
     compress.temporal_merge(clip, 15)
-  with pytest.raises(ValueError, match="full grid"):
-    compress.temporal_merge(compress.topk(clip, 20, scores=jnp.ones((1, 32))), 16)
+  # Any raster-ordered subset works: neighbours are found by origin position, not by index.
+  some = compress.topk(clip, 20, scores=jnp.arange(32.0)[None])
+  out = compress.temporal_merge(some, 16, threshold=None)
+  check_contract(out, 16, 1)
+  np.testing.assert_allclose(float(out.size.sum()), 20.0)
+
+
+def test_after_per_frame_pooling():
+  """Pooling each frame first (4x) and merging in time after: frames that repeat the previous
+  one are folded into it, whatever the per-frame layout."""
+  import jax
+  import numpy as np
+  from tcjax import compress
+  from helpers import check_contract
+  rng = np.random.default_rng(0)
+  f0, f2 = rng.normal(size=(2, 16, 8)).astype(np.float32)
+  clip = np.stack([f0, f0, f2, f2])[None].reshape(1, 64, 8)  # frames 1 and 3 repeat
+  tokens = tcjax.Tokens.from_video(clip, frames=4, grid=(4, 4))
+  pooled = compress.pool(tokens, 16)  # 2x2 windows: 4 tokens per frame, size 4 each
+  out = compress.temporal_merge(pooled, 12)
+  check_contract(out, 12, 1)
+  assert int(out.count()[0]) == 8  # frames 0 and 2 kept, 1 and 3 merged into them
+  np.testing.assert_array_equal(np.asarray(out.pos[0, :8, 0]), [0] * 4 + [2] * 4)
+  np.testing.assert_allclose(np.asarray(out.size[0, :8]), 8.0)
+  np.testing.assert_allclose(np.asarray(out.x[0, :4]), np.asarray(pooled.x[0, :4]), atol=1e-6)
+  np.testing.assert_allclose(np.asarray(out.x[0, 4:8]), np.asarray(pooled.x[0, 8:12]), atol=1e-6)
