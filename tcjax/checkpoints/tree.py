@@ -37,7 +37,7 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
-from tcjax.nn.params import param_shapes  # re-exported: the expected tree
+from tcjax.nn.params import nest, param_shapes  # re-exported: the expected tree
 
 Flat = Dict[str, Any]
 
@@ -54,16 +54,7 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> Flat:
   return out
 
 
-def unflatten(flat: Mapping[str, Any]) -> Dict[str, Any]:
-  """{"a/b/c": leaf} -> nested dict."""
-  tree: Dict[str, Any] = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+unflatten = nest  # {"a/b/c": leaf} -> nested dict
 
 
 def _fmt(names, limit=50):
