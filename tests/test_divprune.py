@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from hypothesis import given, settings, strategies as st
 
 import tcjax
@@ -97,11 +98,13 @@ def test_nearest_distance_chunked():
   np.testing.assert_allclose(nearest_distance(xn, valid, chunk=8), dist.min(0), atol=1e-5)
 
 
-def test_cached_gram_gives_the_same_selection():
+@pytest.mark.parametrize("cache_gram", [True, False])
+def test_cached_and_streamed_gram_give_the_same_selection(cache_gram):
+  # The default keeps the N x N matrix for these sizes; False streams one row per step.
   rng = np.random.default_rng(5)
   ties = rng.choice([-1.0, 1.0], size=(2, 16, 4)).astype(np.float32)
   for x, grid, budget in ((ties, (4, 4), 7), (rng.normal(size=(2, 35, 8)), (5, 7), 12)):
     t = tcjax.Tokens.from_grid(jnp.asarray(x, jnp.float32), grid)
-    out = jax.jit(lambda t: compress.divprune(t, budget, cache_gram=True))(t)
+    out = jax.jit(lambda t: compress.divprune(t, budget, cache_gram=cache_gram))(t)
     for b in range(2):
       np.testing.assert_array_equal(kept(out, b), brute_force(np.float32(x[b]), budget))

@@ -146,7 +146,30 @@ def test_exact_when_the_neighbour_cache_misses(monkeypatch, neighbours):
 
 
 def test_symmetric_gram():
-  from tcjax.compress.vispruner import symmetric_gram
+  from tcjax.compress.primitives import gram
   x = np.random.default_rng(0).normal(size=(37, 5)).astype(np.float32)
-  np.testing.assert_allclose(symmetric_gram(jnp.asarray(x), chunk=8), x @ x.T, atol=1e-5)
-  np.testing.assert_allclose(symmetric_gram(jnp.asarray(x), chunk=64), x @ x.T, atol=1e-5)
+  for chunk in (8, 10, 64):
+    g = np.asarray(gram(jnp.asarray(x), chunk=chunk))
+    np.testing.assert_allclose(g, x @ x.T, atol=1e-5)
+    np.testing.assert_array_equal(g, g.T)
+
+
+def test_fast_argsort_matches_stable_argsort():
+  # vispruner's per-step sort: a radix argsort that must equal jnp.argsort(stable=True),
+  # including ties, signed zeros, infinities, subnormals (XLA's CPU comparator flushes them
+  # to zero, NumPy does not: so the reference is jnp.argsort) and NaN (last).
+  from tcjax.compress.primitives import argsort
+  rng = np.random.default_rng(0)
+  special = np.array([-np.inf, -1.0, -0.0, 0.0, 0.5, 2.0, np.inf, np.nan, -3e-39, 3e-39, 1e-45],
+                     np.float32)
+  fn = jax.jit(argsort)
+  for h in (1, 2, 7, 300):
+    for trial in range(6):
+      if trial % 2:
+        k = rng.choice(special, size=(3, h))
+      else:
+        k = (rng.standard_normal((3, h)) * 10.0 ** rng.integers(-30, 30)).astype(np.float32)
+      want = jax.jit(lambda k: jnp.argsort(k, axis=-1, stable=True))(k)
+      np.testing.assert_array_equal(fn(jnp.asarray(k)), want)
+      if not np.any(np.abs(k) < 1.2e-38):  # no subnormals: NumPy agrees too
+        np.testing.assert_array_equal(want, np.argsort(k, axis=-1, kind="stable"))

@@ -12,8 +12,12 @@ Official behaviour (followed here), with distance d(i, j) = 1 - cos(x_i, x_j) in
   3. The kept tokens are returned in raster order.
 The official code recomputes the column-wise min over the selected rows of the full N x N
 distance matrix every step; a running minimum updated with one similarity row per step gives
-the same selection in O(N * budget * D) after the first pick, and the first pick's
-nearest-neighbour distances are computed in row chunks, so no N x N matrix is ever held.
+the same selection. The first pick needs every pairwise similarity anyway (N^2 D / 2 with the
+symmetric `primitives.gram`), so up to `GRAM_MAX_TOKENS` tokens the N x N matrix is kept and a
+greedy step reads one of its rows (O(N)); a step that recomputes the row from the features
+instead reads all N x D features, which makes the `budget` sequential steps memory-bound and
+several times slower. Above that size (long videos) nothing N x N is held: the nearest
+neighbours come from row chunks and each step is one matrix-vector product.
 Selected tokens are masked explicitly (their self-distance is not relied on to be 0).
 """
 
@@ -26,6 +30,8 @@ import numpy as np
 from tcjax.compress import primitives as P
 from tcjax.compress.registry import register
 
+# Largest N for which the N x N cosine matrix is kept by default (4 N^2 bytes per example).
+GRAM_MAX_TOKENS = 4096
 # Rank of a token that must not be picked while real tokens remain (distances are >= ~0).
 _INVALID = -10.0
 
@@ -67,7 +73,7 @@ def nearest_distance(xn: jax.Array, valid: jax.Array, chunk: int = 512) -> jax.A
 
 
 def maxmin_select(xn: jax.Array, valid: jax.Array, budget: int,
-                  cache_gram: bool = False) -> jax.Array:
+                  cache_gram: bool = True) -> jax.Array:
   """int32[budget] greedy max-min diversity selection (in pick order) on one example.
 
   Invalid tokens (padding, non-finite features) are picked only after every valid one.
@@ -76,9 +82,10 @@ def maxmin_select(xn: jax.Array, valid: jax.Array, budget: int,
   """
   n = xn.shape[0]
   if cache_gram:
-    gram = jnp.einsum("nd,md->nm", xn, xn, preferred_element_type=jnp.float32)
+    gram = P.gram(xn)
+    # Nearest other valid token: the largest similarity off the diagonal, as a distance.
     other = valid[None, :] & ~jnp.eye(n, dtype=bool)
-    nn = jnp.where(other, 1.0 - gram, jnp.inf).min(-1)
+    nn = 1.0 - jnp.where(other, gram, -jnp.inf).max(-1)
     row = lambda j: gram[j]
   else:
     nn = nearest_distance(xn, valid)
@@ -105,7 +112,7 @@ def maxmin_select(xn: jax.Array, valid: jax.Array, budget: int,
 
 @register("divprune", family="sampling", stages=("post_vit", "post_proj", "llm"),
           paper="DivPrune, Alvar et al., arXiv 2503.02175 (CVPR 2025)")
-def divprune(tokens, budget, *, keys=None, cache_gram=False):
+def divprune(tokens, budget, *, keys=None, cache_gram=None):
   """Keep the `budget` tokens chosen by greedy max-min cosine diversity, in raster order.
 
   Args:
@@ -113,8 +120,9 @@ def divprune(tokens, budget, *, keys=None, cache_gram=False):
     budget: tokens kept (official: round(0.098 * N), 56 of 576).
     keys: optional float[B, N, Dk] features to measure diversity on instead of `tokens.x`.
     cache_gram: keep the N x N cosine matrix (4 N^2 bytes per example) so that each greedy step
-      reads a row instead of a matrix-vector product over all features: faster when the budget
-      is large, same selection. Default: stream (no N x N matrix held).
+      reads a row instead of a matrix-vector product over all features (same selection, up to
+      float rounding of near-ties). None (default): when N <= GRAM_MAX_TOKENS (4096: 64 MiB
+      per example); False streams (no N x N matrix held).
 
   Padding tokens and tokens with non-finite features are kept only when the budget exceeds the
   valid tokens.
@@ -126,5 +134,7 @@ def divprune(tokens, budget, *, keys=None, cache_gram=False):
   feats = tokens.x if keys is None else P.check_array(keys, "keys", name, (b, n, None))
   xn = P.l2_normalize(feats)
   valid = tokens.mask & jnp.all(jnp.isfinite(xn), -1)
-  idx = jax.vmap(lambda x, v: maxmin_select(x, v, budget, cache_gram))(xn, valid)
+  if cache_gram is None:
+    cache_gram = n <= GRAM_MAX_TOKENS
+  idx = jax.vmap(lambda x, v: maxmin_select(x, v, budget, bool(cache_gram)))(xn, valid)
   return P.gather(tokens, jnp.sort(idx, axis=-1))

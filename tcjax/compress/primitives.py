@@ -218,6 +218,34 @@ def slot_sum(values: jax.Array, slot: jax.Array, k: int) -> jax.Array:
   return add(values, slot)[:, :k]
 
 
+def argsort(key: jax.Array) -> jax.Array:
+  """int32[..., H] stable ascending argsort of `key: float[..., H]` along the last axis.
+
+  Same result as `jnp.argsort(key, stable=True)` (ties: lower index first; -0.0 == 0.0; NaN
+  last; subnormals as the backend compares them), computed as a two-pass radix sort (low then high 16 bits of an order-preserving
+  integer image of the key), each pass one single-operand int32 sort of (16-bit digit,
+  position) packed into one integer: XLA runs those several times faster on CPU than a sort
+  with a float comparator and an index payload. Needs H <= 2**15 (otherwise it falls back to
+  `jnp.argsort`).
+  """
+  h = key.shape[-1]
+  if h > 2**15:
+    return jnp.argsort(key, axis=-1, stable=True).astype(jnp.int32)
+  k = key.astype(jnp.float32)
+  # Whatever compares equal to 0 (-0.0; subnormals where the backend flushes them, as XLA's
+  # CPU comparator does) becomes +0.0, and every NaN one NaN bit pattern (after +inf).
+  k = jnp.where(k == 0, 0.0, jnp.where(jnp.isnan(k), jnp.nan, k))
+  bits = jax.lax.bitcast_convert_type(k, jnp.uint32)
+  # Unsigned image with the float order: negative floats reversed, positive above them.
+  u = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+  pos = jnp.arange(h, dtype=jnp.int32)
+  lo = (u & 0xFFFF).astype(jnp.int32)
+  first = jnp.sort((lo << 15) | pos, axis=-1) & 0x7FFF  # stable by the low digit
+  hi = (jnp.take_along_axis(u, first, axis=-1) >> 16).astype(jnp.int32)
+  second = jnp.sort((hi << 15) | pos, axis=-1) & 0x7FFF  # stable by the high digit
+  return jnp.take_along_axis(first, second, axis=-1)
+
+
 def sort_by_position(tokens: Tokens) -> Tokens:
   """Reorder tokens by their origin's raster index (frame-major), padding last."""
   big = jnp.iinfo(jnp.int32).max
@@ -300,6 +328,25 @@ def grid_for_budget(h: int, w: int, budget: int, frames: int = 1) -> Tuple[int, 
 def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   x = x.astype(jnp.float32)
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def gram(x: jax.Array, chunk: int = 512) -> jax.Array:
+  """float32[N, N] = x @ x.T of `x: float[N, D]`, computing only the blocks on and above the
+  diagonal (row blocks of about `chunk`: ~(1 + 1/blocks) / 2 of the FLOPs of one matmul, with
+  no loop) and mirroring them, so the result is exactly symmetric."""
+  n, _ = x.shape
+  x = x.astype(jnp.float32)
+  if n <= chunk:
+    return jnp.einsum("nd,md->nm", x, x, preferred_element_type=jnp.float32)
+  num = -(-n // chunk)
+  size = -(-n // num)  # near-equal blocks
+  cut = [min(i * size, n) for i in range(num + 1)]
+  # upper[i]: row block i against every column from its own block on.
+  upper = [jnp.einsum("cd,nd->cn", x[cut[i]:cut[i + 1]], x[cut[i]:],
+                      preferred_element_type=jnp.float32) for i in range(num)]
+  rows = [jnp.concatenate([upper[j][:, cut[i] - cut[j]:cut[i + 1] - cut[j]].T for j in range(i)]
+                          + [upper[i]], axis=1) for i in range(num)]
+  return jnp.concatenate(rows, axis=0)
 
 
 def to_grid(tokens: Tokens, values: jax.Array, fill=0) -> jax.Array:

@@ -18,12 +18,17 @@ Official behaviour (followed here):
 
 The trip count is static (R shrinks by a known r each step), so the loop is a `lax.fori_loop`
 on a fixed-size index buffer. Exactly the official selection, computed faster:
-  - the cosine Gram matrix of the candidates is computed once (upper blocks only, mirrored);
-  - every candidate's 32 most similar candidates are cached (sorted): an even-position token's
-    max over the odd half is the first cached neighbour in the odd half; rows with no cached
-    neighbour there are computed in full (a `lax.while_loop` over the few misses), so the
-    result is exact, at O(R * 32) per step instead of O(R^2);
-  - the buffer, Gram matrix and cache are compacted to the live list in phases as R shrinks.
+  - the cosine Gram matrix of the candidates is computed once (`primitives.gram`: blocks on
+    and above the diagonal only, mirrored);
+  - the buffer and Gram matrix are compacted to the live list in phases as R shrinks (each
+    phase halves the capacity);
+  - in phases of more than 1024 candidates, every candidate's 16 most similar other candidates
+    are cached (as a set): an even-position token's max over the odd half is the max over its
+    cached neighbours in the odd half, exact whenever there is one (an uncached candidate is
+    no more similar); rows with none there are computed in full (a `lax.while_loop` over the
+    few misses), so each step costs O(R * 16) instead of O(R^2);
+  - the per-step stable sort is `primitives.argsort` (integer sorts, several times faster on
+    CPU than a float sort with an index payload).
 An odd R (the official code assumes even R) puts the extra token in the even half, and r is
 capped at the even half's size. Ties in similarity keep the earlier list position first
 (stable sort; the official torch sort is unspecified on ties).
@@ -41,11 +46,11 @@ from tcjax.compress import primitives as P
 from tcjax.compress.registry import register
 
 # A phase's index buffer shrinks to the live list once the list is this fraction of it.
-_SHRINK = 0.7
+_SHRINK = 0.5
 # Below this capacity a phase runs to the end (small lists are cheap; fewer phases compile).
 _MIN_CAP = 128
 # Nearest neighbours cached per candidate, and rows computed in full per fallback round.
-_NEIGHBOURS = 32
+_NEIGHBOURS = 16
 # The neighbour cache is used for phases with a larger capacity than this.
 _CACHE_MIN_CAP = 1024
 _FALLBACK_ROWS = 16
@@ -76,31 +81,6 @@ def _phases(steps):
   return phases
 
 
-def symmetric_gram(x: jax.Array, chunk: int = 512) -> jax.Array:
-  """float32[N, N] = x @ x.T for `x: float[N, D]`, computing only blocks on and above the
-  diagonal (about half the FLOPs of a plain matmul) and mirroring them."""
-  n, d = x.shape
-  if n <= chunk:
-    return jnp.einsum("nd,md->nm", x, x, preferred_element_type=jnp.float32)
-  num = -(-n // chunk)
-  chunk = -(-n // num)  # near-equal blocks: little padding
-  size = num * chunk
-  xp = jnp.pad(x.astype(jnp.float32), ((0, size - n), (0, 0)))
-  pairs = np.array([(i, j) for i in range(num) for j in range(i, num)], np.int32) * chunk
-  pi, pj = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
-
-  def body(p, g):
-    i, j = pi[p], pj[p]
-    xi = jax.lax.dynamic_slice_in_dim(xp, i, chunk)
-    xj = jax.lax.dynamic_slice_in_dim(xp, j, chunk)
-    blk = jnp.einsum("cd,ed->ce", xi, xj, preferred_element_type=jnp.float32)
-    g = jax.lax.dynamic_update_slice(g, blk.T, (j, i))
-    return jax.lax.dynamic_update_slice(g, blk, (i, j))
-
-  g = jnp.zeros((size, size), jnp.float32) + 0.0 * jnp.isfinite(xp[:1, :1])  # batched (vmap)
-  return jax.lax.fori_loop(0, len(pairs), body, g)[:n, :n]
-
-
 def _dedup_one(gram, valid, n_div, steps):
   """Runs the official de-duplication on one example.
 
@@ -117,9 +97,9 @@ def _dedup_one(gram, valid, n_div, steps):
   pad = r0 % 2
   gram = jnp.pad(gram, ((0, pad), (0, pad)))
   valid = jnp.pad(valid, (0, pad))
-  # ids: candidate of each row of the phase's gram. The list `res` holds row numbers, live
-  # prefix R. Built from `valid` so that they carry the batch sharding under vmap (a gather from
-  # an unbatched buffer fails on Explicit mesh axes).
+  # The list `res` holds rows of the current `gram`, live prefix R; `ids` maps rows to
+  # candidates. Built from `valid` so that they carry the batch sharding under vmap (a gather
+  # from an unbatched buffer fails on Explicit mesh axes).
   zero = 0 * valid[:1].astype(jnp.int32)
   ids = jnp.arange(r0 + pad, dtype=jnp.int32) + zero
   res = ids
@@ -131,16 +111,18 @@ def _dedup_one(gram, valid, n_div, steps):
       res = jnp.arange(cap, dtype=jnp.int32) + zero
     half = cap // 2
     k = jnp.arange(half, dtype=jnp.int32)
-    # Each row's most similar columns, best first: the max over the odd half is the first of
-    # them that is in the odd half; rows with none there (rare) are computed in full.
+    # Large lists: each row's most similar other columns are cached (as a set): an
+    # even-position token's max over the odd half is the max over its cached columns in the
+    # odd half, exact whenever there is one (the uncached columns are no more similar); rows
+    # with none there (rare) are computed in full by a `lax.while_loop` over the misses.
     use_cache = cap > _CACHE_MIN_CAP
     if use_cache:
-      nb_sim, nb = jax.lax.top_k(jnp.where(valid[None, :], gram, -jnp.inf),
-                                 min(_NEIGHBOURS, cap))
+      other = valid[None, :] & ~jnp.eye(cap, dtype=bool)
+      nb_sim, nb = jax.lax.top_k(jnp.where(other, gram, -jnp.inf), min(_NEIGHBOURS, cap - 1))
     else:
       nb_sim = nb = None
 
-    def body(i, res, gram=gram, valid=valid, nb=nb, nb_sim=nb_sim, k=k, cap=cap,
+    def body(i, res, gram=gram, valid=valid, nb=nb, nb_sim=nb_sim, k=k, cap=cap, half=half,
              use_cache=use_cache):
       rem, r = sched[i, 0], sched[i, 1]
       a, b = res[0::2], res[1::2]  # [C/2] each: even / odd list positions
@@ -155,14 +137,15 @@ def _dedup_one(gram, valid, n_div, steps):
 
         def exact(state):
           m, need = state
-          _, rows = jax.lax.top_k(need.astype(jnp.int32), min(_FALLBACK_ROWS, half))
-          full = jnp.where(in_b[None, :], gram[a[rows]], -jnp.inf).max(-1)
-          return m.at[rows].set(jnp.where(need[rows], full, m[rows])), need.at[rows].set(False)
+          # The first few rows still needed (repeats of row 0 pad the selection).
+          sel = jnp.flatnonzero(need, size=min(_FALLBACK_ROWS, half), fill_value=0)
+          full = jnp.where(in_b[None, :], gram[a[sel]], -jnp.inf).max(-1)
+          return m.at[sel].max(jnp.where(need[sel], full, -jnp.inf)), need.at[sel].set(False)
 
         m, _ = jax.lax.while_loop(lambda s: s[1].any(), exact, (m, need))
       # Padding / non-finite tokens count as perfect duplicates: removed first.
       m = jnp.where(valid[a], m, jnp.inf)
-      order = jnp.argsort(jnp.where(a_live, -m, jnp.inf), stable=True)
+      order = P.argsort(jnp.where(a_live, -m, jnp.inf))
       n_a = (rem + 1) // 2
       n_b = rem // 2
       dest_a = jnp.where((k >= r) & (k < n_a), k - r, cap)
@@ -217,7 +200,7 @@ def vispruner(tokens, budget, *, attn=None, keys=None, important_ratio=0.5, dedu
       return jnp.concatenate([imp, cand[:n_div]])
     fn = P.l2_normalize(f)[cand]  # [R0, D]
     valid = mask[cand] & jnp.all(jnp.isfinite(fn), -1)
-    gram = symmetric_gram(fn)
+    gram = P.gram(fn)
     return jnp.concatenate([imp, cand[_dedup_one(gram, valid, n_div, steps)]])
 
   idx = jax.vmap(one)(attn.mean(1), tokens.mask, feats)
