@@ -1,6 +1,7 @@
 """The PaliGemma model: faithful to an independent NumPy reference, plans that keep everything are
 the identity, in-LLM pruning scores and KV-cached decoding checked against brute force."""
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -267,6 +268,22 @@ def test_video_frames_are_encoded_independently():
     zf, _, _ = embed(params, clip[:, f])
     np.testing.assert_allclose(np.asarray(zv[:, f * N:(f + 1) * N]), np.asarray(zf), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(tv.pos[0, :, 0]), np.repeat(np.arange(3), N))
+  # Encoding the frames in sequential chunks (bounded ViT memory) changes nothing.
+  chunked = PaliGemma(dataclasses.replace(model.config, frame_chunks=3))
+  zc, tc, _ = jax.jit(lambda p, c: chunked.apply({"params": p}, c, method=chunked.embed_image))(
+      params, clip)
+  np.testing.assert_allclose(np.asarray(zc), np.asarray(zv), atol=1e-5)
+  np.testing.assert_array_equal(np.asarray(tc.src), np.asarray(tv.src))
+  # Pooling runs frame by frame inside the chunks; it equals pooling the whole clip (the
+  # projector is affine, so pooling before or after it is the same).
+  pooled = PaliGemma(dataclasses.replace(model.config, frame_chunks=3,
+                                         plan=(("post_vit", {"method": "pool", "keep": 0.25}),)))
+  zp, tp, _ = jax.jit(lambda p, c: pooled.apply({"params": p}, c, method=pooled.embed_image))(
+      params, clip)
+  want = tcjax.compress.pool(tv.replace(x=zv), 12)
+  np.testing.assert_allclose(np.asarray(zp), np.asarray(want.x), atol=1e-5)
+  for field in ("pos", "size", "mask", "src"):
+    np.testing.assert_array_equal(np.asarray(getattr(tp, field)), np.asarray(getattr(want, field)))
   plan = (("post_vit", {"method": "temporal_merge", "budget": 20}),)
   text = np.full((2, 4), 5, np.int32)
   logits, aux = jax.jit(model.with_plan(plan).apply)({"params": params}, clip, text)

@@ -108,7 +108,12 @@ class PaliGemmaConfig:
   img: SiglipConfig = SiglipConfig()
   llm: GemmaConfig = GemmaConfig()
   plan: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...] = ()
+  # Encode a clip's frames in this many sequential chunks (memory for ViT activations / chunks).
+  frame_chunks: int = 1
 
   def __post_init__(self):
     from tcjax.nn import plan as plan_lib  # pylint: disable=g-import-not-at-top
     object.__setattr__(self, "plan", plan_lib.normalize(self.plan))
+    if isinstance(self.frame_chunks, bool) or not isinstance(self.frame_chunks, int) \
+        or self.frame_chunks < 1:
+      raise ValueError(f"frame_chunks must be a positive int, got {self.frame_chunks!r}")

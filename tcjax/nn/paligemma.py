@@ -36,6 +36,31 @@ from tcjax.parallel.mesh import batch_reshape, constrain, gather_params, like_ba
 from tcjax.tokens import Tokens
 
 
+def _chunked(encode, image, chunks: int):
+  """`encode` over the frame-folded batch `image: float[B*F, H, W, 3]` in `chunks` sequential
+  steps (`lax.map`), so ViT activations exist for one chunk at a time.
+
+  Chunk i takes frames i, i + chunks, i + 2 * chunks, ...: strided, so that with frames sharded
+  over the mesh every device works on every chunk. Returns what `encode` does, for all frames,
+  in the original order.
+  """
+  bf = image.shape[0]
+  if bf % chunks:
+    raise ValueError(f"frame_chunks={chunks} must divide the {bf} frames of the batch")
+  per = bf // chunks
+  strided = batch_reshape(image, (per, chunks) + image.shape[1:]).swapaxes(0, 1)
+  aux = {}
+
+  def body(im):
+    tokens, signals, a = encode(im)
+    aux.update(a)  # static per-layer counts, the same for every chunk
+    return tokens, signals
+
+  out = jax.lax.map(body, strided)
+  unstride = lambda a: a.swapaxes(0, 1).reshape((bf,) + a.shape[2:])
+  return (*jax.tree.map(unstride, out), aux)
+
+
 def _check_text(text, mask_ar, input_mask):
   text = jnp.asarray(text)
   if text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer):
@@ -94,7 +119,25 @@ class PaliGemma(nn.Module):
     # Frames are independent: spread them over every device of the mesh (data and seq).
     image = constrain(image, ("data", "seq") if frames else "data")
     want = plan_lib.signal_layer(plan, cfg.img.depth)
-    tokens, signals, aux = siglip.encode(p, image, cfg.img, plan, want_signals=want)
+    post_vit = plan_lib.entries(plan, "post_vit")
+    # Leading per-frame pooling runs on each frame as it leaves the ViT (inside the frame
+    # chunks): the same result as on the clip, without ever holding the clip's raw tokens.
+    framewise = []
+    while frames is not None and want is None and post_vit \
+        and post_vit[0][1]["method"] in plan_lib.FRAMEWISE:
+      framewise.append(post_vit.pop(0))
+
+    def encode(im):
+      tokens, signals, aux = siglip.encode(p, im, cfg.img, plan, want_signals=want)
+      for i, opts in framewise:
+        tokens = siglip._apply(plan_lib.per_frame(opts, frames, f"plan[{i}]"), tokens, signals,  # pylint: disable=protected-access
+                               "post_vit", f"plan[{i}] (post_vit, {opts['method']})", 0)
+      return tokens, signals, aux
+
+    if frames is not None and cfg.frame_chunks > 1:
+      tokens, signals, aux = _chunked(encode, image, cfg.frame_chunks)
+    else:
+      tokens, signals, aux = encode(image)
     if frames is not None:
       changed = tokens.num_tokens != cfg.img.num_patches
       tokens = siglip.frames_to_video(tokens, frames)
@@ -103,7 +146,7 @@ class PaliGemma(nn.Module):
       if changed:  # per-frame padding must move behind every frame's valid tokens
         from tcjax.compress import primitives as cp  # pylint: disable=g-import-not-at-top
         tokens = cp.sort_by_position(tokens)
-    for i, opts in plan_lib.entries(plan, "post_vit"):
+    for i, opts in post_vit:
       tokens = siglip._apply(opts, tokens, signals, "post_vit",  # pylint: disable=protected-access
                              f"plan[{i}] (post_vit, {opts['method']})", 0)
     head = p["head"]

@@ -93,6 +93,22 @@ def normalize(plan) -> Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]:
   return tuple(out)
 
 
+# Methods that act on every frame of a clip alike (k x k windows of each frame's grid), so a
+# clip's result equals the per-frame results stacked: the model runs them frame by frame.
+FRAMEWISE = ("pool",)
+
+
+def per_frame(opts: Mapping[str, Any], frames: int, where: str) -> Dict[str, Any]:
+  """A clip-level entry of a FRAMEWISE method as the entry for one of its `frames` frames."""
+  opts = dict(opts)
+  if "budget" in opts:
+    if opts["budget"] % frames:
+      raise ValueError(f"{where}: {opts['method']} budget {opts['budget']} must split evenly "
+                       f"over the {frames} frames")
+    opts["budget"] //= frames
+  return opts
+
+
 def entries(plan, stage: str):
   """[(index, options dict)] of the plan's entries at `stage`, in plan order."""
   return [(i, dict(o)) for i, (s, o) in enumerate(plan) if s == stage]
