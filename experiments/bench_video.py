@@ -64,7 +64,7 @@ def prefill_bytes(model, mesh, frames: int) -> int:
   shard = param_shardings(params, mesh, PALIGEMMA_RULES, fsdp_axis="seq")
   params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         params, shard)
-  clip = jax.ShapeDtypeStruct((1, frames, 224, 224, 3), jnp.float32,
+  clip = jax.ShapeDtypeStruct((1, frames, 224, 224, 3), jnp.uint8,  # decoded video frames
                               sharding=NamedSharding(mesh, P(None, "seq")))
   text = jax.ShapeDtypeStruct((1, T_TEXT), jnp.int32, sharding=NamedSharding(mesh, P()))
   fn = jax.jit(lambda p, c, t: model.apply({"params": p}, c, t, method=model.prefill))
@@ -131,7 +131,7 @@ def main():
   out(f"`python -m experiments.bench_video --cap-gib {args.cap_gib}`: per-device cap "
       f"{args.cap_gib} GiB (`compiled.memory_analysis()`: arguments + outputs + temporaries - "
       f"aliased), jax {jax.__version__}, simulated CPU devices, batch 1, {TOKENS_PER_FRAME} "
-      f"tokens per frame, {T_TEXT} prompt tokens, float32; mesh (data 1, seq n), ring attention, "
+      f"tokens per frame, {T_TEXT} prompt tokens, uint8 frames, float32 model; mesh (data 1, seq n), ring attention, "
       "FSDP parameters over seq, frames through the ViT one per device at a time (`frame_chunks`). Frame counts exact to one step of n frames (clips shard evenly).\n")
   out("| devices | frames, no compression | vs linear | frames, temporal merge + 4x pool | "
       "vs linear | compression gain (target >= 8) |")

@@ -163,3 +163,19 @@ def test_every_method_runs_with_defaults_only():
     tokens, signals, budget = inputs(name, batch=2)
     out = compress.apply(name, tokens, budget, **signals)
     assert out.num_tokens == budget
+
+
+def test_explicit_token_sharding_is_refused_clearly_by_whole_axis_methods():
+  """On an Explicit `seq` axis, methods that need a whole example (merging, diversity, pooling)
+  raise a ValueError naming themselves; the exact sharded top-k methods run (tested with their
+  results in test_fastv.py / test_topk_pool.py)."""
+  tokens, signals, budget = inputs("pool", batch=2)
+  mesh = make_mesh((("data", 2), ("seq", 4)), axis_types="explicit")
+  tok = NamedSharding(mesh, P("data", "seq"))
+  sharded = tokens.replace(**{f: jax.device_put(getattr(tokens, f), tok)
+                              for f in ("x", "pos", "size", "mask")})
+  with jax.set_mesh(mesh):
+    with pytest.raises(ValueError, match="pool: tokens.x has its token axis sharded over mesh "
+                                         "axis 'seq'"):
+      jax.jit(lambda t: compress.pool(t, budget))(sharded)
+  assert not METHODS["pool"].token_sharded and METHODS["topk"].token_sharded

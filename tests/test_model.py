@@ -274,6 +274,13 @@ def test_video_frames_are_encoded_independently():
       params, clip)
   np.testing.assert_allclose(np.asarray(zc), np.asarray(zv), atol=1e-5)
   np.testing.assert_array_equal(np.asarray(tc.src), np.asarray(tv.src))
+  # Decoded uint8 frames in [0, 255] are the float frames x * 127.5 + 127.5.
+  raw = np.round((clip + 1) * 127.5).astype(np.uint8)
+  zu, _, _ = jax.jit(lambda p, c: chunked.apply({"params": p}, c, method=chunked.embed_image))(
+      params, raw)
+  zf, _, _ = jax.jit(lambda p, c: chunked.apply({"params": p}, c, method=chunked.embed_image))(
+      params, raw.astype(np.float32) / 127.5 - 1)
+  np.testing.assert_allclose(np.asarray(zu), np.asarray(zf), atol=1e-4)
   # Pooling runs frame by frame inside the chunks; it equals pooling the whole clip (the
   # projector is affine, so pooling before or after it is the same).
   pooled = PaliGemma(dataclasses.replace(model.config, frame_chunks=3,

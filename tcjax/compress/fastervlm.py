@@ -17,7 +17,7 @@ from tcjax.compress.registry import register
 
 
 @register("fastervlm", family="sampling", stages=("post_vit",), needs=("attn",),
-          paper="FasterVLM, arXiv 2412.01818v1")
+          paper="FasterVLM, arXiv 2412.01818v1", token_sharded=True)
 def fastervlm(tokens, budget, *, attn=None, reduce="mean"):
   """Keep the `budget` patches with the highest [CLS] / mean received attention, in order.
 

@@ -20,7 +20,7 @@ from tcjax.compress.registry import register
 
 
 @register("fastv", family="sampling", stages=("llm",), needs=("attn",),
-          paper="FastV, arXiv 2403.06764")
+          paper="FastV, arXiv 2403.06764", token_sharded=True)
 def fastv(tokens, budget, *, attn=None, text_mask=None, query="last"):
   """Keep the `budget` visual tokens most attended by the chosen query rows, in order.
 

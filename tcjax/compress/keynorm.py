@@ -18,7 +18,8 @@ from tcjax.compress.registry import register
 
 
 @register("keynorm", family="sampling", stages=("vit", "llm"), needs=("keys",),
-          paper="key-norm saliency: ViTCoP (arXiv 2601.17818), DART pivots (arXiv 2502.11494)")
+          paper="key-norm saliency: ViTCoP (arXiv 2601.17818), DART pivots (arXiv 2502.11494)",
+          token_sharded=True)
 def keynorm(tokens, budget, *, keys=None, order="smallest", norm="l2"):
   """Keep the `budget` tokens with the smallest (or largest) key norms, in original order.
 

@@ -38,7 +38,25 @@ def check_tokens(tokens, method: str) -> Tokens:
     if getattr(tokens, field).shape != shape:
       raise ValueError(f"{method}: tokens.{field} must have shape {shape}, "
                        f"got {getattr(tokens, field).shape}")
+  _check_token_axis(tokens, method)
   return tokens
+
+
+def _check_token_axis(tokens: Tokens, method: str) -> None:
+  """A token axis sharded over an Explicit mesh axis is refused by methods that need each
+  example's whole token axis (everything but the exact sharded top-k selections): a clear
+  error rather than a silent all-gather. (Auto axes carry no sharding in the type: XLA's
+  partitioner moves the data there.)"""
+  from tcjax.compress.registry import METHODS  # pylint: disable=g-import-not-at-top
+  spec = getattr(jax.typeof(tokens.x).sharding, "spec", None)
+  axis = spec[1] if spec is not None and len(spec) > 1 else None
+  if axis is None or method not in METHODS or METHODS[method].token_sharded:
+    return
+  fine = sorted(m for m, d in METHODS.items() if d.token_sharded)
+  raise ValueError(
+      f"{method}: tokens.x has its token axis sharded over mesh axis {axis!r}, and {method} "
+      f"needs each example's whole token axis; reshard the tokens to P({spec[0]!r}, None) "
+      f"first, or use a method that runs sharded exactly: {fine}")
 
 
 def check_budget(tokens: Tokens, budget, method: str) -> int:

@@ -11,7 +11,8 @@ from tcjax.compress.registry import register
 
 
 @register("random", family="sampling", stages=("vit", "post_vit", "post_proj", "llm"),
-          needs=("rng",), paper="random subset baseline (e.g. FastV K=0 ablation, arXiv 2403.06764)")
+          needs=("rng",), paper="random subset baseline (e.g. FastV K=0 ablation, arXiv 2403.06764)",
+          token_sharded=True)
 def random(tokens, budget, *, rng=None):
   """Keep `budget` tokens drawn uniformly without replacement, in original order.
 

@@ -23,6 +23,9 @@ class Method:
     needs: signals the caller must pass (subset of SIGNALS); optional signals are not listed.
     options: static options and their defaults, read from the function signature.
     paper: short citation of the method's paper.
+    token_sharded: runs exactly on a token axis sharded over an Explicit mesh axis (top-k
+      selection through the two-stage `tcjax.parallel.topk`); the others need each example's
+      whole token axis and say so with a ValueError instead of gathering it silently.
   """
 
   name: str
@@ -32,6 +35,7 @@ class Method:
   needs: Tuple[str, ...]
   options: Dict[str, Any]
   paper: str
+  token_sharded: bool = False
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
@@ -41,7 +45,7 @@ METHODS: Dict[str, Method] = {}
 
 
 def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[str, ...] = (),
-             paper: str = ""):
+             paper: str = "", token_sharded: bool = False):
   """Decorator adding a method function to METHODS."""
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
@@ -56,7 +60,8 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
     params = inspect.signature(fn).parameters
     options = {k: p.default for k, p in params.items()
                if p.kind is p.KEYWORD_ONLY and k not in SIGNALS}
-    METHODS[name] = Method(name, fn, family, tuple(stages), tuple(needs), options, paper)
+    METHODS[name] = Method(name, fn, family, tuple(stages), tuple(needs), options, paper,
+                           token_sharded)
     return fn
 
   return wrap

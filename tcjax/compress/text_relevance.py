@@ -45,7 +45,7 @@ def sparsevlm_raters(s, valid_text, valid_vis):
 
 @register("text_relevance", family="cross_modal", stages=("post_proj", "llm"),
           needs=("text", "text_mask"),
-          paper="text-guided top-k; SparseVLM raters (arXiv 2410.04417)")
+          paper="text-guided top-k; SparseVLM raters (arXiv 2410.04417)", token_sharded=True)
 def text_relevance(tokens, budget, *, text=None, text_mask=None, similarity="cosine",
                    raters="all"):
   """Keep the `budget` visual tokens with the highest mean relevance to the (rater) text tokens.

@@ -5,7 +5,7 @@ from tcjax.compress.registry import register
 
 
 @register("topk", family="sampling", stages=("vit", "post_vit", "post_proj", "llm"),
-          needs=("scores",), paper="generic score-based top-k pruning")
+          needs=("scores",), paper="generic score-based top-k pruning", token_sharded=True)
 def topk(tokens, budget, *, scores=None):
   """Keep the `budget` tokens with the highest `scores: float[B, N]`, in original order.
 

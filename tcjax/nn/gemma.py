@@ -33,7 +33,8 @@ from tcjax.nn import layers as nl
 from tcjax.nn import plan as plan_lib
 from tcjax.nn.config import GemmaConfig
 from tcjax.parallel import attention as par_attn
-from tcjax.parallel.mesh import batch_reshape, constrain, context_mesh, mesh_axis
+from tcjax.parallel.mesh import (batch_reshape, constrain, context_mesh, mesh_axis,
+                                 unshard_axis)
 from tcjax.tokens import Tokens
 
 
@@ -309,7 +310,12 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
   budget = plan_lib.hook_size(hook, n, n_initial, where)
+  # Splitting image from text and gathering the kept tokens slice the token axis: on Explicit
+  # `seq` shards that axis is gathered here, once per pruning step, on purpose (the next
+  # segment shards the shorter sequence again). Auto axes leave it to XLA.
+  seq = jax.tree.map(lambda a: unshard_axis(a, 1), seq)
   q, k, layer = prev
+  q, k = unshard_axis(q, 1), unshard_axis(k, 1)
   text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)  # prompt rows score; suffix never
   if raters is not None and hook.raters:
     text_ok = text_ok & raters
@@ -360,6 +366,21 @@ def kept_indices(before: Tokens, after: Tokens) -> jax.Array:
   return jax.vmap(one)(before.src, after.src)
 
 
+def _write(buf, new, slot):
+  """`buf[:, slot] = new[:, 0]` for a cache buffer [B, C, ...] and one new entry [B, 1, ...].
+
+  A dynamic_update_slice (in place under jit), except when C is sharded over an Explicit mesh
+  axis, where the write is a select against a one-hot slot mask: every shard keeps its block
+  and the one holding the slot takes the entry (a pass over the cache, as attention makes).
+  """
+  spec = getattr(jax.typeof(buf).sharding, "spec", None)
+  if spec is not None and len(spec) > 1 and spec[1] is not None:
+    hit = (jnp.arange(buf.shape[1]) == slot).reshape((1, -1) + (1,) * (buf.ndim - 2))
+    return jnp.where(hit, new, buf)
+  zero = jnp.zeros((), jnp.int32)  # index operands must share one integer type (x64 too)
+  return jax.lax.dynamic_update_slice(buf, new, (zero, slot) + (zero,) * (buf.ndim - 2))
+
+
 def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Cache]:
   """One token `int32[B]` through every layer with the cache -> (logits float[B, V], cache).
 
@@ -372,10 +393,8 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
   segments = []
   for seg in cache.segments:
     slot = (seg.length + cache.step).astype(jnp.int32)
-    zero = jnp.zeros((), jnp.int32)  # index operands must share one integer type (x64 too)
-    seg_pos = jax.lax.dynamic_update_slice(seg.pos, pos[:, None], (zero, slot))
-    seg_valid = jax.lax.dynamic_update_slice(seg.valid, jnp.ones_like(seg.valid[:, :1]),
-                                             (zero, slot))
+    seg_pos = _write(seg.pos, pos[:, None], slot)
+    seg_valid = _write(seg.valid, jnp.ones_like(seg.valid[:, :1]), slot)
     glob = seg_valid[:, None, :]
     loc = glob
     if cfg.version == 2 and cfg.sliding_window:
@@ -383,11 +402,10 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
     lo = seg.first_layer
     hi = lo + seg.k.shape[0]
 
-    def body(x, args, slot=slot, zero=zero, glob=glob, loc=loc):
+    def body(x, args, slot=slot, glob=glob, loc=loc):
       pl, l, (k_l, v_l) = args
       q, k, v = _project(pl, x, pos[:, None], cfg)
-      k_l = jax.lax.dynamic_update_slice(k_l, k.astype(k_l.dtype), (zero, slot, zero, zero))
-      v_l = jax.lax.dynamic_update_slice(v_l, v.astype(v_l.dtype), (zero, slot, zero, zero))
+      k_l, v_l = _write(k_l, k.astype(k_l.dtype), slot), _write(v_l, v.astype(v_l.dtype), slot)
       o = nl.attention(q, k_l, v_l, mask=_layer_mask(cfg, l, glob, loc), scale=scale(cfg),
                        cap=cfg.attn_logits_softcap)
       return _finish(pl, x, o, cfg), (k_l, v_l)

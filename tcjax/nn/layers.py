@@ -94,7 +94,14 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float, cap: Optional[floa
   if mask is not None:
     s = jnp.where(mask[:, None, None], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
-  out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
+  spec = getattr(jax.typeof(v).sharding, "spec", None)
+  if spec is not None and len(spec) > 1 and spec[1] is not None:
+    # Keys sharded over an Explicit axis (a decode step over a sequence-sharded cache): the
+    # contraction sums partial products across shards; the output is per example.
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
+                     out_sharding=jax.sharding.PartitionSpec(spec[0]))
+  else:
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
   return batch_reshape(out, (b, t, h, d))
 
 

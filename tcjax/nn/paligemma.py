@@ -8,7 +8,8 @@ Follows big_vision's `models/proj/paligemma/paligemma.py` method split and param
   last_logits, cache, aux = model.apply(variables, image, text, mask_ar, method=model.prefill)
   logits, cache = model.apply(variables, token, cache, method=model.decode_step)
 
-Shapes: image float[B, H, W, 3] in [-1, 1] (or a clip float[B, F, H, W, 3]); text int32[B, T]
+Shapes: image float[B, H, W, 3] in [-1, 1] or uint8 in [0, 255] (a clip: [B, F, H, W, 3]; uint8
+frames are converted per frame chunk, so a long clip stays 1 byte per pixel); text int32[B, T]
 (BOS, prefix, separator, suffix; no image placeholder tokens); mask_ar int32[B, T] (0 prefix,
 1 causal suffix); input_mask bool[B, T] (False = padding, default all valid).
 
@@ -27,6 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tcjax import compress
 from tcjax.nn import gemma
 from tcjax.nn import plan as plan_lib
 from tcjax.nn import siglip
@@ -109,6 +111,8 @@ class PaliGemma(nn.Module):
     cfg, plan = self.config, self.config.plan
     p = self.img()
     image = jnp.asarray(image)
+    if not (jnp.issubdtype(image.dtype, jnp.floating) or image.dtype == jnp.uint8):
+      raise ValueError(f"image must be float in [-1, 1] or uint8 in [0, 255], got {image.dtype}")
     frames = None
     if image.ndim == 5:  # a clip: frames are encoded independently
       frames = image.shape[1]
@@ -128,6 +132,8 @@ class PaliGemma(nn.Module):
       framewise.append(post_vit.pop(0))
 
     def encode(im):
+      if im.dtype == jnp.uint8:  # decoded video frames: to [-1, 1] one chunk at a time
+        im = im.astype(p["embedding"]["kernel"].dtype) / 127.5 - 1.0
       tokens, signals, aux = siglip.encode(p, im, cfg.img, plan, want_signals=want)
       for i, opts in framewise:
         tokens = siglip._apply(plan_lib.per_frame(opts, frames, f"plan[{i}]"), tokens, signals,  # pylint: disable=protected-access
@@ -141,7 +147,12 @@ class PaliGemma(nn.Module):
     if frames is not None:
       changed = tokens.num_tokens != cfg.img.num_patches
       tokens = siglip.frames_to_video(tokens, frames)
-      tokens = tokens.replace(x=constrain(tokens.x, "data", "seq"))
+      # The clip's tokens stay spread over `seq` only if every later method runs exactly on a
+      # sharded token axis; otherwise they are gathered per example here, on purpose (e.g.
+      # temporal merging compares neighbouring frames), and the decoder re-shards them.
+      later = post_vit + plan_lib.entries(plan, "post_proj")
+      seq_ok = all(compress.METHODS[o["method"]].token_sharded for _, o in later)
+      tokens = tokens.replace(x=constrain(tokens.x, "data", "seq" if seq_ok else None))
       signals = siglip.video_signals(signals, frames)
       if changed:  # per-frame padding must move behind every frame's valid tokens
         from tcjax.compress import primitives as cp  # pylint: disable=g-import-not-at-top
