@@ -348,7 +348,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
-def gram(x: jax.Array, chunk: int = 512) -> jax.Array:
+def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
   """float32[N, N] = x @ x.T of `x: float[N, D]`, computing only the blocks on and above the
   diagonal (row blocks of about `chunk`: ~(1 + 1/blocks) / 2 of the FLOPs of one matmul, with
   no loop) and mirroring them, so the result is exactly symmetric."""
