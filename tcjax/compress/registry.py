@@ -40,6 +40,11 @@ class Method:
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
 
+  @property
+  def accepts(self) -> frozenset:
+    """Every keyword the function takes (signals, optional signals and options)."""
+    return frozenset(inspect.signature(self.fn).parameters)
+
 
 METHODS: Dict[str, Method] = {}
 
@@ -78,8 +83,7 @@ def apply(name: str, tokens, budget: int, **signals_and_options):
   missing = [s for s in method.needs if signals_and_options.get(s) is None]
   if missing:
     raise ValueError(f"method {name!r} needs signal(s) {missing}")
-  accepted = set(inspect.signature(method.fn).parameters)
-  unknown = sorted(set(signals_and_options) - accepted)
+  unknown = sorted(set(signals_and_options) - method.accepts)
   if unknown:
     raise ValueError(f"method {name!r} takes no argument(s) {unknown}; "
                      f"signals {list(method.needs)}, options {sorted(method.options)}")

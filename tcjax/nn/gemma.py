@@ -334,9 +334,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
     signals["scores"] = jnp.take_along_axis(rows, last[:, None, None], 1)[:, 0]
   if "keys" in m.needs or hook.method == "dart":
     signals["keys"] = batch_reshape(k[:, :n], (k.shape[0], n, k.shape[2] * k.shape[3]))
-  import inspect  # pylint: disable=g-import-not-at-top
-  accepted = set(inspect.signature(m.fn).parameters)
-  kw = {s: v for s, v in signals.items() if s in accepted}
+  kw = {s: v for s, v in signals.items() if s in m.accepts}
   kw.update(dict(hook.options))
   before = img.replace(x=x_img)
   after = compress.apply(hook.method, before, budget, **kw)

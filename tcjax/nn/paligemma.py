@@ -136,8 +136,8 @@ class PaliGemma(nn.Module):
         im = im.astype(p["embedding"]["kernel"].dtype) / 127.5 - 1.0
       tokens, signals, aux = siglip.encode(p, im, cfg.img, plan, want_signals=want)
       for i, opts in framewise:
-        tokens = siglip._apply(plan_lib.per_frame(opts, frames, f"plan[{i}]"), tokens, signals,  # pylint: disable=protected-access
-                               "post_vit", f"plan[{i}] (post_vit, {opts['method']})", 0)
+        tokens = plan_lib.run_entry(plan_lib.per_frame(opts, frames, f"plan[{i}]"), tokens,
+                                    signals, "post_vit", f"plan[{i}] (post_vit, {opts['method']})")
       return tokens, signals, aux
 
     if frames is not None and cfg.frame_chunks > 1:
@@ -158,8 +158,8 @@ class PaliGemma(nn.Module):
         from tcjax.compress import primitives as cp  # pylint: disable=g-import-not-at-top
         tokens = cp.sort_by_position(tokens)
     for i, opts in post_vit:
-      tokens = siglip._apply(opts, tokens, signals, "post_vit",  # pylint: disable=protected-access
-                             f"plan[{i}] (post_vit, {opts['method']})", 0)
+      tokens = plan_lib.run_entry(opts, tokens, signals, "post_vit",
+                                  f"plan[{i}] (post_vit, {opts['method']})")
     head = p["head"]
     tokens = tokens.replace(x=tokens.x @ head["kernel"] + head["bias"])
     post_proj = plan_lib.entries(plan, "post_proj")
@@ -170,8 +170,8 @@ class PaliGemma(nn.Module):
         extra["text"] = gemma.embed_text(self.llm(), text, cfg.llm)
         extra["text_mask"] = input_mask & (mask_ar == 0)
       for i, opts in post_proj:
-        tokens = siglip._apply(opts, tokens, extra, "post_proj",  # pylint: disable=protected-access
-                               f"plan[{i}] (post_proj, {opts['method']})", 0)
+        tokens = plan_lib.run_entry(opts, tokens, extra, "post_proj",
+                                    f"plan[{i}] (post_proj, {opts['method']})")
     aux = dict(aux, image_tokens=tokens.num_tokens, image_tokens_valid=tokens.count())
     return tokens.x, tokens, aux
 

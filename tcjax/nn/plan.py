@@ -268,3 +268,25 @@ def signal_layer(plan, depth: int) -> Optional[int]:
   if len(layers) != 1:
     raise ValueError(f"post-ViT stages ask for signals of different ViT layers {sorted(layers)}")
   return resolve_layer(layers.pop(), depth, "signal_layer")
+
+
+def run_entry(opts, tokens, signals, stage: str, where: str, rng_seed: int = 0):
+  """Runs one plan entry's method on `tokens` (a `tcjax.Tokens`), passing the signals it needs
+  and the optional ones it accepts from `signals` (what the model computed at that point).
+
+  Raises ValueError naming the entry when a needed signal is not available at `stage`.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from tcjax import compress  # pylint: disable=g-import-not-at-top
+
+  method = METHODS[opts["method"]]
+  n = budget(opts, tokens.num_tokens, where)
+  kw = dict(method_options(opts, stage))
+  for s in method.needs:
+    if s == "rng":
+      kw["rng"] = jax.random.key(opts.get("seed", rng_seed))
+    elif s not in signals:
+      raise ValueError(f"{where}: needs signal {s!r}, which the model cannot provide at stage "
+                       f"{stage!r}")
+  kw.update({s: v for s, v in signals.items() if s in method.accepts and s not in kw})
+  return compress.apply(method.name, tokens, n, **kw)

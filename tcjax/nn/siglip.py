@@ -142,7 +142,8 @@ def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Optional[int] 
         raise ValueError(f"plan[{i}]: a selection after ViT layer {l} cannot share the layer "
                          "with a ToMe merge (its signals predate the merge)")
       sig = _signals(q, k, tokens, bias)
-      tokens = _apply(opts, tokens, sig, "vit", f"plan[{i}] (vit, {opts['method']})", rng_seed)
+      tokens = plan_lib.run_entry(opts, tokens, sig, "vit", f"plan[{i}] (vit, {opts['method']})",
+                                  rng_seed)
       selected = True
     lo = l + 1
   if merged:  # ToMe scrambles the order on purpose; the LLM gets raster order back
@@ -155,32 +156,6 @@ def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Optional[int] 
   enc = p["Transformer"]["encoder_norm"]
   tokens = tokens.replace(x=nl.layer_norm(tokens.x, enc["scale"], enc["bias"], cfg.norm_eps))
   return tokens, signals, {"vit_tokens": tuple(counts)}
-
-
-def _apply(opts, tokens: Tokens, signals, stage: str, where: str, rng_seed: int) -> Tokens:
-  """Runs one plan entry's method on `tokens` with the signals it needs."""
-  method = opts["method"]
-  m = compress.METHODS[method]
-  n = plan_lib.budget(opts, tokens.num_tokens, where)
-  kw = dict(plan_lib.method_options(opts, stage))
-  for s in m.needs:
-    if s == "rng":
-      kw["rng"] = jax.random.key(opts.get("seed", rng_seed))
-    elif s not in signals:
-      raise ValueError(f"{where}: needs signal {s!r}, which the model cannot provide at stage "
-                       f"{stage!r}")
-    else:
-      kw[s] = signals[s]
-  # Optional signals the method accepts (e.g. vispruner's keys) are passed when available.
-  for s, v in signals.items():
-    if s not in kw and s in _accepted(m):
-      kw[s] = v
-  return compress.apply(method, tokens, n, **kw)
-
-
-def _accepted(m):
-  import inspect  # pylint: disable=g-import-not-at-top
-  return set(inspect.signature(m.fn).parameters)
 
 
 def frames_to_video(tokens: Tokens, frames: int) -> Tokens:
