@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from tcjax.compress import METHODS
 
+from experiments._results import write_section
 from experiments._signals import make_signals, make_tokens_for
 
 D, HEADS, MLP, BATCH = 1152, 16, 4304, 4
@@ -35,7 +36,6 @@ TARGET = {**{m: 0.02 for m in ISSUE2},
           **{m: 0.05 for m in ("tome", "visionzip", "dart", "vispruner", "prumerge",
                                "prumerge_plus")},
           **{m: 0.15 for m in ("divprune", "dpc_knn")}}
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "RESULTS.md")
 
 
 def block_params(key, d=D, mlp=MLP):
@@ -125,20 +125,6 @@ def table(rows):
   return "\n".join(out)
 
 
-def write_section(text, path=RESULTS, heading="## bench_compress"):
-  """Replace (or append) the `heading` section of RESULTS.md, leaving other sections alone."""
-  old = open(path).read() if os.path.exists(path) else "# Results\n"
-  start = old.find(heading + "\n")
-  body = f"{heading}\n\n{text}\n"
-  if start < 0:
-    new = old.rstrip("\n") + "\n\n" + body
-  else:
-    nxt = old.find("\n## ", start + len(heading))
-    new = old[:start] + body + ("" if nxt < 0 else "\n" + old[nxt + 1:])
-  with open(path, "w") as f:
-    f.write(new)
-
-
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--n", type=int, nargs="+", default=None, choices=sorted(GRIDS))
@@ -161,7 +147,7 @@ def main(argv=None):
           f"{' --quick' if args.quick else ''}{' --n ' + ' '.join(map(str, ns)) if args.n else ''}`")
   print(text)
   if args.write:
-    write_section(note + "\n\n" + text)
+    write_section(note + "\n\n" + text, "## bench_compress")
   return rows
 
 
