@@ -1,5 +1,6 @@
 """The contract of DESIGN.md, checked for every registered method."""
 
+from absl.testing import parameterized
 import chex
 import jax
 import jax.numpy as jnp
@@ -56,12 +57,16 @@ def test_examples_differ_when_inputs_differ(name):
   assert not np.allclose(out.x[0], out.x[1])
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_jit_matches_eager(name):
-  tokens, signals, budget = inputs(name, batch=2)
-  eager = run(name, tokens, budget, signals)
-  jitted = jax.jit(lambda t, s: run(name, t, budget, s))(tokens, signals)
-  chex.assert_trees_all_close(np_tree(eager), np_tree(jitted), atol=1e-5)
+class JitMatchesEager(chex.TestCase):
+  """Each method under `jax.jit` and op by op (chex variants) gives the op-by-op answer."""
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.parameters(*NAMES)
+  def test_jit_matches_eager(self, name):
+    tokens, signals, budget = inputs(name, batch=2)
+    eager = np_tree(run(name, tokens, budget, signals))
+    got = self.variant(lambda t, s: run(name, t, budget, s))(tokens, signals)
+    chex.assert_trees_all_close(np_tree(got), eager, atol=1e-5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -179,3 +184,20 @@ def test_explicit_token_sharding_is_refused_clearly_by_whole_axis_methods():
                                          "axis 'seq'"):
       jax.jit(lambda t: compress.pool(t, budget))(sharded)
   assert not METHODS["pool"].token_sharded and METHODS["topk"].token_sharded
+
+
+def test_registered_methods_check_their_output_shape():
+  """The registry wraps every method in the contract's post-condition (chex shape checks), so a
+  method returning the wrong number of tokens fails loudly instead of passing garbage on."""
+  from tcjax.compress import registry  # pylint: disable=g-import-not-at-top
+
+  @registry.register("_one_too_many", family="sampling", stages=("post_vit",))
+  def one_too_many(tokens, budget):
+    return compress.uniform(tokens, budget + 1)
+
+  try:
+    tokens, _, budget = inputs("uniform", batch=2)
+    with pytest.raises(AssertionError, match="shape"):
+      compress.apply("_one_too_many", tokens, budget)
+  finally:
+    del METHODS["_one_too_many"]

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Any, Callable, Dict, Tuple
+
+import chex
 
 FAMILIES = ("sampling", "merging", "pooling", "cross_modal")
 STAGES = ("vit", "post_vit", "post_proj", "llm")
@@ -65,11 +68,30 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
     params = inspect.signature(fn).parameters
     options = {k: p.default for k, p in params.items()
                if p.kind is p.KEYWORD_ONLY and k not in SIGNALS}
-    METHODS[name] = Method(name, fn, family, tuple(stages), tuple(needs), options, paper,
+
+    @functools.wraps(fn)
+    def checked(tokens, budget, *args, **kwargs):
+      out = fn(tokens, budget, *args, **kwargs)
+      _check_output(out, tokens, budget)
+      return out
+
+    METHODS[name] = Method(name, checked, family, tuple(stages), tuple(needs), options, paper,
                            token_sharded)
-    return fn
+    return checked
 
   return wrap
+
+
+def _check_output(out, tokens, budget) -> None:
+  """The contract's post-condition (a bug in the method if it fails; input errors are
+  ValueErrors raised before): exactly `budget` tokens with the input's batch and width, and a
+  `src` over the same original patches."""
+  b, _, d = tokens.x.shape
+  k = int(budget)
+  chex.assert_shape(out.x, (b, k, d))
+  chex.assert_shape(out.pos, (b, k, 3))
+  chex.assert_shape([out.size, out.mask], (b, k))
+  chex.assert_shape(out.src, tokens.src.shape)
 
 
 def apply(name: str, tokens, budget: int, **signals_and_options):
