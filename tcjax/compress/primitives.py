@@ -350,21 +350,26 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
 
 def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
   """float32[N, N] = x @ x.T of `x: float[N, D]`, computing only the blocks on and above the
-  diagonal (row blocks of about `chunk`: ~(1 + 1/blocks) / 2 of the FLOPs of one matmul, with
-  no loop) and mirroring them, so the result is exactly symmetric."""
-  n, _ = x.shape
+  diagonal (~(1 + 1/blocks) / 2 of the FLOPs of one matmul, with no loop) and mirroring them, so
+  the result is exactly symmetric.
+
+  The rows are padded to near-equal blocks of about `chunk` and reshaped, so that every block
+  product is a dot of two whole, contiguous blocks: on CPU, dots of slices of an array computed in
+  the same jit ran ~1.6x slower than these (and slower than the full matmul).
+  """
+  n, d = x.shape
   x = x.astype(jnp.float32)
   if n <= chunk:
     return jnp.einsum("nd,md->nm", x, x, preferred_element_type=jnp.float32)
   num = -(-n // chunk)
-  size = -(-n // num)  # near-equal blocks
-  cut = [min(i * size, n) for i in range(num + 1)]
-  # upper[i]: row block i against every column from its own block on.
-  upper = [jnp.einsum("cd,nd->cn", x[cut[i]:cut[i + 1]], x[cut[i]:],
-                      preferred_element_type=jnp.float32) for i in range(num)]
-  rows = [jnp.concatenate([upper[j][:, cut[i] - cut[j]:cut[i + 1] - cut[j]].T for j in range(i)]
-                          + [upper[i]], axis=1) for i in range(num)]
-  return jnp.concatenate(rows, axis=0)
+  size = -(-n // num)
+  blocks = jnp.pad(x, ((0, num * size - n), (0, 0))).reshape(num, size, d)
+  upper = {(i, j): jnp.einsum("cd,ed->ce", blocks[i], blocks[j],
+                              preferred_element_type=jnp.float32)
+           for i in range(num) for j in range(i, num)}
+  rows = [jnp.concatenate([upper[j, i].T if j < i else upper[i, j] for j in range(num)], axis=1)
+          for i in range(num)]
+  return jnp.concatenate(rows, axis=0)[:n, :n]
 
 
 def to_grid(tokens: Tokens, values: jax.Array, fill=0) -> jax.Array:
