@@ -23,10 +23,11 @@ on a fixed-size index buffer. Exactly the official selection, computed faster:
   - the buffer and Gram matrix are compacted to the live list in phases as R shrinks (each
     phase halves the capacity);
   - in phases of more than 1024 candidates, every candidate's 17 most similar candidates
-    (itself included; it is never in the odd half) are cached (as a set): an even-position token's max over the odd half is the max over its
-    cached neighbours in the odd half, exact whenever there is one (an uncached candidate is
-    no more similar); rows with none there are computed in full (a `lax.while_loop` over the
-    few misses), so each step costs O(R * 16) instead of O(R^2);
+    (itself included; it is never in the odd half) are cached (as a set): an even-position
+    token's max over the odd half is the max over its cached neighbours in the odd half, exact
+    whenever there is one (an uncached candidate is no more similar); rows with none there are
+    computed in full (a `lax.while_loop` over the few misses), so each step costs O(R * 17)
+    instead of O(R^2);
   - the per-step stable sort is `primitives.argsort` (integer sorts, several times faster on
     CPU than a float sort with an index payload).
 An odd R (the official code assumes even R) puts the extra token in the even half, and r is
