@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tcjax.parallel.mesh import batch_reshape, unshard_axis
+from tcjax.parallel.mesh import batch_reshape, sharded_axis, unshard_axis
 from tcjax.parallel.topk import topk as sharded_topk
 from tcjax.tokens import Tokens
 
@@ -48,15 +48,15 @@ def _check_token_axis(tokens: Tokens, method: str) -> None:
   error rather than a silent all-gather. (Auto axes carry no sharding in the type: XLA's
   partitioner moves the data there.)"""
   from tcjax.compress.registry import METHODS  # pylint: disable=g-import-not-at-top
-  spec = getattr(jax.typeof(tokens.x).sharding, "spec", None)
-  axis = spec[1] if spec is not None and len(spec) > 1 else None
+  axis = sharded_axis(tokens.x, 1)
   if axis is None or method not in METHODS or METHODS[method].token_sharded:
     return
   fine = sorted(m for m, d in METHODS.items() if d.token_sharded)
   raise ValueError(
       f"{method}: tokens.x has its token axis sharded over mesh axis {axis!r}, and {method} "
-      f"needs each example's whole token axis; reshard the tokens to P({spec[0]!r}, None) "
-      f"first, or use a method that runs sharded exactly: {fine}")
+      f"needs each example's whole token axis; reshard the tokens to "
+      f"P({sharded_axis(tokens.x, 0)!r}, None) first, or use a method that runs sharded "
+      f"exactly: {fine}")
 
 
 def check_budget(tokens: Tokens, budget, method: str) -> int:
@@ -240,9 +240,9 @@ def argsort(key: jax.Array) -> jax.Array:
   """int32[..., H] stable ascending argsort of `key: float[..., H]` along the last axis.
 
   Same result as `jnp.argsort(key, stable=True)` (ties: lower index first; -0.0 == 0.0; NaN
-  last; subnormals as the backend compares them), computed as a two-pass radix sort (low then high 16 bits of an order-preserving
-  integer image of the key), each pass one single-operand int32 sort of (16-bit digit,
-  position) packed into one integer: XLA runs those several times faster on CPU than a sort
+  last; subnormals as the backend compares them), computed as a two-pass radix sort (low then
+  high 16 bits of an order-preserving integer image of the key), each pass one single-operand
+  int32 sort of (16-bit digit, position) packed into one integer: XLA runs those several times faster on CPU than a sort
   with a float comparator and an index payload. Needs H <= 2**15 (otherwise it falls back to
   `jnp.argsort`).
   """

@@ -34,7 +34,7 @@ from tcjax.nn import plan as plan_lib
 from tcjax.nn.config import GemmaConfig
 from tcjax.parallel import attention as par_attn
 from tcjax.parallel.mesh import (batch_reshape, constrain, context_mesh, mesh_axis,
-                                 unshard_axis)
+                                 sharded_axis, unshard_axis)
 from tcjax.tokens import Tokens
 
 
@@ -82,8 +82,9 @@ def scale(cfg: GemmaConfig) -> float:
   return float(cfg.query_pre_attn_scalar or cfg.head_dim) ** -0.5
 
 
-def is_local(cfg: GemmaConfig, layer: int) -> bool:
-  """Gemma 2's even layers attend within a sliding window."""
+def is_local(cfg: GemmaConfig, layer):
+  """Gemma 2's even layers attend within a sliding window (`layer` may be traced inside a layer
+  scan: then a traced bool on Gemma 2, and False otherwise)."""
   return cfg.version == 2 and bool(cfg.sliding_window) and layer % 2 == 0
 
 
@@ -95,7 +96,7 @@ def embed_text(p, text, cfg: GemmaConfig):
     x = emb.at[text].get(out_sharding=jax.sharding.PartitionSpec(spec[0], None, None))
   else:
     x = emb[text]
-  return x * jnp.sqrt(jnp.asarray(cfg.width, jnp.promote_types(emb.dtype, jnp.float32))).astype(emb.dtype)
+  return x * jnp.sqrt(jnp.asarray(cfg.width, nl.compute_dtype(emb))).astype(emb.dtype)
 
 
 def logits(p, x, cfg: GemmaConfig):
@@ -168,7 +169,7 @@ def self_attention(q, k, v, seq: Seq, layer, cfg: GemmaConfig, masks=None):
     return par_attn.ring_attention(
         q, k, v, mesh=mesh, axis="seq", batch_axis=mesh_axis(mesh, "data"), mask_ar=seq.mask_ar,
         kv_valid=seq.valid, scale=scale(cfg), softcap=cfg.attn_logits_softcap,
-        positions=seq.pos, window=window or None, local=layer % 2 == 0)
+        positions=seq.pos, window=window or None, local=is_local(cfg, layer))
   return nl.attention(q, k, v, mask=_layer_mask(cfg, layer, *masks), scale=scale(cfg),
                       cap=cfg.attn_logits_softcap)
 
@@ -195,10 +196,10 @@ def _run_segment(layers, seq: Seq, masks, lo: int, hi: int, cfg: GemmaConfig):
 
 
 def _layer_mask(cfg: GemmaConfig, layer, glob, loc):
-  """The mask of (traced) layer index `layer`: Gemma 2's even layers use the local one."""
+  """The mask of (traced) layer index `layer`: the local one on sliding-window layers."""
   if loc is glob:
     return glob
-  return jnp.where(layer % 2 == 0, loc, glob)
+  return jnp.where(is_local(cfg, layer), loc, glob)
 
 
 def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib.LLMHook] = (),
@@ -371,8 +372,7 @@ def _write(buf, new, slot):
   axis, where the write is a select against a one-hot slot mask: every shard keeps its block
   and the one holding the slot takes the entry (a pass over the cache, as attention makes).
   """
-  spec = getattr(jax.typeof(buf).sharding, "spec", None)
-  if spec is not None and len(spec) > 1 and spec[1] is not None:
+  if sharded_axis(buf, 1) is not None:
     hit = (jnp.arange(buf.shape[1]) == slot).reshape((1, -1) + (1,) * (buf.ndim - 2))
     return jnp.where(hit, new, buf)
   zero = jnp.zeros((), jnp.int32)  # index operands must share one integer type (x64 too)

@@ -15,7 +15,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from tcjax.parallel.mesh import batch_reshape, gather_params
+from tcjax.parallel.mesh import batch_reshape, gather_params, sharded_axis
 
 NEG_INF = -1e30  # finite "minus infinity": a fully masked row stays NaN-free
 
@@ -94,12 +94,11 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float, cap: Optional[floa
   if mask is not None:
     s = jnp.where(mask[:, None, None], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)
-  spec = getattr(jax.typeof(v).sharding, "spec", None)
-  if spec is not None and len(spec) > 1 and spec[1] is not None:
+  if sharded_axis(v, 1) is not None:
     # Keys sharded over an Explicit axis (a decode step over a sequence-sharded cache): the
     # contraction sums partial products across shards; the output is per example.
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v,
-                     out_sharding=jax.sharding.PartitionSpec(spec[0]))
+                     out_sharding=jax.sharding.PartitionSpec(sharded_axis(v, 0)))
   else:
     out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v)
   return batch_reshape(out, (b, t, h, d))

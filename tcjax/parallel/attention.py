@@ -14,9 +14,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from tcjax.parallel.mesh import unshard_axis
 
 
 def _to(x, spec, mesh):
@@ -25,15 +25,6 @@ def _to(x, spec, mesh):
     return jax.sharding.reshard(x, NamedSharding(mesh, spec))
   return x
 
-
-def _unshard(x, axis, mesh):
-  """Replicate `axis` of x (Explicit meshes only; Auto lets XLA decide)."""
-  spec = getattr(jax.typeof(x).sharding, "spec", None)
-  if spec is None or len(spec) <= axis or spec[axis] is None:
-    return x
-  new = list(spec) + [None] * (x.ndim - len(spec))
-  new[axis] = None
-  return jax.sharding.reshard(x, NamedSharding(mesh, P(*new)))
 
 _NEG = -1e30
 
@@ -60,11 +51,11 @@ def _prep(q, k, v, mask_ar, kv_valid, positions, n_shards, mesh):
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
   # Small [B, T] int attributes: the cumsum runs on a replicated token axis.
-  cum = jnp.cumsum(_unshard(mask_ar.astype(jnp.int32), 1, mesh), axis=1)
-  kv_valid = _unshard(kv_valid, 1, mesh)
-  positions = _unshard(positions.astype(jnp.int32), 1, mesh)
+  cum = jnp.cumsum(unshard_axis(mask_ar.astype(jnp.int32), 1, mesh), axis=1)
+  kv_valid = unshard_axis(kv_valid, 1, mesh)
+  positions = unshard_axis(positions.astype(jnp.int32), 1, mesh)
   if t % n_shards:  # uneven: pad (on a replicated token axis) and mask the padding
-    q, k, v = (_unshard(a, 1, mesh) for a in (q, k, v))
+    q, k, v = (unshard_axis(a, 1, mesh) for a in (q, k, v))
   q, k, v, cum, positions = (pad_to_multiple(a, n_shards)[0] for a in (q, k, v, cum, positions))
   kv_valid, _ = pad_to_multiple(kv_valid, n_shards, value=False)  # padding never attended
   return q, k, v, (cum, kv_valid, positions), t
@@ -149,7 +140,7 @@ def _call(fn, mesh, q, k, v, attrs, local, s4, s2, t, axis):
   q, k, v = (_to(a, s4, mesh) for a in (q, k, v))
   attrs = tuple(_to(a, s2, mesh) for a in attrs)
   out = f(q, k, v, attrs, attrs, jnp.asarray(local))
-  return out if out.shape[1] == t else _unshard(out, 1, mesh)[:, :t]
+  return out if out.shape[1] == t else unshard_axis(out, 1, mesh)[:, :t]
 
 
 def gathered_kv_attention(q, k, v, *, mesh, axis: str = "seq", batch_axis=None,

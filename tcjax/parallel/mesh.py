@@ -60,20 +60,29 @@ def make_mesh(axes: Sequence[Tuple[str, int]], axis_types, devices=None) -> jax.
   return jax.sharding.Mesh(grid, tuple(names), axis_types=types)
 
 
-def unshard_axis(x: jax.Array, axis: int) -> jax.Array:
+def sharded_axis(x: jax.Array, axis: int):
+  """The mesh axis (a name or tuple of names) that `axis` of `x` is sharded over in its type,
+  or None. Only Explicit mesh axes appear in the type; on Auto axes this is always None."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None)
+  axis = axis % x.ndim
+  return None if spec is None or len(spec) <= axis else spec[axis]
+
+
+def unshard_axis(x: jax.Array, axis: int, mesh=None) -> jax.Array:
   """Make `axis` of `x` replicated before a sort / top-k along it.
 
   On Explicit mesh axes `lax.top_k` refuses a sharded operand; this reshards that one axis and
   keeps the others. On Auto axes (or outside a mesh) it is a no-op: XLA's partitioner decides.
+  `mesh`: for callers without a context mesh (`jax.set_mesh`), e.g. `ring_attention(mesh=...)`.
   """
-  sharding = jax.typeof(x).sharding
-  spec = getattr(sharding, "spec", None)
   axis = axis % x.ndim
-  if spec is None or len(spec) <= axis or spec[axis] is None:
+  if sharded_axis(x, axis) is None:
     return x
+  spec = jax.typeof(x).sharding.spec
   new_spec = list(spec) + [None] * (x.ndim - len(spec))
   new_spec[axis] = None
-  return jax.sharding.reshard(x, P(*new_spec))
+  target = P(*new_spec) if mesh is None else jax.sharding.NamedSharding(mesh, P(*new_spec))
+  return jax.sharding.reshard(x, target)
 
 
 def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
