@@ -74,15 +74,6 @@ def hf_model():
   return model
 
 
-def median_time(fn, reps):
-  ts = []
-  for _ in range(reps):
-    t = time.perf_counter()
-    fn()
-    ts.append(time.perf_counter() - t)
-  return statistics.median(ts)
-
-
 def interleaved(fns, reps):
   """Median seconds of each fn, running them round-robin `reps` times."""
   ts = [[] for _ in fns]

@@ -36,16 +36,17 @@ from tcjax.compress.registry import register
 
 
 def temporal_neighbours(pos: jax.Array, mask: jax.Array, grid):
-  """For one example (`pos: int[N, 3]`, `mask: bool[N]`): (table int32[M] location -> token,
-  -1 where no valid token sits; pred int32[N] the token at the same (row, col) one frame
-  earlier, -1 for anchors). M = T * h * w locations: O(M) memory, no N x N comparison."""
+  """For one example (`pos: int[N, 3]`, `mask: bool[N]`): (lin int32[N] each token's location
+  (frame, row, col) as an index into the T * h * w patches; table int32[T * h * w] location ->
+  token, -1 where no valid token sits; pred int32[N] the token at the same (row, col) one frame
+  earlier, -1 for anchors). O(T * h * w) memory, no N x N comparison."""
   t, h, w = grid
   n = pos.shape[0]
   lin = ((pos[:, 0] * h + pos[:, 1]) * w + pos[:, 2]).astype(jnp.int32)
   table = jnp.full((t * h * w,), -1, jnp.int32).at[jnp.where(mask, lin, t * h * w)].set(
       jnp.arange(n, dtype=jnp.int32), mode="drop")
   pred = jnp.where((pos[:, 0] > 0) & mask, table[jnp.maximum(lin - h * w, 0)], -1)
-  return table, pred
+  return lin, table, pred
 
 
 @register("temporal_merge", family="merging", stages=("post_vit", "post_proj"),
@@ -81,7 +82,7 @@ def temporal_merge(tokens, budget, *, threshold=0.9, merge=True):
 
   def plan(x, pos, mask):
     """Slot of every token (-1 dropped) and representative of every slot, one example."""
-    table, pred = temporal_neighbours(pos, mask, tokens.grid)
+    lin, table, pred = temporal_neighbours(pos, mask, tokens.grid)
     xn = P.l2_normalize(x)
     sim = jnp.einsum("nd,nd->n", xn, xn[jnp.maximum(pred, 0)])
     sim = jnp.where(pred >= 0, sim, -jnp.inf)  # anchors: never similar, always kept
@@ -102,10 +103,8 @@ def temporal_merge(tokens, budget, *, threshold=0.9, merge=True):
     kept_at = jnp.where(table >= 0, kept[jnp.maximum(table, 0)], False).reshape(t, h * w)
     frame = jnp.arange(t, dtype=jnp.int32)[:, None]
     anchor_t = jax.lax.cummax(jnp.where(kept_at, frame, -1), axis=0).reshape(-1)  # [M]
-    loc = (pos[:, 1] * w + pos[:, 2]).astype(jnp.int32)
-    lin = (pos[:, 0] * (h * w) + loc).astype(jnp.int32)
     a_t = anchor_t[lin]
-    anchor = table[jnp.maximum(a_t, 0) * (h * w) + loc]
+    anchor = table[jnp.maximum(a_t, 0) * (h * w) + lin % (h * w)]
     return jnp.where((a_t >= 0) & mask, slot[jnp.maximum(anchor, 0)], -1), rep
 
   assign, rep = jax.vmap(plan)(tokens.x, tokens.pos, tokens.mask)

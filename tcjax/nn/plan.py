@@ -32,7 +32,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from tcjax.compress.registry import METHODS, STAGES
+import jax
+
+from tcjax.compress.registry import METHODS, STAGES, apply
 
 # Keys every stage reads itself; the rest go to the method.
 _STAGE_KEYS = {
@@ -276,9 +278,6 @@ def run_entry(opts, tokens, signals, stage: str, where: str, rng_seed: int = 0):
 
   Raises ValueError naming the entry when a needed signal is not available at `stage`.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from tcjax import compress  # pylint: disable=g-import-not-at-top
-
   method = METHODS[opts["method"]]
   n = budget(opts, tokens.num_tokens, where)
   kw = dict(method_options(opts, stage))
@@ -289,4 +288,4 @@ def run_entry(opts, tokens, signals, stage: str, where: str, rng_seed: int = 0):
       raise ValueError(f"{where}: needs signal {s!r}, which the model cannot provide at stage "
                        f"{stage!r}")
   kw.update({s: v for s, v in signals.items() if s in method.accepts and s not in kw})
-  return compress.apply(method.name, tokens, n, **kw)
+  return apply(method.name, tokens, n, **kw)
