@@ -124,3 +124,26 @@ def test_sliding_window_attention_equals_full(fn, local):
       positions=ps, window=window, local=loc))
   out = np.asarray(f(*args, jnp.asarray(local)))
   np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", [None, "explicit"])
+def test_map_batch_equals_one_call(kind):
+  # Strided sequential steps over the batch give the batched call's result in the original
+  # order; with the batch on 4 devices each of the 2 steps keeps 4 sharded examples.
+  from tcjax.parallel.mesh import map_batch
+  x = jnp.arange(8 * 3, dtype=jnp.float32).reshape(8, 3)
+  fn = lambda a, b: (a * 2 + b[:, None], a.sum(-1))
+  want = fn(x, jnp.arange(8.0))
+  args = (x, jnp.arange(8.0))
+  if kind is not None:
+    mesh = make_mesh((("data", 4),), axis_types=kind)
+    args = tuple(_put(a, mesh, P("data")) for a in args)
+    with jax.set_mesh(mesh):
+      got = jax.jit(lambda *a: map_batch(fn, a, 2))(*args)
+    assert got[0].sharding.spec[0] == "data"
+  else:
+    got = jax.jit(lambda *a: map_batch(fn, a, 4))(*args)
+  np.testing.assert_array_equal(got[0], want[0])
+  np.testing.assert_array_equal(got[1], want[1])
+  with pytest.raises(ValueError, match="chunks=3 must be a positive divisor of the batch of 8"):
+    map_batch(fn, (x, jnp.arange(8.0)), 3)

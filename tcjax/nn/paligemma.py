@@ -34,33 +34,8 @@ from tcjax.nn import plan as plan_lib
 from tcjax.nn import siglip
 from tcjax.nn.config import PaliGemmaConfig
 from tcjax.nn.params import ParamTree
-from tcjax.parallel.mesh import batch_reshape, constrain, gather_params, like_batch
+from tcjax.parallel.mesh import batch_reshape, constrain, gather_params, like_batch, map_batch
 from tcjax.tokens import Tokens
-
-
-def _chunked(encode, image, chunks: int):
-  """`encode` over the frame-folded batch `image: float[B*F, H, W, 3]` in `chunks` sequential
-  steps (`lax.map`), so ViT activations exist for one chunk at a time.
-
-  Chunk i takes frames i, i + chunks, i + 2 * chunks, ...: strided, so that with frames sharded
-  over the mesh every device works on every chunk. Returns what `encode` does, for all frames,
-  in the original order.
-  """
-  bf = image.shape[0]
-  if bf % chunks:
-    raise ValueError(f"frame_chunks={chunks} must divide the {bf} frames of the batch")
-  per = bf // chunks
-  strided = batch_reshape(image, (per, chunks) + image.shape[1:]).swapaxes(0, 1)
-  aux = {}
-
-  def body(im):
-    tokens, signals, a = encode(im)
-    aux.update(a)  # static per-layer counts, the same for every chunk
-    return tokens, signals
-
-  out = jax.lax.map(body, strided)
-  unstride = lambda a: a.swapaxes(0, 1).reshape((bf,) + a.shape[2:])
-  return (*jax.tree.map(unstride, out), aux)
 
 
 def _check_text(text, mask_ar, input_mask):
@@ -141,7 +116,18 @@ class PaliGemma(nn.Module):
       return tokens, signals, aux
 
     if frames is not None and cfg.frame_chunks > 1:
-      tokens, signals, aux = _chunked(encode, image, cfg.frame_chunks)
+      # ViT activations exist for one chunk of frames at a time.
+      if image.shape[0] % cfg.frame_chunks:
+        raise ValueError(f"frame_chunks={cfg.frame_chunks} must divide the {image.shape[0]} "
+                         "frames of the batch")
+      aux = {}
+
+      def encode_chunk(im):
+        tokens, signals, a = encode(im)
+        aux.update(a)  # static per-layer counts, the same for every chunk
+        return tokens, signals
+
+      tokens, signals = map_batch(encode_chunk, (image,), cfg.frame_chunks)
     else:
       tokens, signals, aux = encode(image)
     if frames is not None:

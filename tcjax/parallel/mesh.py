@@ -112,6 +112,34 @@ def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   return jax.lax.reshape(x, tuple(shape), out_sharding=P(lead, *([None] * (len(shape) - 1))))
 
 
+def batch_shards(x: jax.Array) -> int:
+  """How many devices axis 0 of `x` is split over in its type (1 on Auto axes or unsharded)."""
+  axis = sharded_axis(x, 0)
+  if axis is None:
+    return 1
+  sizes = dict(jax.typeof(x).sharding.mesh.shape)
+  return int(np.prod([sizes[a] for a in ((axis,) if isinstance(axis, str) else axis)]))
+
+
+def map_batch(fn, args, chunks: int):
+  """`fn(*args)` for a batched `fn`, computed in `chunks` sequential steps (`lax.map`) over the
+  batch (axis 0 of every leaf of `args`), so that one step holds 1/chunks of the working set.
+
+  Step i takes examples i, i + chunks, i + 2 * chunks, ...: strided, so that with the batch
+  sharded over the mesh every device works at every step. Returns what `fn` does, for the whole
+  batch, in the original order.
+  """
+  b = jax.tree.leaves(args)[0].shape[0]
+  if chunks < 1 or b % chunks:
+    raise ValueError(f"chunks={chunks} must be a positive divisor of the batch of {b}")
+  if chunks == 1:
+    return fn(*args)
+  per = b // chunks
+  stride = lambda a: batch_reshape(a, (per, chunks) + a.shape[1:]).swapaxes(0, 1)
+  out = jax.lax.map(lambda a: fn(*a), jax.tree.map(stride, args))
+  return jax.tree.map(lambda a: a.swapaxes(0, 1).reshape((b,) + a.shape[2:]), out)
+
+
 def mesh_from_config(cfg, devices=None) -> jax.sharding.Mesh:
   """Mesh from a config with `mesh` ((name, size), ...) and `axis_types` (str or per-axis)."""
   return make_mesh(tuple((str(n), int(s)) for n, s in cfg.mesh), cfg.axis_types, devices)
