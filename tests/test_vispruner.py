@@ -173,3 +173,54 @@ def test_fast_argsort_matches_stable_argsort():
       np.testing.assert_array_equal(fn(jnp.asarray(k)), want)
       if not np.any(np.abs(k) < 1.2e-38):  # no subnormals: NumPy agrees too
         np.testing.assert_array_equal(want, np.argsort(k, axis=-1, kind="stable"))
+
+
+def test_top_k_by_bins_equals_lax_top_k():
+  # The neighbour cache's top-k: same values and indices as lax.top_k, ties (lower index first),
+  # NaN (largest), signed zeros, infinities, and a last axis that does not divide into bins.
+  from tcjax.compress.primitives import top_k_by_bins
+  rng = np.random.default_rng(1)
+  special = np.array([-np.inf, -0.0, 0.0, 1.0, np.nan, np.inf], np.float32)
+  fn = jax.jit(top_k_by_bins, static_argnums=(1, 2))
+  for trial in range(40):
+    n, k, size = int(rng.integers(40, 700)), int(rng.integers(1, 10)), int(rng.integers(1, 9))
+    kind = trial % 4
+    if kind == 0:
+      x = rng.standard_normal((3, n))
+    elif kind == 1:  # many ties
+      x = rng.integers(0, 4, (3, n))
+    elif kind == 2:
+      x = rng.choice(special, (3, n))
+    else:
+      x = rng.choice(special[1:3], (3, n))
+    x = jnp.asarray(x, jnp.float32)
+    got, want = fn(x, k, size), jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(got[1], want[1])
+    np.testing.assert_array_equal(got[0], want[0])
+
+
+@pytest.mark.parametrize("axis_type", [None, "explicit", "auto"])
+def test_examples_in_turn_match_all_at_once(monkeypatch, axis_type):
+  # On CPU, examples with large Gram matrices run in turn (`map_batch`); a tiny byte budget
+  # forces that path here: same selection as the whole batch at once, on one device and with
+  # the batch sharded over 2 devices (4 steps of 2 examples, one on each).
+  import importlib
+  from jax.sharding import NamedSharding, PartitionSpec
+  from tcjax.parallel import make_mesh
+  module = importlib.import_module("tcjax.compress.vispruner")
+  t = make_tokens(8, 1, (8, 8), dim=6, seed=21)
+  attn = jax.nn.softmax(jax.random.normal(jax.random.key(22), (8, 2, 64)), -1)
+  run = lambda t, a: module.vispruner(t, 12, attn=a, dedup_step=3)
+  want = jax.jit(run)(t, attn)
+  monkeypatch.setattr(module, "_CPU_GRAM_BYTES", 1)
+  assert module._chunks(8, 58, 1) == 8 and module._chunks(8, 58, 4) == 2
+  if axis_type is None:
+    got = jax.jit(run)(t, attn)
+  else:
+    mesh = make_mesh((("data", 2),), axis_types=axis_type)
+    shard = lambda a: jax.device_put(a, NamedSharding(mesh, PartitionSpec("data")))
+    with jax.set_mesh(mesh):
+      got = jax.jit(run)(jax.tree.map(shard, t), shard(attn))
+    assert got.x.sharding.spec[0] == "data"
+  np.testing.assert_array_equal(got.src, want.src)
+  np.testing.assert_array_equal(got.x, want.x)

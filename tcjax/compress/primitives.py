@@ -264,6 +264,34 @@ def argsort(key: jax.Array) -> jax.Array:
   return jnp.take_along_axis(first, second, axis=-1)
 
 
+def top_k_by_bins(x: jax.Array, k: int, bin_size: int = 16) -> Tuple[jax.Array, jax.Array]:
+  """Same result as `jax.lax.top_k(x, k)` (values and indices, ties to the lower index), for
+  `x: float[..., N]` with small k and large N, several times faster on CPU.
+
+  XLA's CPU top-k costs ~20x a max-reduction per element, so it runs on few elements here: the
+  last axis is cut into bins of `bin_size`, the k bins with the largest maxima are kept (ties:
+  lower bin), and the top k of their k * bin_size entries, in column order, is returned. Exact:
+  an entry of the true top k has fewer than k entries ahead of it, and every bin ahead of its bin
+  holds a distinct one of those, so its bin is kept.
+
+  Returns:
+    (float[..., k] values in descending order, int32[..., k] indices into the last axis).
+  """
+  n = x.shape[-1]
+  if k * bin_size * 2 > n:  # too few bins to gain anything
+    return jax.lax.top_k(x, k)
+  bins = -(-n // bin_size)
+  # Padding comes after every real entry in the order (same value, higher index): never ahead.
+  pad = [(0, 0)] * (x.ndim - 1) + [(0, bins * bin_size - n)]
+  xb = jnp.pad(x, pad, constant_values=-jnp.inf).reshape(x.shape[:-1] + (bins, bin_size))
+  _, top_bins = jax.lax.top_k(xb.max(-1), k)
+  top_bins = jnp.sort(top_bins, axis=-1)  # column order, so that ties keep the lower index
+  cand = jnp.take_along_axis(xb, top_bins[..., None], axis=-2)  # [..., k, bin_size]
+  values, pos = jax.lax.top_k(cand.reshape(x.shape[:-1] + (k * bin_size,)), k)
+  cols = jnp.take_along_axis(top_bins, pos // bin_size, axis=-1) * bin_size + pos % bin_size
+  return values, cols.astype(jnp.int32)
+
+
 def sort_by_position(tokens: Tokens) -> Tokens:
   """Reorder tokens by their origin's raster index (frame-major), padding last."""
   big = jnp.iinfo(jnp.int32).max
