@@ -145,7 +145,7 @@ def _cached_step(i, res, *, gram, valid, nb, nb_sim, sched, k, cap):
 
   An even-position token's max over the odd half is the max over its cached candidates in the
   odd half, exact whenever there is one (the uncached live candidates are no more similar);
-  rows with none there (rare) are computed in full by a `lax.while_loop` over the misses.
+  rows with none there (a few per step) are computed in full by a `lax.while_loop` over them.
   """
   rem, r = sched[i, 0], sched[i, 1]
   a, b = res[0::2], res[1::2]  # [C/2] each: even / odd list positions
