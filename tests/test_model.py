@@ -281,6 +281,10 @@ def test_video_frames_are_encoded_independently():
   zf, _, _ = jax.jit(lambda p, c: chunked.apply({"params": p}, c, method=chunked.embed_image))(
       params, raw.astype(np.float32) / 127.5 - 1)
   np.testing.assert_allclose(np.asarray(zu), np.asarray(zf), atol=1e-4)
+  uneven = PaliGemma(dataclasses.replace(model.config, frame_chunks=4))
+  with pytest.raises(ValueError, match="frame_chunks=4 must be a positive divisor of the batch "
+                                       "of 6"):
+    uneven.apply({"params": params}, clip, method=uneven.embed_image)
   # Pooling runs frame by frame inside the chunks; it equals pooling the whole clip (the
   # projector is affine, so pooling before or after it is the same).
   pooled = PaliGemma(dataclasses.replace(model.config, frame_chunks=3,

@@ -117,9 +117,6 @@ class PaliGemma(nn.Module):
 
     if frames is not None and cfg.frame_chunks > 1:
       # ViT activations exist for one chunk of frames at a time.
-      if image.shape[0] % cfg.frame_chunks:
-        raise ValueError(f"frame_chunks={cfg.frame_chunks} must divide the {image.shape[0]} "
-                         "frames of the batch")
       aux = {}
 
       def encode_chunk(im):
@@ -127,7 +124,7 @@ class PaliGemma(nn.Module):
         aux.update(a)  # static per-layer counts, the same for every chunk
         return tokens, signals
 
-      tokens, signals = map_batch(encode_chunk, (image,), cfg.frame_chunks)
+      tokens, signals = map_batch(encode_chunk, (image,), cfg.frame_chunks, "frame_chunks")
     else:
       tokens, signals, aux = encode(image)
     if frames is not None:

@@ -121,17 +121,17 @@ def batch_shards(x: jax.Array) -> int:
   return int(np.prod([sizes[a] for a in ((axis,) if isinstance(axis, str) else axis)]))
 
 
-def map_batch(fn, args, chunks: int):
+def map_batch(fn, args, chunks: int, name: str = "chunks"):
   """`fn(*args)` for a batched `fn`, computed in `chunks` sequential steps (`lax.map`) over the
   batch (axis 0 of every leaf of `args`), so that one step holds 1/chunks of the working set.
 
   Step i takes examples i, i + chunks, i + 2 * chunks, ...: strided, so that with the batch
   sharded over the mesh every device works at every step. Returns what `fn` does, for the whole
-  batch, in the original order.
+  batch, in the original order. `name`: the caller's option for `chunks`, in the ValueError.
   """
   b = jax.tree.leaves(args)[0].shape[0]
   if chunks < 1 or b % chunks:
-    raise ValueError(f"chunks={chunks} must be a positive divisor of the batch of {b}")
+    raise ValueError(f"{name}={chunks} must be a positive divisor of the batch of {b}")
   if chunks == 1:
     return fn(*args)
   per = b // chunks
