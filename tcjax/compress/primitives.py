@@ -242,9 +242,9 @@ def argsort(key: jax.Array) -> jax.Array:
   Same result as `jnp.argsort(key, stable=True)` (ties: lower index first; -0.0 == 0.0; NaN
   last; subnormals as the backend compares them), computed as a two-pass radix sort (low then
   high 16 bits of an order-preserving integer image of the key), each pass one single-operand
-  int32 sort of (16-bit digit, position) packed into one integer: XLA runs those several times faster on CPU than a sort
-  with a float comparator and an index payload. Needs H <= 2**15 (otherwise it falls back to
-  `jnp.argsort`).
+  int32 sort of (16-bit digit, position) packed into one integer: XLA runs those several times
+  faster on CPU than a sort with a float comparator and an index payload. Needs H <= 2**15
+  (otherwise it falls back to `jnp.argsort`).
   """
   h = key.shape[-1]
   if h > 2**15:
