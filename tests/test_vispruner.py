@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import assume, given, settings, strategies as st
 
 import tcjax
 from tcjax import compress
@@ -21,22 +21,28 @@ def _jitted(budget, ratio, step):
                                                  dedup_step=step))
 
 
-def reference(x, importance, budget, ratio, step):
-  """The official loop on Python lists (one example), odd lengths handled as in vispruner."""
+def reference(x, importance, budget, ratio, step, with_gap=False):
+  """The official loop on Python lists (one example), odd lengths handled as in vispruner, in
+  float64. `with_gap`: also the smallest gap between two even-half similarities of any step
+  (below float32 rounding, the order of such a pair is the rounding's, not the algorithm's)."""
   n_imp = int(budget * ratio)
   n_div = budget - n_imp
   order = list(np.argsort(-importance, kind="stable"))
   imp, res = order[:n_imp], order[n_imp:]
+  x = np.asarray(x, np.float64)
   xn = x / np.linalg.norm(x, axis=-1, keepdims=True)
+  gap = np.inf
   while n_div > 0:
     r = min(step, len(res) - n_div, (len(res) + 1) // 2)
     if r <= 0:
       break
     a, b = res[0::2], res[1::2]
     m = (xn[a] @ xn[b].T).max(-1)
+    gap = min(gap, np.diff(np.sort(m)).min(initial=np.inf))
     by_m = np.argsort(-m, kind="stable")
     res = [a[i] for i in by_m[r:]] + b
-  return sorted(imp + res[:n_div])
+  kept = sorted(imp + res[:n_div])
+  return (kept, gap) if with_gap else kept
 
 
 def test_hand_worked():
@@ -90,8 +96,11 @@ def test_matches_reference(config, seed):
   check_contract(out, budget, 2)
   x, imp = np.asarray(t.x), np.asarray(attn.mean(1))
   for b in range(2):
-    np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.src[b]) >= 0),
-                                  reference(x[b], imp[b], budget, ratio, step))
+    want, gap = reference(x[b], imp[b], budget, ratio, step, with_gap=True)
+    # Similarities closer than float32 can resolve (e.g. 1e-7 apart, seed 136) have no defined
+    # order: such draws are not evidence either way.
+    assume(gap > 1e-6)
+    np.testing.assert_array_equal(np.flatnonzero(np.asarray(out.src[b]) >= 0), want)
 
 
 def test_matches_reference_over_several_phases():
