@@ -143,6 +143,9 @@ def test_map_batch_equals_one_call(kind):
     assert got[0].sharding.spec[0] == "data"
   else:
     got = jax.jit(lambda *a: map_batch(fn, a, 4))(*args)
+    one_each = jax.jit(lambda *a: map_batch(fn, a, 8))(*args)  # one example per step
+    np.testing.assert_array_equal(one_each[0], want[0])
+    np.testing.assert_array_equal(one_each[1], want[1])
   np.testing.assert_array_equal(got[0], want[0])
   np.testing.assert_array_equal(got[1], want[1])
   with pytest.raises(ValueError, match="chunks=3 must be a positive divisor of the batch of 8"):

@@ -383,7 +383,9 @@ def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
 
   The rows are padded to near-equal blocks of about `chunk` and reshaped, so that every block
   product is a dot of two whole, contiguous blocks: on CPU, dots of slices of an array computed in
-  the same jit ran ~1.6x slower than these (and slower than the full matmul).
+  the same jit ran ~1.6x slower than these (and slower than the full matmul). The blocks are
+  written into one buffer in place: concatenating rows of blocks held a second N x N copy (~10 ms
+  more per call at N=3584 on CPU).
   """
   n, d = x.shape
   x = x.astype(jnp.float32)
@@ -395,9 +397,12 @@ def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
   upper = {(i, j): jnp.einsum("cd,ed->ce", blocks[i], blocks[j],
                               preferred_element_type=jnp.float32)
            for i in range(num) for j in range(i, num)}
-  rows = [jnp.concatenate([upper[j, i].T if j < i else upper[i, j] for j in range(num)], axis=1)
-          for i in range(num)]
-  return jnp.concatenate(rows, axis=0)[:n, :n]
+  full = jnp.zeros((num * size, num * size), jnp.float32)
+  for (i, j), tile in upper.items():
+    full = jax.lax.dynamic_update_slice(full, tile, (i * size, j * size))
+    if i != j:
+      full = jax.lax.dynamic_update_slice(full, tile.T, (j * size, i * size))
+  return full[:n, :n]
 
 
 def to_grid(tokens: Tokens, values: jax.Array, fill=0) -> jax.Array:
