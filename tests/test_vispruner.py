@@ -113,6 +113,21 @@ def test_matches_reference_over_several_phases():
                                           21, 0.5, 8))
 
 
+def test_non_finite_features_count_as_padding():
+  # Tokens 5 (NaN) and 9 (one inf feature), least attended either way: the same selection as
+  # with them masked out (both are invalid candidates, removed first).
+  t = make_tokens(2, 1, (6, 6), dim=6, seed=8)
+  attn = jax.nn.softmax(jax.random.normal(jax.random.key(9), (2, 2, 36)), -1)
+  attn = attn.at[:, :, jnp.array([5, 9])].set(-1.0)
+  bad = t.replace(x=t.x.at[:, 5].set(jnp.nan).at[:, 9, 2].set(jnp.inf))
+  masked = t.replace(mask=t.mask.at[:, jnp.array([5, 9])].set(False))
+  run = jax.jit(lambda t, a: compress.vispruner(t, 12, attn=a, important_ratio=0.25,
+                                                 dedup_step=1))
+  got, want = run(bad, attn), run(masked, attn)
+  np.testing.assert_array_equal(got.src, want.src)
+  assert (np.asarray(got.src)[:, [5, 9]] == -1).all()  # src: each token's output slot or -1
+
+
 def test_keys_replace_features_for_similarity():
   # Same hand-worked geometry, but the similarity comes from `keys`: now 2 duplicates 4.
   x = jnp.ones((1, 8, 3))

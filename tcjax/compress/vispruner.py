@@ -231,8 +231,10 @@ def vispruner(tokens, budget, *, attn=None, keys=None, important_ratio=0.5, dedu
     # Gather, then normalise: XLA fuses a normalisation feeding a gather into it and recomputes
     # each row's norm per element (~4x slower here).
     fn = P.l2_normalize(f[cand])  # [R0, D]
-    valid = mask[cand] & jnp.all(jnp.isfinite(fn), -1)
     gram = P.gram(fn)
+    # Normalised features are finite or NaN (inf / inf), and a NaN feature makes the row's
+    # self-similarity NaN: the diagonal says which rows are finite without reading `fn` again.
+    valid = mask[cand] & jnp.isfinite(jnp.diagonal(gram))
     return jnp.concatenate([imp, cand[_dedup_one(gram, valid, n_div, steps)]])
 
   args = (attn.mean(1), tokens.mask, feats)
