@@ -28,7 +28,6 @@ import os
 import statistics
 import tempfile
 import time
-import traceback
 
 import jax
 import jax.numpy as jnp

@@ -19,15 +19,13 @@ original RoPE positions; decoding continues from the last position + 1.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import struct
 
 from tcjax import compress
-from tcjax.compress import primitives as cp
 from tcjax.compress.text_relevance import relevance, sparsevlm_raters
 from tcjax.nn import layers as nl
 from tcjax.nn import plan as plan_lib

@@ -22,7 +22,7 @@ entering each decoder layer, the KV entries each layer caches), "llm_valid_token
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Tuple
 
 import flax.linen as nn
 import jax

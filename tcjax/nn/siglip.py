@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Tuple
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from tcjax import compress
 from tcjax.compress import primitives as cp
