@@ -254,4 +254,3 @@ def _chunks(batch, num_candidates, shards):
   steps = [c for c in range(1, batch + 1)
            if batch % c == 0 and (batch // c) % shards == 0 and batch // c <= max(per, shards)]
   return min(steps) if steps else 1
-

@@ -129,13 +129,14 @@ def map_batch(fn, args, chunks: int, name: str = "chunks"):
   sharded over the mesh every device works at every step. Returns what `fn` does, for the whole
   batch, in the original order. `name`: the caller's option for `chunks`, in the ValueError.
   """
-  b = jax.tree.leaves(args)[0].shape[0]
+  first = jax.tree.leaves(args)[0]
+  b = first.shape[0]
   if chunks < 1 or b % chunks:
     raise ValueError(f"{name}={chunks} must be a positive divisor of the batch of {b}")
   if chunks == 1:
     return fn(*args)
   per = b // chunks
-  if per == 1 and batch_shards(jax.tree.leaves(args)[0]) == 1:
+  if per == 1 and batch_shards(first) == 1:
     # One example per step: map over the batch axis itself. (With a size-1 axis added, XLA lays
     # the input out with that axis major and copies all of it into the loop: 72 MB per call
     # for vispruner at N=4096, batch 4.)
