@@ -63,8 +63,10 @@ def read_npz(path) -> Dict[str, np.ndarray]:
 def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
   """Reads a PaliGemmaConfig off the parameter shapes of a flat big_vision tree.
 
-  Shapes fix every size; what they cannot show (norm eps, RoPE base, and for Gemma 2 the
-  soft-caps, sliding window and query scale) takes the published Gemma / Gemma 2 values.
+  Shapes fix every size; what they cannot show takes big_vision's PaliGemma values: Gemma's norm
+  eps and RoPE base, and for Gemma 2 the attention soft-cap (50) and query scale. big_vision's
+  PaliGemma 2 runs without Gemma 2's final-logit soft-cap and without a sliding window, so both
+  stay off here (`load_hf` takes both from config.json instead).
   """
   def shape(name):
     if name not in flat:
@@ -96,7 +98,7 @@ def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
   extra = {}
   if version == 2:
     extra = dict(query_pre_attn_scalar=_GEMMA2_QUERY_SCALAR.get((E, Lg), hd),
-                 attn_logits_softcap=50.0, final_logits_softcap=30.0, sliding_window=4096)
+                 attn_logits_softcap=50.0, final_logits_softcap=None, sliding_window=None)
   llm = GemmaConfig(version=version, vocab_size=V, width=E, depth=Lg, mlp_dim=F, num_heads=Hg,
                     num_kv_heads=K, head_dim=hd, **extra)
   return PaliGemmaConfig(img=img, llm=llm, plan=tuple(plan))

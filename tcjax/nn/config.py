@@ -11,7 +11,7 @@ from typing import Any, Optional, Tuple
 
 # name -> (width, depth, mlp_dim, num_heads), as in big_vision's vit.decode_variant.
 _VIT_SIZES = {
-    "mu": (32, 2, 64, 2),  # tiny, for tests
+    "mu": (32, 1, 128, 2),  # tiny, for tests
     "Ti": (192, 12, 768, 3),
     "S": (384, 12, 1536, 6),
     "M": (512, 12, 2048, 8),
