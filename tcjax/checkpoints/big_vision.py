@@ -9,6 +9,7 @@ numpy has no bfloat16, so bf16 arrays are written as 2-byte void (`|V2`) records
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Any, Dict, Optional, Tuple
@@ -50,10 +51,37 @@ def _from_npz(a: np.ndarray) -> np.ndarray:
   return a
 
 
+def file_name(path) -> str:
+  """A path, or an open file's name, for error messages."""
+  if isinstance(path, (str, os.PathLike)):
+    return os.fspath(path)
+  return str(getattr(path, "name", "<npz stream>"))
+
+
 def read_npz(path) -> Dict[str, np.ndarray]:
-  """Reads a big_vision `.npz` into a flat {name: np.ndarray} (bf16 viewed via ml_dtypes)."""
-  with np.load(path, allow_pickle=False) as z:
-    flat = {k: _from_npz(z[k]) for k in z.files}
+  """Reads a big_vision `.npz` into a flat {name: np.ndarray} (bf16 viewed via ml_dtypes).
+
+  Raises ValueError naming the file (and the array) when the archive is damaged.
+  """
+  name = file_name(path)
+  try:
+    z = np.load(path, allow_pickle=False)
+  except (FileNotFoundError, IsADirectoryError, PermissionError):
+    raise  # not damage: OSError already names the path
+  except Exception as e:  # pylint: disable=broad-except
+    # A truncated zip is BadZipFile, an empty file EOFError, other bytes a pickle ValueError.
+    raise ValueError(f"{name}: not a readable .npz archive ({type(e).__name__}: {e})") from e
+  if not isinstance(z, np.lib.npyio.NpzFile):
+    raise ValueError(f"{name}: holds a single .npy array, not a big_vision .npz archive")
+  flat = {}
+  with z:
+    for k in z.files:
+      try:
+        flat[k] = _from_npz(z[k])
+      except Exception as e:  # pylint: disable=broad-except
+        # Damage inside a member surfaces as many types (BadZipFile on a CRC mismatch,
+        # ValueError on a bad .npy header, tokenize.TokenError, zlib.error when compressed).
+        raise ValueError(f"{name}: cannot read array {k!r} ({type(e).__name__}: {e})") from e
   # Some exports keep the Linen collection name as a prefix.
   if flat and all(k.startswith("params/") for k in flat):
     flat = {k[len("params/"):]: v for k, v in flat.items()}
@@ -68,32 +96,36 @@ def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
   PaliGemma 2 runs without Gemma 2's final-logit soft-cap and without a sliding window, so both
   stay off here (`load_hf` takes both from config.json instead).
   """
-  def shape(name):
+  def shape(name, rank):
     if name not in flat:
       raise ValueError(f"cannot infer the config: parameter {name!r} is missing; pass config=")
-    return tuple(np.shape(flat[name]))
+    s = tuple(np.shape(flat[name]))
+    if len(s) != rank:
+      raise ValueError(f"cannot infer the config: parameter {name!r} has shape {s}, "
+                       f"expected {rank} dimensions")
+    return s
 
   blk = "img/Transformer/encoderblock/"
-  p, _, _, D = shape("img/embedding/kernel")
-  _, N, _ = shape("img/pos_embedding")
+  p, _, _, D = shape("img/embedding/kernel", 4)
+  _, N, _ = shape("img/pos_embedding", 3)
   side = math.isqrt(N)
   if side * side != N:
     raise ValueError(f"img/pos_embedding has {N} positions, not a square grid; pass config=")
-  L = shape(blk + "LayerNorm_0/scale")[0]
-  M = shape(blk + "MlpBlock_0/Dense_0/kernel")[-1]
-  H = shape(blk + "MultiHeadDotProductAttention_0/query/kernel")[2]
+  L = shape(blk + "LayerNorm_0/scale", 2)[0]
+  M = shape(blk + "MlpBlock_0/Dense_0/kernel", 3)[-1]
+  H = shape(blk + "MultiHeadDotProductAttention_0/query/kernel", 4)[2]
   img = SiglipConfig(width=D, depth=L, mlp_dim=M, num_heads=H, patch_size=p,
                      image_size=side * p)
 
-  V, E = shape("llm/embedder/input_embedding")
-  Lg = shape("llm/layers/pre_attention_norm/scale")[0]
-  F = shape("llm/layers/mlp/gating_einsum")[-1]
+  V, E = shape("llm/embedder/input_embedding", 2)
+  Lg = shape("llm/layers/pre_attention_norm/scale", 2)[0]
+  F = shape("llm/layers/mlp/gating_einsum", 4)[-1]
   if "llm/layers/attn/qkv_einsum/w" in flat:
-    _, _, Hg, _, hd = shape("llm/layers/attn/qkv_einsum/w")
+    _, _, Hg, _, hd = shape("llm/layers/attn/qkv_einsum/w", 5)
     K = Hg
   else:
-    _, Hg, _, hd = shape("llm/layers/attn/q_einsum/w")
-    K = shape("llm/layers/attn/kv_einsum/w")[2]
+    _, Hg, _, hd = shape("llm/layers/attn/q_einsum/w", 4)
+    K = shape("llm/layers/attn/kv_einsum/w", 5)[2]
   version = 2 if "llm/layers/post_attention_norm/scale" in flat else 1
   extra = {}
   if version == 2:
@@ -135,12 +167,18 @@ def load_big_vision(path, config: Optional[PaliGemmaConfig] = None, *, dtype=Non
     plan: compression plan for the inferred config (ignored when `config` is given).
 
   Raises:
-    ValueError naming every missing, unexpected and wrongly shaped key; nothing is loaded then.
+    ValueError naming every missing, unexpected and wrongly shaped key (nothing is loaded then),
+    or naming the file (and the array) when the archive is damaged.
   """
+  name = file_name(path)
   flat = read_npz(path)
   if config is None:
-    config = infer_config(flat, plan=plan)
-  name = os.fspath(path) if isinstance(path, (str, os.PathLike)) else "npz"
+    try:
+      config = infer_config(flat)
+    except ValueError as e:
+      raise ValueError(f"big_vision checkpoint {name!r} ({len(flat)} arrays): {e}") from e
+    if plan:  # outside the try: a bad plan is not the file's fault
+      config = dataclasses.replace(config, plan=tuple(plan))
   return finish(flat, config, dtype=dtype, source=f"big_vision checkpoint {name!r}")
 
 

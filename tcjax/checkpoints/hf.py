@@ -2,8 +2,9 @@
 
 A directory written by `PaliGemmaForConditionalGeneration.save_pretrained` holds `config.json` and
 `model.safetensors` (or shards listed in `model.safetensors.index.json`). We read the safetensors
-files directly (header + raw bytes; bf16 via ml_dtypes, so neither torch nor a bf16-capable numpy
-is needed), map HF names to big_vision's tree and build the PaliGemmaConfig from config.json.
+files with the `safetensors` library's numpy framework (memory-mapped, tensor by tensor; bf16 via
+ml_dtypes, so torch is not needed), map HF names to big_vision's tree and build the
+PaliGemmaConfig from config.json. A damaged file raises ValueError naming the file (and tensor).
 
 Conventions that differ between the two (checked against transformers' modeling code):
 - key layouts: transformers releases name the same weights `language_model.model.layers.*`,
@@ -23,60 +24,110 @@ Conventions that differ between the two (checked against transformers' modeling 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 from typing import Any, Dict, Optional, Tuple
 
-import ml_dtypes
+# Not used by name: safetensors' numpy framework builds bf16 arrays by asking numpy for the
+# dtype "bfloat16", a name numpy knows only once ml_dtypes is imported. Measured with
+# safetensors 0.8.0: without this import get_tensor on a BF16 tensor raises
+# TypeError("data type 'bfloat16' not understood"); with it, it returns ml_dtypes.bfloat16 arrays
+# bit-exact with torch's, so no bf16 path of our own is needed.
+import ml_dtypes  # noqa: F401  pylint: disable=unused-import
 import numpy as np
+from safetensors import safe_open
 
 from tcjax.checkpoints import big_vision as _bv
 from tcjax.checkpoints import tree as _tree
 from tcjax.nn.config import GemmaConfig, PaliGemmaConfig, SiglipConfig
 
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-    "BOOL": np.bool_,
-}
 _TANH_GELUS = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new")
 
 
 # ------------------------------------------------------------------------------------------------
 # safetensors reading
 # ------------------------------------------------------------------------------------------------
-def read_safetensors(path: str) -> Dict[str, np.ndarray]:
-  """One `.safetensors` file -> {name: np.ndarray} (copies, so the file can be closed)."""
-  with open(path, "rb") as f:
-    n = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(n))
-  # Memory-map the data section and copy one tensor at a time: no second copy of the file.
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)
+def read_safetensors(path) -> Dict[str, np.ndarray]:
+  """One `.safetensors` file -> {name: np.ndarray}, read tensor by tensor from a memory map.
+
+  Raises ValueError naming the file (and the tensor) when the file is damaged.
+  """
+  path = os.fspath(path)
+  try:
+    f = safe_open(path, framework="numpy")
+  except (FileNotFoundError, IsADirectoryError, PermissionError):
+    raise  # not damage: OSError already names the path
+  except Exception as e:  # pylint: disable=broad-except
+    # safetensors validates the whole header when opening (length, JSON, offsets covering the
+    # file exactly) and raises SafetensorError, which is no ValueError.
+    raise ValueError(f"{path}: not a readable safetensors file ({e}){_past_end(path)}") from e
   out = {}
-  for name, info in header.items():
-    if name == "__metadata__":
-      continue
-    if info["dtype"] not in _ST_DTYPES:
-      raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
-    begin, end = info["data_offsets"]
-    a = np.array(data[begin:end]).view(_ST_DTYPES[info["dtype"]])
-    out[name] = a.reshape(info["shape"])
-  del data
+  with f:
+    for name in f.keys():
+      try:
+        out[name] = f.get_tensor(name)
+      except Exception as e:  # pylint: disable=broad-except
+        # e.g. a float8 dtype this numpy / ml_dtypes cannot represent
+        dtype = f.get_slice(name).get_dtype()
+        raise ValueError(f"{path}: cannot read tensor {name!r} of dtype {dtype} "
+                         f"({type(e).__name__}: {e})") from e
   return out
 
 
-def read_hf_dir(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+def _past_end(path: str) -> str:
+  """For a truncated file, the tensors whose bytes lie past its end ("" if none / unknown).
+
+  Diagnostic only: safetensors reports truncation as "incomplete metadata, file not fully
+  covered" without naming a tensor, so we read the header ourselves to say which ones are cut.
+  """
+  try:
+    size = os.path.getsize(path)
+    with open(path, "rb") as fh:
+      n = int.from_bytes(fh.read(8), "little")
+      if not 0 < n <= size - 8:
+        return ""
+      header = json.loads(fh.read(n))
+    cut = sorted(k for k, v in header.items()
+                 if k != "__metadata__" and 8 + n + int(v["data_offsets"][1]) > size)
+  except Exception:  # pylint: disable=broad-except
+    return ""  # the header itself is damaged: the library's message says how
+  if not cut:
+    return ""
+  more = f" ... and {len(cut) - 10} more" if len(cut) > 10 else ""
+  return f"; truncated at {size} bytes, tensors cut off: {', '.join(cut[:10])}{more}"
+
+
+def _read_json(file: str) -> Dict[str, Any]:
+  """A JSON object from `file`; ValueError naming the file if it is not one."""
+  try:
+    with open(file, encoding="utf-8") as f:
+      obj = json.load(f)
+  except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+    raise ValueError(f"{file}: not valid JSON ({e})") from e
+  if not isinstance(obj, dict):
+    raise ValueError(f"{file}: expected a JSON object, got {type(obj).__name__}")
+  return obj
+
+
+def read_hf_dir(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
   """(config.json dict, merged state dict) of a `save_pretrained` directory."""
+  path = os.fspath(path)
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
     raise ValueError(f"{path!r} has no config.json; expected a save_pretrained directory")
-  with open(cfg_file) as f:
-    cfg = json.load(f)
+  cfg = _read_json(cfg_file)
   index = os.path.join(path, "model.safetensors.index.json")
   if os.path.isfile(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = _read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str)
+                                                    for v in weight_map.values()):
+      raise ValueError(f"{index}: no weight_map of tensor name -> file name")
+    files = sorted(set(weight_map.values()))
+    absent = [f for f in files if not os.path.isfile(os.path.join(path, f))]
+    if absent:
+      raise ValueError(f"{index} lists shards that are not in {path!r}: {absent}")
   elif os.path.isfile(os.path.join(path, "model.safetensors")):
     files = ["model.safetensors"]
   else:
@@ -88,7 +139,7 @@ def read_hf_dir(path: str) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     part = read_safetensors(os.path.join(path, fname))
     dup = set(part) & set(state)
     if dup:
-      raise ValueError(f"tensors stored twice across shards: {sorted(dup)}")
+      raise ValueError(f"tensors stored twice across shards (again in {fname}): {sorted(dup)}")
     state.update(part)
   return cfg, state
 
@@ -348,12 +399,23 @@ def load_hf(path: str, *, dtype=None, vocab_size: Optional[int] = None, plan=()
     (model, params): `tcjax.nn.PaliGemma` and big_vision-named params.
 
   Raises:
-    ValueError naming every missing, unexpected or wrongly shaped tensor; nothing is loaded then.
+    ValueError naming every missing, unexpected or wrongly shaped tensor (nothing is loaded then),
+    or naming the file (and the tensor) when config.json, the index or a safetensors file is
+    damaged.
   """
+  path = os.fspath(path)
   hf, state = read_hf_dir(path)
-  config = config_from_hf(hf, vocab_size=vocab_size, plan=plan)
-  hf_vocab = int(hf["text_config"]["vocab_size"])
-  flat = convert_state(state, config, hf_vocab,
-                       ignore_vision_head=bool(hf["vision_config"].get("vision_use_head", False)),
+  cfg_file = os.path.join(path, "config.json")
+  try:
+    config = config_from_hf(hf, vocab_size=vocab_size)
+    hf_vocab = int(hf["text_config"]["vocab_size"])
+    use_head = bool(hf["vision_config"].get("vision_use_head", False))
+  except KeyError as e:
+    raise ValueError(f"{cfg_file}: required field {e} is missing") from e
+  except (TypeError, AttributeError, ValueError) as e:
+    raise ValueError(f"{cfg_file}: {e}") from e
+  if plan:  # outside the try: a bad plan is not config.json's fault
+    config = dataclasses.replace(config, plan=tuple(plan))
+  flat = convert_state(state, config, hf_vocab, ignore_vision_head=use_head,
                        source=f"HF checkpoint {path!r}")
   return _bv.finish(flat, config, dtype=dtype, source=f"HF checkpoint {path!r}")
