@@ -1,6 +1,9 @@
 """big_vision .npz and orbax checkpoints: round trips, bf16 void arrays, whole-tree validation."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 
 import jax
 import ml_dtypes
@@ -32,6 +35,16 @@ def random_params(config, seed=0):
 
 def flat_np(params):
   return {k: np.asarray(v) for k, v in ckpt.flatten(params).items()}
+
+
+def test_checkpoints_is_an_attribute_of_the_package():
+  # In a fresh interpreter: here `import tcjax.checkpoints` has already set the attribute.
+  code = "import tcjax; tcjax.checkpoints.load_hf; tcjax.checkpoints.load_big_vision"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True,
+                       text=True, timeout=300, check=False)
+  assert out.returncode == 0, out.stderr
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
