@@ -32,6 +32,7 @@ NNNN = round(c / S * 1023), in the order y0 x0 y1 x1 (`loc_tokens` / `parse_loc`
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from typing import Any, Dict, List, Tuple
 
@@ -295,13 +296,11 @@ def _video(rng, split):
     prefix = "when does the square appear"
   else:
     k = int(rng.integers(0, 4))
-    # k blinks: single off frames, never adjacent, never the first or last frame
-    choices = np.arange(1, F - 1)
-    off = []
-    while len(off) < k:
-      c = int(rng.choice(choices))
-      if all(abs(c - o) > 1 for o in off):
-        off.append(c)
+    # k blinks: single off frames, never adjacent, never the first or last frame; drawn
+    # uniformly from every such set (a greedy draw can corner itself, e.g. {2, 5} for k = 3)
+    sets = [c for c in itertools.combinations(range(1, F - 1), k)
+            if all(b - a > 1 for a, b in zip(c, c[1:]))]
+    off = list(sets[int(rng.integers(len(sets)))])
     visible[off] = False
     prefix = "how many times does the circle blink"
   base = _canvas(rng)
