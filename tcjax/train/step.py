@@ -31,14 +31,24 @@ class TrainState:
     return cls(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
 
 
-def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array]) -> Tuple[jax.Array, Dict]:
+def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array], *,
+            compute_dtype=None) -> Tuple[jax.Array, Dict]:
   """Mean next-token cross-entropy over the tokens `mask_loss` marks: (loss, metrics).
 
   Logits at position t predict text[t + 1] (big_vision: logits[:, :-1] vs text[:, 1:] weighted by
   mask_loss[:, 1:]). Examples with no loss token contribute nothing.
+  compute_dtype: e.g. "bfloat16": the forward runs on parameters and image cast to it (the
+  parameters themselves, and so the gradients and the update, stay float32); the loss is
+  float32 either way.
   """
   text = batch["text"]
-  logits, aux = model.apply({"params": params}, batch["image"], text, batch["mask_ar"],
+  image = batch["image"]
+  if compute_dtype is not None:
+    dt = jnp.dtype(compute_dtype)
+    params = jax.tree.map(lambda p: p.astype(dt) if jnp.issubdtype(p.dtype, jnp.floating)
+                          else p, params)
+    image = image.astype(dt) if jnp.issubdtype(image.dtype, jnp.floating) else image
+  logits, aux = model.apply({"params": params}, image, text, batch["mask_ar"],
                             batch.get("input_mask"))
   logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.promote_types(logits.dtype, jnp.float32)),
                             axis=-1)
@@ -49,15 +59,17 @@ def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array]) -> Tuple[jax.
   return loss, {"loss": loss, "tokens": count, "image_tokens_kept": aux.get("image_tokens_kept")}
 
 
-def make_train_step(model: PaliGemma, optimizer: optax.GradientTransformation
+def make_train_step(model: PaliGemma, optimizer: optax.GradientTransformation, *,
+                    compute_dtype=None
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
   """`step(state, batch) -> (state, metrics)`, pure: wrap it in `jax.jit` with shardings from
   `tcjax.parallel.param_shardings` (and `donate_argnums=0`) for data / FSDP parallel training.
-  metrics: loss, tokens (loss tokens), grad_norm."""
+  metrics: loss, tokens (loss tokens), grad_norm. compute_dtype: see `loss_fn`."""
 
   def step(state: TrainState, batch):
     (_, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(model, p, batch), has_aux=True)(state.params)
+        lambda p: loss_fn(model, p, batch, compute_dtype=compute_dtype),
+        has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))

@@ -1,0 +1,70 @@
+"""Training on the testbed: the bundled model's recipe, and a smoke config.
+
+  python -m experiments.train --config configs/testbed.py --workdir DIR          # bundled model
+  python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
+  python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
+
+Every field below can be overridden with `--config.<field>=...`.
+"""
+
+import ml_collections
+
+from tcjax.data import testbed
+
+TOKENIZER = "tcjax/assets/testbed_tokenizer.model"
+
+
+def get_config(arg: str = ""):
+  """arg: "" (the bundled model) or "smoke" (a tiny model, a few steps, for tests)."""
+  if arg not in ("", "smoke"):
+    raise ValueError(f"unknown config arg {arg!r}; use '' or 'smoke'")
+  smoke = arg == "smoke"
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.init = ""                  # a big_vision .npz / HF directory to start from (configs/finetune.py)
+  c.tokenizer = TOKENIZER
+  c.total_steps = 8 if smoke else 2400
+  c.log_every = 1 if smoke else 20
+  c.ckpt_every = 3 if smoke else 100
+  c.keep_ckpts = 2
+  c.grad_accum = 1
+  c.trainable = ".*"           # regex over "img/..." / "llm/..." paths; the rest is frozen
+  c.compute_dtype = None       # e.g. "bfloat16": bf16 forward, f32 parameters and update
+  c.mesh = (("data", -1),)
+  c.param_rules = ((r".*", "replicate"),)
+
+  w = 32 if smoke else 96
+  c.model = ml_collections.ConfigDict()
+  c.model.img = dict(width=w, depth=1 if smoke else 3, mlp_dim=4 * w, num_heads=2,
+                     patch_size=4, image_size=testbed.IMAGE_SIZE)
+  c.model.llm = dict(version=1, vocab_size=1152, width=w, depth=1 if smoke else 3,
+                     mlp_dim=4 * w, num_heads=2, num_kv_heads=1, head_dim=w // 2)
+  c.model.plan = ()            # a compression plan here trains through it
+
+  c.data = ml_collections.ConfigDict()
+  c.data.seed = 0
+  c.data.jsonl = ""            # user records instead of the testbed (configs/finetune.py)
+  c.data.skip_bad = False
+  c.data.families = testbed.FAMILIES
+  c.data.max_len = 24
+  # Global batch per modality, and how often each modality's batches come (by batch count).
+  # (Each must divide by the number of devices on the mesh's data axis.)
+  c.data.batch_size = dict(image=32, video=4, audio=8) if not smoke else \
+      dict(image=8, video=8, audio=8)
+  c.data.weights = dict(image=0.6, video=0.2, audio=0.2)
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_steps = 2 if smoke else 100
+  c.optim.end_lr_fraction = 0.02
+  c.optim.clip_norm = 1.0
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.weight_decay = 1e-4
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.every = 0 if smoke else 400   # 0: no periodic evaluation
+  c.eval.per_family = 8 if smoke else 48
+  c.eval.batch_size = 16
+  c.eval.max_new_tokens = 8
+  return c

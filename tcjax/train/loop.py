@@ -1,0 +1,299 @@
+"""The resumable training loop behind `python -m experiments.train` (big_vision style).
+
+`train(config, workdir)` trains a PaliGemma on the testbed (or on user JSONL data) and keeps in
+`workdir`:
+
+  ckpt/<step>/        orbax CheckpointManager: params, optimizer state, step, RNG, and the grain
+                      iterator's state; every `config.ckpt_every` steps and at exit, last
+                      `config.keep_ckpts` kept. Running the same command again resumes from the
+                      newest one, and ends bit-identical to a run that was never interrupted
+                      (same data, same order, same float ops).
+  metrics.jsonl       one JSON object per logged step / evaluation
+  tb/                 TensorBoard event files (tensorboardX)
+  checkpoint.npz      the final parameters as a big_vision `.npz` (written at the end)
+
+Config fields: see `configs/testbed.py`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from typing import Any, Dict
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import traverse_util
+from jax.experimental import multihost_utils
+from jax.sharding import PartitionSpec as P
+
+from tcjax.data import pipeline, testbed
+from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig
+from tcjax.parallel import global_batch_from_local, make_mesh, param_shardings
+from tcjax.train.step import TrainState, make_train_step
+
+
+# -------------------------------------------------------------------------------------------
+# Model, optimizer
+
+
+def model_config(cfg: ml_collections.ConfigDict) -> PaliGemmaConfig:
+  """`config.model` (img / llm dicts, plan) -> PaliGemmaConfig. Unknown fields are refused by
+  the dataclasses."""
+  m = cfg.model
+  plan = tuple((stage, dict(opts)) for stage, opts in m.get("plan", ()))
+  return PaliGemmaConfig(img=SiglipConfig(**m.img.to_dict()),
+                         llm=GemmaConfig(**m.llm.to_dict()), plan=plan)
+
+
+def trainable_mask(params, pattern: str):
+  """Pytree of bools: True where the parameter's '/'-joined path fully matches `pattern`."""
+  rx = re.compile(pattern)
+  flat = traverse_util.flatten_dict(params, sep="/")
+  mask = {k: bool(rx.fullmatch(k)) for k in flat}
+  if not any(mask.values()):
+    raise ValueError(f"trainable={pattern!r} matches no parameter (paths like "
+                     f"{next(iter(flat))!r})")
+  return traverse_util.unflatten_dict(mask, sep="/")
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTransformation:
+  """Warm-up + cosine AdamW with global-norm clipping; parameters outside `cfg.trainable` get
+  no update (and no optimizer state); `cfg.grad_accum` > 1 averages gradients over that many
+  steps before one update (optax.MultiSteps)."""
+  o = cfg.optim
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=0.0, peak_value=o.lr, warmup_steps=o.warmup_steps,
+      decay_steps=max(cfg.total_steps // max(cfg.grad_accum, 1), o.warmup_steps + 1),
+      end_value=o.lr * o.end_lr_fraction)
+  tx = optax.chain(optax.clip_by_global_norm(o.clip_norm),
+                   optax.adamw(schedule, b1=o.b1, b2=o.b2, weight_decay=o.weight_decay))
+  labels = jax.tree.map(lambda t: "train" if t else "freeze",
+                        trainable_mask(params, cfg.trainable))
+  tx = optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+  return tx
+
+
+def load_init(path: str, plan=()):
+  """(model, float32 params) from a big_vision `.npz` or an HF `save_pretrained` directory."""
+  from tcjax import checkpoints  # pylint: disable=g-import-not-at-top
+  if os.path.isdir(path):
+    return checkpoints.load_hf(path, dtype="float32", plan=plan)
+  return checkpoints.load_big_vision(path, dtype="float32", plan=plan)
+
+
+def init_fn(model: PaliGemma, seed: int):
+  """A function of no arguments returning freshly initialised parameters (to jit)."""
+  cfg = model.config
+  image = jnp.zeros((1, cfg.img.image_size, cfg.img.image_size, 3), jnp.float32)
+  text = jnp.ones((1, 4), jnp.int32)
+  return lambda: model.init(jax.random.key(seed), image, text, jnp.zeros_like(text))["params"]
+
+
+# -------------------------------------------------------------------------------------------
+# Data
+
+_MODEL_INPUTS = ("image", "text", "mask_ar", "mask_loss", "input_mask")
+
+
+def train_stream(cfg: ml_collections.ConfigDict, tokenizer, image_size: int) -> grain.MapDataset:
+  """The training stream: user JSONL records when `cfg.data.jsonl` is set, otherwise the
+  testbed with one stream per modality, mixed batch by batch."""
+  d = cfg.data
+  if d.get("jsonl"):
+    from tcjax.data import jsonl  # pylint: disable=g-import-not-at-top
+    if d.batch_size["image"] % jax.process_count():
+      raise ValueError(f"data.batch_size.image {d.batch_size['image']} is not divisible by "
+                       f"{jax.process_count()} processes")
+    return jsonl.dataset(d.jsonl, tokenizer, image_size=image_size, max_len=d.max_len,
+                         batch_size=d.batch_size["image"] // jax.process_count(), seed=d.seed,
+                         skip_bad=d.get("skip_bad", False))
+  streams, weights = [], []
+  for mod, fams in pipeline.by_modality(d.families).items():
+    streams.append(pipeline.testbed_stream(
+        fams, tokenizer, split="train", seed=d.seed, batch_size=d.batch_size[mod],
+        max_len=d.max_len))
+    weights.append(d.weights[mod])
+  return pipeline.mixed_stream(streams, weights)
+
+
+# -------------------------------------------------------------------------------------------
+# Evaluation
+
+
+def score(family: str, prediction: str, answer: str, scene) -> Dict[str, float]:
+  """exact: 1.0 if the decoded answer equals the reference; locate also gets iou and
+  `correct` = IoU >= 0.5 (the box criterion), everything else `correct` = exact."""
+  exact = float(prediction.strip() == answer.strip())
+  if family == "locate":
+    iou = testbed.box_iou(testbed.parse_loc(prediction), testbed.target_box(scene))
+    return {"exact": exact, "iou": iou, "correct": float(iou >= 0.5)}
+  return {"exact": exact, "correct": exact}
+
+
+def evaluate(model: PaliGemma, params, tokenizer, batches, *, max_new_tokens: int
+             ) -> Dict[str, float]:
+  """Greedy answers on held-out `pipeline.eval_batches` -> {"<family>/correct": mean, ...}."""
+  from tcjax.nn.sampling import generate  # pylint: disable=g-import-not-at-top
+  sums: Dict[str, Dict[str, float]] = {}
+  counts: Dict[str, int] = {}
+  for fam, b in batches:
+    out = np.asarray(generate(model, params, b["image"], b["text"], max_new_tokens=max_new_tokens,
+                              prefix_mask=b["input_mask"], eos_id=tokenizer.eos_id,
+                              pad_id=tokenizer.pad_id))
+    for row, ans, scene in zip(out, b["answer"], b["scene"]):
+      s = score(fam, tokenizer.decode(row), ans, scene)
+      acc = sums.setdefault(fam, {})
+      for k, v in s.items():
+        acc[k] = acc.get(k, 0.0) + v
+      counts[fam] = counts.get(fam, 0) + 1
+  return {f"{fam}/{k}": v / counts[fam] for fam, acc in sums.items() for k, v in acc.items()}
+
+
+# -------------------------------------------------------------------------------------------
+# The loop
+
+
+class _Writers:
+  """metrics.jsonl + TensorBoard, appended to across resumes."""
+
+  def __init__(self, workdir: str, enabled: bool):
+    self.enabled = enabled
+    if enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self.jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self.tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, metrics: Dict[str, float]):
+    if not self.enabled:
+      return
+    self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self.jsonl.flush()
+    for k, v in metrics.items():
+      self.tb.add_scalar(k, v, step)
+    self.tb.flush()
+
+  def close(self):
+    if self.enabled:
+      self.jsonl.close()
+      self.tb.close()
+
+
+def _state_dict(state: TrainState, rng: np.ndarray) -> Dict[str, Any]:
+  """What a checkpoint holds; rng: the run's key data (uint32, host)."""
+  return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
+
+
+def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
+          progress: bool = True) -> Dict[str, Any]:
+  """Trains (or resumes) per `cfg` in `workdir`; returns {"params", "step", "eval"}."""
+  from tcjax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  os.makedirs(workdir, exist_ok=True)
+  if tokenizer is None:
+    tokenizer = Tokenizer(cfg.tokenizer)
+  mesh = make_mesh(tuple(cfg.mesh), axis_types="auto")
+  rules = tuple(cfg.param_rules)
+  is_main = jax.process_index() == 0
+  with jax.set_mesh(mesh):
+    # Parameters are made straight into their shardings (no host copy of the whole tree per
+    # device), which is also what lets every process of a multi-host run build the same state.
+    if cfg.get("init"):  # fine-tune a checkpoint: its config, the plan from cfg.model.plan
+      model, host = load_init(cfg.init, plan=model_config(cfg).plan)
+      params = jax.device_put(host, param_shardings(host, mesh, rules))
+      del host
+    else:
+      model = PaliGemma(model_config(cfg))
+      init = init_fn(model, cfg.seed)
+      params = jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init), mesh, rules))()
+    if model.config.llm.vocab_size < tokenizer.vocab_size:
+      raise ValueError(f"the model's vocabulary ({model.config.llm.vocab_size}) is smaller than"
+                       f" the tokenizer's {tokenizer.vocab_size} ({cfg.tokenizer})")
+    tx = make_optimizer(cfg, params)
+    state = jax.jit(lambda p: TrainState.create(p, tx))(params)  # opt state sharded like p
+    rng = np.asarray(jax.random.key_data(jax.random.key(cfg.seed + 1)))
+
+    # A few batches ahead on one thread: grain's default (16 threads, 500 elements ahead)
+    # would keep both cores busy making batches the run may never reach.
+    data_iter = iter(train_stream(cfg, tokenizer, model.config.img.image_size).to_iter_dataset(
+        grain.ReadOptions(num_threads=cfg.data.get("threads", 1),
+                          prefetch_buffer_size=cfg.data.get("prefetch", 2))))
+    mngr = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "ckpt")),
+        options=ocp.CheckpointManagerOptions(max_to_keep=cfg.keep_ckpts,
+                                             enable_async_checkpointing=False),
+        item_names=("state", "data"))
+    if mngr.latest_step() is not None:
+      abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _state_dict(state, rng))
+      restored = mngr.restore(mngr.latest_step(), args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract),
+          data=grain.checkpoint.CheckpointRestore(data_iter)))
+      s = restored["state"]
+      state = TrainState(params=s["params"], opt_state=s["opt_state"], step=s["step"])
+      rng = np.asarray(s["rng"])
+
+    step_fn = jax.jit(make_train_step(model, tx, compute_dtype=cfg.get("compute_dtype")),
+                      donate_argnums=0)
+    writers = _Writers(workdir, is_main)
+    eval_data = pipeline.eval_batches(
+        cfg.data.families, tokenizer, split="val", seed=cfg.data.seed,
+        per_family=cfg.eval.per_family, batch_size=cfg.eval.batch_size,
+        max_len=cfg.data.max_len) if cfg.eval.every and not cfg.data.get("jsonl") else []
+
+    def save(step):
+      mngr.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(_state_dict(state, rng)),
+          data=grain.checkpoint.CheckpointSave(data_iter)), force=True)
+
+    start = int(state.step)
+    bar = None
+    if progress and is_main:
+      from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+      bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True)
+    last_eval: Dict[str, float] = {}
+    t0, seen = time.perf_counter(), 0
+    for step in range(start + 1, cfg.total_steps + 1):
+      local = {k: v for k, v in next(data_iter).items() if k in _MODEL_INPUTS}
+      batch = global_batch_from_local(local, mesh, P("data"))
+      state, metrics = step_fn(state, batch)
+      seen += len(local["text"]) * jax.process_count()
+      if step % cfg.log_every == 0 or step == cfg.total_steps:
+        m = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items() if v is not None}
+        dt = time.perf_counter() - t0
+        m["examples_per_sec"] = seen / max(dt, 1e-9)
+        writers.write(step, m)
+        t0, seen = time.perf_counter(), 0
+        if bar is not None:
+          bar.set_postfix(loss=f"{m['loss']:.3f}", ex_s=f"{m['examples_per_sec']:.1f}")
+      if bar is not None:
+        bar.update(1)
+      if eval_data and (step % cfg.eval.every == 0 or step == cfg.total_steps):
+        last_eval = evaluate(model, state.params, tokenizer, eval_data,
+                             max_new_tokens=cfg.eval.max_new_tokens)
+        writers.write(step, {f"eval/{k}": v for k, v in last_eval.items()})
+        if bar is not None:
+          bar.write(f"step {step}: " + " ".join(
+              f"{k}={v:.2f}" for k, v in last_eval.items() if k.endswith("/correct")))
+      if step % cfg.ckpt_every == 0 or step == cfg.total_steps:
+        save(step)
+    if bar is not None:
+      bar.close()
+    if mngr.latest_step() != int(state.step):
+      save(int(state.step))
+    mngr.wait_until_finished()
+    mngr.close()
+    writers.close()
+    if int(state.step) == cfg.total_steps:
+      from tcjax.checkpoints import save_big_vision  # pylint: disable=g-import-not-at-top
+      final = multihost_utils.process_allgather(state.params, tiled=True)  # every process
+      if is_main:
+        save_big_vision(os.path.join(workdir, "checkpoint.npz"), final)
+  return {"params": state.params, "step": int(state.step), "eval": last_eval}
