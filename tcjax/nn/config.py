@@ -34,6 +34,7 @@ class SiglipConfig:
   patch_size: int = 14
   image_size: int = 224
   norm_eps: float = 1e-6
+  remat: bool = False  # recompute layer activations in the backward pass (training memory)
 
   @classmethod
   def from_variant(cls, variant: str, image_size: int = 224, **overrides) -> "SiglipConfig":
@@ -76,6 +77,7 @@ class GemmaConfig:
   attn_logits_softcap: Optional[float] = None
   final_logits_softcap: Optional[float] = None
   sliding_window: Optional[int] = None  # local layers (even layer indices in Gemma 2)
+  remat: bool = False  # recompute layer activations in the backward pass (training memory)
 
   @classmethod
   def from_variant(cls, variant: str, **overrides) -> "GemmaConfig":

@@ -190,7 +190,7 @@ def _run_segment(layers, seq: Seq, masks, lo: int, hi: int, cfg: GemmaConfig):
     x = _finish(p, x, self_attention(q, k, v, seq, l, cfg, masks), cfg)
     return constrain(x, "data", "seq"), (k, v)
 
-  return nl.scan_layers(body, seq.x, layers, lo, hi)
+  return nl.scan_layers(body, seq.x, layers, lo, hi, remat=cfg.remat)
 
 
 def _layer_mask(cfg: GemmaConfig, layer, glob, loc):

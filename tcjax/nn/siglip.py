@@ -70,7 +70,7 @@ def _run(stacked, x, bias, lo: int, hi: int, cfg: SiglipConfig):
     x, _, _ = _attn_half(p, x, bias, cfg)
     return _mlp_half(p, x, cfg), None
 
-  return nl.scan_layers(body, x, stacked, lo, hi)[0]
+  return nl.scan_layers(body, x, stacked, lo, hi, remat=cfg.remat)[0]
 
 
 def key_bias(tokens: Tokens, prop_attn: bool):
