@@ -112,6 +112,7 @@ def eval_batches(families: Sequence[str], tokenizer, *, split: str, seed: int, p
       chunk = exs[s:s + batch_size]
       toks = _collate([tokenize(tokenizer, e["prefix"], None, max_len) for e in chunk])
       out.append((fam, {"image": np.stack([e["image"] for e in chunk]), "text": toks["text"],
-                        "input_mask": toks["input_mask"], "answer": [e["suffix"] for e in chunk],
+                        "mask_ar": toks["mask_ar"], "input_mask": toks["input_mask"],
+                        "answer": [e["suffix"] for e in chunk],
                         "scene": [e["scene"] for e in chunk]}))
   return out
