@@ -28,6 +28,10 @@ def _axis_type(t: AxisTypeLike) -> AxisType:
 def make_mesh(axes: Sequence[Tuple[str, int]], axis_types, devices=None) -> jax.sharding.Mesh:
   """A mesh over named axes, e.g. `make_mesh((("data", 2), ("seq", -1)), axis_types="explicit")`.
 
+  Built by `jax.make_mesh`, which orders the devices by the physical topology (on TPU, so that
+  neighbours along a mesh axis are neighbours on the interconnect); on GPU by device id, on CPU
+  in the order of `devices`. A mesh smaller than the device count takes the first ones.
+
   Args:
     axes: (name, size) pairs; at most one size may be -1, meaning "the remaining devices".
     axis_types: one type for all axes ("explicit" / "auto" / AxisType) or one per axis. Required:
@@ -56,8 +60,7 @@ def make_mesh(axes: Sequence[Tuple[str, int]], axis_types, devices=None) -> jax.
   if len(axis_types) != len(names):
     raise ValueError(f"axis_types needs one entry per axis ({len(names)}), got {axis_types}")
   types = tuple(_axis_type(t) for t in axis_types)
-  grid = np.asarray(devices[:total], dtype=object).reshape(sizes)
-  return jax.sharding.Mesh(grid, tuple(names), axis_types=types)
+  return jax.make_mesh(tuple(sizes), tuple(names), axis_types=types, devices=devices)
 
 
 def sharded_axis(x: jax.Array, axis: int):
