@@ -58,9 +58,37 @@ def file_name(path) -> str:
   return str(getattr(path, "name", "<npz stream>"))
 
 
-def read_npz(path) -> Dict[str, np.ndarray]:
-  """Reads a big_vision `.npz` into a flat {name: np.ndarray} (bf16 viewed via ml_dtypes).
+def _member_header(z, members, key: str, name: str):
+  """(shape, dtype) of archive member `key` from its .npy header alone (no data read)."""
+  member = key + ".npy" if key + ".npy" in members else key  # as NpzFile maps its keys
+  try:
+    with z.zip.open(member) as f:
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                     else np.lib.format.read_array_header_2_0)
+      shape, _, dtype = read_header(f)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ValueError(f"{name}: cannot read array {key!r} ({type(e).__name__}: {e})") from e
+  if dtype.kind == "V" and dtype.itemsize != 2:
+    raise ValueError(f"{name}: cannot read array {key!r} (cannot interpret a void array of item "
+                     f"size {dtype.itemsize}; only 2-byte bfloat16 is stored as void)")
+  return shape, dtype
 
+
+def _read_member(z, key: str, name: str) -> np.ndarray:
+  try:
+    return _from_npz(z[key])
+  except Exception as e:  # pylint: disable=broad-except
+    # Damage inside a member surfaces as many types (BadZipFile on a CRC mismatch,
+    # ValueError on a bad .npy header, tokenize.TokenError, zlib.error when compressed).
+    raise ValueError(f"{name}: cannot read array {key!r} ({type(e).__name__}: {e})") from e
+
+
+def open_npz(path):
+  """Opens a big_vision `.npz` without reading its arrays -> (NpzFile, {name: tree.Deferred}).
+
+  Shapes come from the members' .npy headers; each Deferred reads its one member when asked
+  (bf16 viewed via ml_dtypes). Close the NpzFile (a context manager) once done reading.
   Raises ValueError naming the file (and the array) when the archive is damaged.
   """
   name = file_name(path)
@@ -73,19 +101,29 @@ def read_npz(path) -> Dict[str, np.ndarray]:
     raise ValueError(f"{name}: not a readable .npz archive ({type(e).__name__}: {e})") from e
   if not isinstance(z, np.lib.npyio.NpzFile):
     raise ValueError(f"{name}: holds a single .npy array, not a big_vision .npz archive")
-  flat = {}
-  with z:
+  try:
+    flat = {}
+    members = set(z.zip.namelist())
     for k in z.files:
-      try:
-        flat[k] = _from_npz(z[k])
-      except Exception as e:  # pylint: disable=broad-except
-        # Damage inside a member surfaces as many types (BadZipFile on a CRC mismatch,
-        # ValueError on a bad .npy header, tokenize.TokenError, zlib.error when compressed).
-        raise ValueError(f"{name}: cannot read array {k!r} ({type(e).__name__}: {e})") from e
+      shape, _ = _member_header(z, members, k, name)
+      flat[k] = _tree.Deferred(shape, lambda k=k: _read_member(z, k, name))
+  except BaseException:
+    z.close()
+    raise
   # Some exports keep the Linen collection name as a prefix.
   if flat and all(k.startswith("params/") for k in flat):
     flat = {k[len("params/"):]: v for k, v in flat.items()}
-  return flat
+  return z, flat
+
+
+def read_npz(path) -> Dict[str, np.ndarray]:
+  """Reads a big_vision `.npz` into a flat {name: np.ndarray} (bf16 viewed via ml_dtypes).
+
+  Raises ValueError naming the file (and the array) when the archive is damaged.
+  """
+  z, flat = open_npz(path)
+  with z:
+    return {k: v.read() for k, v in flat.items()}
 
 
 def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
@@ -136,17 +174,54 @@ def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
   return PaliGemmaConfig(img=img, llm=llm, plan=tuple(plan))
 
 
-def finish(flat: Dict[str, np.ndarray], config: PaliGemmaConfig, *, dtype=None,
-           source: str = "checkpoint"):
-  """Validates a flat tree against `config`, casts, and returns (model, params) on device."""
+def target_shardings(config: PaliGemmaConfig, mesh, rules, fsdp_axis="data"):
+  """{flat name: NamedSharding} for `config`'s parameters under `rules`, from shapes alone.
+
+  None when neither `mesh` nor `rules` is given; ValueError when only one of them is.
+  """
+  if mesh is None and rules is None:
+    return None
+  if mesh is None or rules is None:
+    raise ValueError("pass both mesh= and rules= to load into a sharding (or neither)")
+  import jax  # pylint: disable=g-import-not-at-top
+  from tcjax.parallel.rules import param_shardings  # pylint: disable=g-import-not-at-top
+
+  # Rules match '/'-joined paths; a flat dict's one-key paths are exactly those names.
+  shapes = {k: jax.ShapeDtypeStruct(s, np.float32) for k, s in _tree.param_shapes(config).items()}
+  return param_shardings(shapes, mesh, rules, fsdp_axis)
+
+
+def place(a: np.ndarray, sharding=None):
+  """One host array on device: the default device, or split over `sharding` (each device gets
+  only its own slice; on several hosts each fills only its addressable devices)."""
+  import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
+  if sharding is None:
+    return jnp.asarray(a)
+  return jax.make_array_from_callback(a.shape, sharding, lambda idx: a[idx])
+
+
+def finish(flat: Dict[str, Any], config: PaliGemmaConfig, *, dtype=None,
+           source: str = "checkpoint", mesh=None, rules=None, fsdp_axis="data"):
+  """Validates a flat tree against `config`, then reads, casts and places it leaf by leaf.
+
+  flat: {name: np.ndarray or tree.Deferred}. Only shapes are looked at before placing, and each
+  leaf's host copy is dropped once placed, so with Deferred leaves at most one parameter is on
+  the host at a time. mesh / rules / fsdp_axis: see `target_shardings`.
+  Returns (model, params).
+  """
   _tree.check_flat(flat, _tree.param_shapes(config), source=source)
+  shardings = target_shardings(config, mesh, rules, fsdp_axis)
   dt = as_numpy_dtype(dtype)
-  if dt is not None:
-    flat = {k: np.asarray(v).astype(dt) for k, v in flat.items()}
-  params = _tree.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
-  return make_model(config), params
+  placed = {}
+  for k, leaf in flat.items():
+    a = _tree.read(leaf)
+    if dt is not None:
+      a = a.astype(dt, copy=False)
+    placed[k] = place(a, None if shardings is None else shardings[k])
+    del a  # before the next read
+  return make_model(config), _tree.unflatten(placed)
 
 
 def make_model(config: PaliGemmaConfig):
@@ -155,9 +230,9 @@ def make_model(config: PaliGemmaConfig):
   return PaliGemma(config)
 
 
-def load_big_vision(path, config: Optional[PaliGemmaConfig] = None, *, dtype=None,
-                    plan=()) -> Tuple[Any, Dict[str, Any]]:
-  """Loads a big_vision PaliGemma `.npz` -> `(model, params)`.
+def load_big_vision(path, config: Optional[PaliGemmaConfig] = None, *, dtype=None, plan=(),
+                    mesh=None, rules=None, fsdp_axis="data") -> Tuple[Any, Dict[str, Any]]:
+  """Loads a big_vision PaliGemma `.npz` -> `(model, params)`, one array at a time.
 
   Args:
     path: the `.npz` file (or an open binary file).
@@ -165,21 +240,27 @@ def load_big_vision(path, config: Optional[PaliGemmaConfig] = None, *, dtype=Non
     dtype: cast every parameter to this ("float32", "bfloat16", np.float16, ...); None keeps
       the stored dtype (bf16 files give bf16 params).
     plan: compression plan for the inferred config (ignored when `config` is given).
+    mesh, rules: place every parameter straight into its sharding under `rules` (as
+      `tcjax.parallel.param_shardings`, e.g. configs/sharding.py's PALIGEMMA_RULES) on `mesh`,
+      as it is read; the whole tree is never on one device. Both or neither.
+    fsdp_axis: the mesh axis of the rules' "fsdp" tactic.
 
   Raises:
     ValueError naming every missing, unexpected and wrongly shaped key (nothing is loaded then),
     or naming the file (and the array) when the archive is damaged.
   """
   name = file_name(path)
-  flat = read_npz(path)
-  if config is None:
-    try:
-      config = infer_config(flat)
-    except ValueError as e:
-      raise ValueError(f"big_vision checkpoint {name!r} ({len(flat)} arrays): {e}") from e
-    if plan:  # outside the try: a bad plan is not the file's fault
-      config = dataclasses.replace(config, plan=tuple(plan))
-  return finish(flat, config, dtype=dtype, source=f"big_vision checkpoint {name!r}")
+  z, flat = open_npz(path)
+  with z:  # the archive stays open while its members are read one by one
+    if config is None:
+      try:
+        config = infer_config(flat)
+      except ValueError as e:
+        raise ValueError(f"big_vision checkpoint {name!r} ({len(flat)} arrays): {e}") from e
+      if plan:  # outside the try: a bad plan is not the file's fault
+        config = dataclasses.replace(config, plan=tuple(plan))
+    return finish(flat, config, dtype=dtype, source=f"big_vision checkpoint {name!r}",
+                  mesh=mesh, rules=rules, fsdp_axis=fsdp_axis)
 
 
 def save_big_vision(path, params, *, dtype=None) -> None:

@@ -24,11 +24,13 @@ Conventions that differ between the two (checked against transformers' modeling 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
 import os
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple
 
 # Not used by name: safetensors' numpy framework builds bf16 arrays by asking numpy for the
 # dtype "bfloat16", a name numpy knows only once ml_dtypes is imported. Measured with
@@ -49,31 +51,50 @@ _TANH_GELUS = ("gelu_pytorch_tanh", "gelu_fast", "gelu_new")
 # ------------------------------------------------------------------------------------------------
 # safetensors reading
 # ------------------------------------------------------------------------------------------------
-def read_safetensors(path) -> Dict[str, np.ndarray]:
-  """One `.safetensors` file -> {name: np.ndarray}, read tensor by tensor from a memory map.
-
-  Raises ValueError naming the file (and the tensor) when the file is damaged.
-  """
-  path = os.fspath(path)
+def _open_safetensors(path: str):
+  """safe_open(path) (reads and checks the header only); ValueError naming a damaged file."""
   try:
-    f = safe_open(path, framework="numpy")
+    return safe_open(path, framework="numpy")
   except (FileNotFoundError, IsADirectoryError, PermissionError):
     raise  # not damage: OSError already names the path
   except Exception as e:  # pylint: disable=broad-except
     # safetensors validates the whole header when opening (length, JSON, offsets covering the
     # file exactly) and raises SafetensorError, which is no ValueError.
     raise ValueError(f"{path}: not a readable safetensors file ({e}){_past_end(path)}") from e
-  out = {}
-  with f:
-    for name in f.keys():
-      try:
-        out[name] = f.get_tensor(name)
-      except Exception as e:  # pylint: disable=broad-except
-        # e.g. a float8 dtype this numpy / ml_dtypes cannot represent
-        dtype = f.get_slice(name).get_dtype()
-        raise ValueError(f"{path}: cannot read tensor {name!r} of dtype {dtype} "
-                         f"({type(e).__name__}: {e})") from e
-  return out
+
+
+class _Stored(_tree.Deferred):
+  """A tensor of an open safetensors file, read from its memory map only when asked:
+  `read()` the whole tensor, `rows(start, stop)` a block of leading-axis rows."""
+
+  __slots__ = ("_f", "_path", "_name")
+
+  def __init__(self, f, path: str, name: str):
+    self._f, self._path, self._name = f, path, name
+    super().__init__(self._guard(lambda: f.get_slice(name).get_shape()),
+                     lambda: self._guard(lambda: f.get_tensor(name)))
+
+  def rows(self, start: int, stop: int) -> np.ndarray:
+    return self._guard(lambda: self._f.get_slice(self._name)[start:stop])
+
+  def _guard(self, fn):
+    try:
+      return fn()
+    except Exception as e:  # pylint: disable=broad-except
+      # e.g. a float8 dtype this numpy / ml_dtypes cannot represent
+      dtype = self._f.get_slice(self._name).get_dtype()
+      raise ValueError(f"{self._path}: cannot read tensor {self._name!r} of dtype {dtype} "
+                       f"({type(e).__name__}: {e})") from e
+
+
+def read_safetensors(path) -> Dict[str, np.ndarray]:
+  """One `.safetensors` file -> {name: np.ndarray}, read tensor by tensor from a memory map.
+
+  Raises ValueError naming the file (and the tensor) when the file is damaged.
+  """
+  path = os.fspath(path)
+  with _open_safetensors(path) as f:
+    return {name: _Stored(f, path, name).read() for name in f.keys()}
 
 
 def _past_end(path: str) -> str:
@@ -111,8 +132,10 @@ def _read_json(file: str) -> Dict[str, Any]:
   return obj
 
 
-def read_hf_dir(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
-  """(config.json dict, merged state dict) of a `save_pretrained` directory."""
+def open_hf_dir(path, stack: contextlib.ExitStack
+                ) -> Tuple[Dict[str, Any], Dict[str, _tree.Deferred]]:
+  """(config.json dict, merged state dict of not-yet-read tensors) of a `save_pretrained`
+  directory; its safetensors files stay open until `stack` closes."""
   path = os.fspath(path)
   cfg_file = os.path.join(path, "config.json")
   if not os.path.isfile(cfg_file):
@@ -136,12 +159,21 @@ def read_hf_dir(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
     raise ValueError(f"{path!r} holds no .safetensors weights (pytorch .bin is not supported)")
   state = {}
   for fname in files:
-    part = read_safetensors(os.path.join(path, fname))
+    file = os.path.join(path, fname)
+    f = stack.enter_context(_open_safetensors(file))
+    part = {name: _Stored(f, file, name) for name in f.keys()}
     dup = set(part) & set(state)
     if dup:
       raise ValueError(f"tensors stored twice across shards (again in {fname}): {sorted(dup)}")
     state.update(part)
   return cfg, state
+
+
+def read_hf_dir(path) -> Tuple[Dict[str, Any], Dict[str, np.ndarray]]:
+  """(config.json dict, merged state dict) of a `save_pretrained` directory."""
+  with contextlib.ExitStack() as stack:
+    cfg, state = open_hf_dir(path, stack)
+    return cfg, {k: v.read() for k, v in state.items()}
 
 
 # ------------------------------------------------------------------------------------------------
@@ -283,30 +315,55 @@ def hf_shapes(config: PaliGemmaConfig, hf_vocab: int) -> Dict[str, Tuple[int, ..
   return s
 
 
-def hf_to_big_vision(state: Dict[str, np.ndarray], config: PaliGemmaConfig
-                     ) -> Dict[str, np.ndarray]:
-  """Canonical-name HF state dict (already validated) -> flat big_vision tree."""
+def _rows(x, start: int, stop: int) -> np.ndarray:
+  """Rows [start, stop) of an array or a stored tensor (reading only those)."""
+  return x.rows(start, stop) if isinstance(x, _Stored) else _tree.read(x)[start:stop]
+
+
+def _tied(a, b, block: int = 4096) -> bool:
+  """np.array_equal(a, b), reading `block` rows of each at a time (embeddings are large)."""
+  shape = tuple(np.shape(a))
+  if shape != tuple(np.shape(b)):
+    return False
+  if not shape:
+    return np.array_equal(_tree.read(a), _tree.read(b))
+  return all(np.array_equal(_rows(a, i, i + block), _rows(b, i, i + block))
+             for i in range(0, shape[0], block))
+
+
+def _conversions(config: PaliGemmaConfig) -> Dict[str, Callable[[Mapping[str, Any]], np.ndarray]]:
+  """{big_vision name: fn(state) -> that parameter} over a canonical-name, validated HF state.
+
+  State values may be arrays or not-yet-read tensors: each fn reads only the tensors its one
+  parameter is made of, so parameters can be converted and placed one at a time.
+  """
   v, g = config.img, config.llm
   D, H = v.width, v.num_heads
   hd = D // H
+  same = lambda w: w
+
+  def one(name, fn=same):
+    return lambda state: fn(_tree.read(state[name]))
+
+  def stack(fmt, n, fn=same):  # per-layer tensors -> one array with layers stacked first
+    return lambda state: np.stack([fn(_tree.read(state[fmt.format(i)])) for i in range(n)])
+
   out = {}
   vt = "vision_tower."
-  out["img/embedding/kernel"] = state[vt + "embeddings.patch_embedding.weight"].transpose(2, 3, 1, 0)
-  out["img/embedding/bias"] = state[vt + "embeddings.patch_embedding.bias"]
-  out["img/pos_embedding"] = state[vt + "embeddings.position_embedding.weight"][None]
-  out["img/Transformer/encoder_norm/scale"] = state[vt + "post_layernorm.weight"]
-  out["img/Transformer/encoder_norm/bias"] = state[vt + "post_layernorm.bias"]
-  out["img/head/kernel"] = state["multi_modal_projector.linear.weight"].T
-  out["img/head/bias"] = state["multi_modal_projector.linear.bias"]
-
-  def stack(fmt, n, fn):
-    return np.stack([fn(state[fmt.format(i)]) for i in range(n)])
+  out["img/embedding/kernel"] = one(vt + "embeddings.patch_embedding.weight",
+                                    lambda w: w.transpose(2, 3, 1, 0))
+  out["img/embedding/bias"] = one(vt + "embeddings.patch_embedding.bias")
+  out["img/pos_embedding"] = one(vt + "embeddings.position_embedding.weight", lambda w: w[None])
+  out["img/Transformer/encoder_norm/scale"] = one(vt + "post_layernorm.weight")
+  out["img/Transformer/encoder_norm/bias"] = one(vt + "post_layernorm.bias")
+  out["img/head/kernel"] = one("multi_modal_projector.linear.weight", lambda w: w.T)
+  out["img/head/bias"] = one("multi_modal_projector.linear.bias")
 
   blk = "img/Transformer/encoderblock/"
   vl = vt + "encoder.layers.{}."
   for ln, hn in (("LayerNorm_0", "layer_norm1"), ("LayerNorm_1", "layer_norm2")):
-    out[blk + ln + "/scale"] = stack(vl + hn + ".weight", v.depth, lambda w: w)
-    out[blk + ln + "/bias"] = stack(vl + hn + ".bias", v.depth, lambda w: w)
+    out[blk + ln + "/scale"] = stack(vl + hn + ".weight", v.depth)
+    out[blk + ln + "/bias"] = stack(vl + hn + ".bias", v.depth)
   mha = blk + "MultiHeadDotProductAttention_0/"
   for bn, hn in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj")):
     out[mha + bn + "/kernel"] = stack(vl + f"self_attn.{hn}.weight", v.depth,
@@ -315,14 +372,15 @@ def hf_to_big_vision(state: Dict[str, np.ndarray], config: PaliGemmaConfig
                                     lambda b: b.reshape(H, hd))
   out[mha + "out/kernel"] = stack(vl + "self_attn.out_proj.weight", v.depth,
                                   lambda w: w.T.reshape(H, hd, D))
-  out[mha + "out/bias"] = stack(vl + "self_attn.out_proj.bias", v.depth, lambda b: b)
+  out[mha + "out/bias"] = stack(vl + "self_attn.out_proj.bias", v.depth)
   for bn, hn in (("Dense_0", "fc1"), ("Dense_1", "fc2")):
     out[blk + f"MlpBlock_0/{bn}/kernel"] = stack(vl + f"mlp.{hn}.weight", v.depth, lambda w: w.T)
-    out[blk + f"MlpBlock_0/{bn}/bias"] = stack(vl + f"mlp.{hn}.bias", v.depth, lambda b: b)
+    out[blk + f"MlpBlock_0/{bn}/bias"] = stack(vl + f"mlp.{hn}.bias", v.depth)
 
-  E, Hg, K, hg = g.width, g.num_heads, g.num_kv_heads, g.head_dim
-  out["llm/embedder/input_embedding"] = state["language_model.embed_tokens.weight"][:g.vocab_size]
-  out["llm/final_norm/scale"] = state["language_model.norm.weight"]
+  E, Hg, K, hg, V = g.width, g.num_heads, g.num_kv_heads, g.head_dim, g.vocab_size
+  out["llm/embedder/input_embedding"] = (
+      lambda state: _rows(state["language_model.embed_tokens.weight"], 0, V))
+  out["llm/final_norm/scale"] = one("language_model.norm.weight")
   ll = "language_model.layers.{}."
   lay = "llm/layers/"
   if g.version == 1:
@@ -333,31 +391,39 @@ def hf_to_big_vision(state: Dict[str, np.ndarray], config: PaliGemmaConfig
              "pre_ffw_norm": "pre_feedforward_layernorm",
              "post_ffw_norm": "post_feedforward_layernorm"}
   for bn, hn in norms.items():
-    out[lay + bn + "/scale"] = stack(ll + hn + ".weight", g.depth, lambda w: w)
+    out[lay + bn + "/scale"] = stack(ll + hn + ".weight", g.depth)
   # torch [heads * hd, E] -> big_vision [heads, E, hd]
   heads_first = lambda n: (lambda w: w.reshape(n, hg, E).transpose(0, 2, 1))
   q = stack(ll + "self_attn.q_proj.weight", g.depth, heads_first(Hg))
   k = stack(ll + "self_attn.k_proj.weight", g.depth, heads_first(K))
   vv = stack(ll + "self_attn.v_proj.weight", g.depth, heads_first(K))
   if K == Hg:
-    out[lay + "attn/qkv_einsum/w"] = np.stack([q, k, vv], axis=1)
+    out[lay + "attn/qkv_einsum/w"] = lambda state: np.stack([q(state), k(state), vv(state)], 1)
   else:
     out[lay + "attn/q_einsum/w"] = q
-    out[lay + "attn/kv_einsum/w"] = np.stack([k, vv], axis=1)
+    out[lay + "attn/kv_einsum/w"] = lambda state: np.stack([k(state), vv(state)], 1)
   out[lay + "attn/attn_vec_einsum/w"] = stack(ll + "self_attn.o_proj.weight", g.depth,
                                               lambda w: w.reshape(E, Hg, hg).transpose(1, 2, 0))
   gate = stack(ll + "mlp.gate_proj.weight", g.depth, lambda w: w.T)
   up = stack(ll + "mlp.up_proj.weight", g.depth, lambda w: w.T)
-  out[lay + "mlp/gating_einsum"] = np.stack([gate, up], axis=1)
+  out[lay + "mlp/gating_einsum"] = lambda state: np.stack([gate(state), up(state)], 1)
   out[lay + "mlp/linear"] = stack(ll + "mlp.down_proj.weight", g.depth, lambda w: w.T)
   return out
 
 
-def convert_state(state: Dict[str, np.ndarray], config: PaliGemmaConfig, hf_vocab: int, *,
-                  ignore_vision_head: bool = False, source: str = "HF checkpoint"
-                  ) -> Dict[str, np.ndarray]:
+def hf_to_big_vision(state: Dict[str, np.ndarray], config: PaliGemmaConfig
+                     ) -> Dict[str, np.ndarray]:
+  """Canonical-name HF state dict (already validated) -> flat big_vision tree."""
+  return {name: fn(state) for name, fn in _conversions(config).items()}
+
+
+def convert_state(state: Dict[str, Any], config: PaliGemmaConfig, hf_vocab: int, *,
+                  ignore_vision_head: bool = False, source: str = "HF checkpoint",
+                  deferred: bool = False) -> Dict[str, Any]:
   """Validates a HF state dict (any key layout) and maps it to the flat big_vision tree.
 
+  state values: arrays, or not-yet-read tensors (`open_hf_dir`). deferred: return
+  `tree.Deferred` leaves that convert their parameter when read, instead of arrays.
   Raises ONE ValueError naming (in HF's names) every missing, unexpected or mis-shaped tensor.
   """
   canon: Dict[str, np.ndarray] = {}
@@ -376,17 +442,22 @@ def convert_state(state: Dict[str, np.ndarray], config: PaliGemmaConfig, hf_voca
   lm_head = canon.pop("lm_head.weight", None)
   expected = hf_shapes(config, hf_vocab)
   _tree.check_flat(canon, expected, source=source)
-  if lm_head is not None and not np.array_equal(lm_head, canon["language_model.embed_tokens.weight"]):
+  if lm_head is not None and not _tied(lm_head, canon["language_model.embed_tokens.weight"]):
     raise ValueError(f"{source}: lm_head.weight differs from the input embedding; tcjax ties "
                      "the output embedding to the input embedding")
   if config.llm.vocab_size > hf_vocab:
     raise ValueError(f"vocab_size={config.llm.vocab_size} > the {hf_vocab} embedding rows")
-  return hf_to_big_vision(canon, config)
+  if not deferred:
+    return hf_to_big_vision(canon, config)
+  shapes = _tree.param_shapes(config)
+  return {name: _tree.Deferred(shapes[name], functools.partial(fn, canon))
+          for name, fn in _conversions(config).items()}
 
 
-def load_hf(path: str, *, dtype=None, vocab_size: Optional[int] = None, plan=()
-            ) -> Tuple[Any, Dict[str, Any]]:
-  """Loads a HF `PaliGemmaForConditionalGeneration.save_pretrained` directory.
+def load_hf(path: str, *, dtype=None, vocab_size: Optional[int] = None, plan=(), mesh=None,
+            rules=None, fsdp_axis="data") -> Tuple[Any, Dict[str, Any]]:
+  """Loads a HF `PaliGemmaForConditionalGeneration.save_pretrained` directory, one big_vision
+  parameter at a time (each read from the memory-mapped files, converted and placed).
 
   Args:
     path: directory with config.json and model.safetensors (or sharded safetensors + index).
@@ -394,6 +465,8 @@ def load_hf(path: str, *, dtype=None, vocab_size: Optional[int] = None, plan=()
     vocab_size: rows of the embedding to keep; None slices off `<image>` and HF's padding rows
       (`real_vocab_size`).
     plan: the compression plan of the returned model's config.
+    mesh, rules, fsdp_axis: place each parameter straight into its sharding, as
+      `load_big_vision` does. Both or neither.
 
   Returns:
     (model, params): `tcjax.nn.PaliGemma` and big_vision-named params.
@@ -404,18 +477,21 @@ def load_hf(path: str, *, dtype=None, vocab_size: Optional[int] = None, plan=()
     damaged.
   """
   path = os.fspath(path)
-  hf, state = read_hf_dir(path)
-  cfg_file = os.path.join(path, "config.json")
-  try:
-    config = config_from_hf(hf, vocab_size=vocab_size)
-    hf_vocab = int(hf["text_config"]["vocab_size"])
-    use_head = bool(hf["vision_config"].get("vision_use_head", False))
-  except KeyError as e:
-    raise ValueError(f"{cfg_file}: required field {e} is missing") from e
-  except (TypeError, AttributeError, ValueError) as e:
-    raise ValueError(f"{cfg_file}: {e}") from e
-  if plan:  # outside the try: a bad plan is not config.json's fault
-    config = dataclasses.replace(config, plan=tuple(plan))
-  flat = convert_state(state, config, hf_vocab, ignore_vision_head=use_head,
-                       source=f"HF checkpoint {path!r}")
-  return _bv.finish(flat, config, dtype=dtype, source=f"HF checkpoint {path!r}")
+  with contextlib.ExitStack() as stack:  # the safetensors files stay open until all is placed
+    hf, state = open_hf_dir(path, stack)
+    cfg_file = os.path.join(path, "config.json")
+    try:
+      config = config_from_hf(hf, vocab_size=vocab_size)
+      hf_vocab = int(hf["text_config"]["vocab_size"])
+      use_head = bool(hf["vision_config"].get("vision_use_head", False))
+    except KeyError as e:
+      raise ValueError(f"{cfg_file}: required field {e} is missing") from e
+    except (TypeError, AttributeError, ValueError) as e:
+      raise ValueError(f"{cfg_file}: {e}") from e
+    if plan:  # outside the try: a bad plan is not config.json's fault
+      config = dataclasses.replace(config, plan=tuple(plan))
+    source = f"HF checkpoint {path!r}"
+    flat = convert_state(state, config, hf_vocab, ignore_vision_head=use_head, source=source,
+                         deferred=True)
+    return _bv.finish(flat, config, dtype=dtype, source=source, mesh=mesh, rules=rules,
+                      fsdp_axis=fsdp_axis)

@@ -33,9 +33,10 @@ RMSNorm scales are stored WITHOUT the +1 (the model computes x * (1 + scale)), a
 
 from __future__ import annotations
 
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Callable, Dict, Mapping, Tuple
 
 import numpy as np
+from flax import traverse_util
 
 from tcjax.nn.params import nest, param_shapes  # re-exported: the expected tree
 
@@ -43,18 +44,37 @@ Flat = Dict[str, Any]
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> Flat:
-  """Nested dict -> {"a/b/c": leaf}."""
-  out = {}
-  for k, v in tree.items():
-    name = f"{prefix}/{k}" if prefix else str(k)
-    if isinstance(v, Mapping):
-      out.update(flatten(v, name))
-    else:
-      out[name] = v
-  return out
+  """Nested dict -> {"a/b/c": leaf} (empty sub-dicts vanish); `prefix` is prepended as "prefix/"."""
+  flat = traverse_util.flatten_dict(dict(tree), sep="/")
+  return {f"{prefix}/{k}": v for k, v in flat.items()} if prefix else flat
 
 
 unflatten = nest  # {"a/b/c": leaf} -> nested dict
+
+
+class Deferred:
+  """A parameter not read yet: its `shape` (all validation needs) and `read()` -> np.ndarray.
+
+  Loaders hand these to `check_flat` and read them one at a time while placing them, so a
+  checkpoint is never held on the host whole.
+  """
+
+  __slots__ = ("shape", "_read")
+
+  def __init__(self, shape, read: Callable[[], np.ndarray]):
+    self.shape = tuple(int(d) for d in shape)
+    self._read = read
+
+  def read(self) -> np.ndarray:
+    return self._read()
+
+  def __repr__(self):
+    return f"Deferred(shape={self.shape})"
+
+
+def read(leaf) -> np.ndarray:
+  """The data of a flat-tree leaf: a `Deferred` is read now, anything else made an ndarray."""
+  return leaf.read() if isinstance(leaf, Deferred) else np.asarray(leaf)
 
 
 def _fmt(names, limit=50):

@@ -13,6 +13,7 @@ import re
 from typing import Any, Dict, Mapping, Tuple
 
 import flax.linen as nn
+from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,14 +106,7 @@ def init_param(name: str, key, shape, dtype=jnp.float32):
 
 def nest(flat: Mapping[str, Any]) -> Dict[str, Any]:
   """{"a/b/c": leaf} -> nested dict."""
-  tree: Dict[str, Any] = {}
-  for name, v in flat.items():
-    node = tree
-    *parents, leaf = name.split("/")
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = v
-  return tree
+  return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 
 def _spec(tree) -> Tuple:
