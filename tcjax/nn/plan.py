@@ -289,3 +289,18 @@ def run_entry(opts, tokens, signals, stage: str, where: str, rng_seed: int = 0):
                        f"{stage!r}")
   kw.update({s: v for s, v in signals.items() if s in method.accepts and s not in kw})
   return apply(method.name, tokens, n, **kw)
+
+
+def describe(plan) -> str:
+  """A plan as text, one line per entry in plan order: "stage: method(budget=..., option=...)"
+  (budget / keep first, then the other options as given). Raw or `normalize`d plans alike."""
+  if not plan:
+    return "(no compression)"
+  lines = []
+  for stage, opts in plan:
+    opts = dict(opts)
+    method = opts.pop("method", "?")
+    first = [k for k in ("budget", "keep") if k in opts]
+    keys = first + [k for k in opts if k not in first]
+    lines.append(f"{stage}: {method}({', '.join(f'{k}={opts[k]!r}' for k in keys)})")
+  return "\n".join(lines)
