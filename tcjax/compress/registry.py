@@ -43,6 +43,13 @@ class Method:
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
 
+  def __repr__(self):
+    # One readable line instead of the dataclass's (whose `fn` prints as a function address).
+    sharded = ", token-sharded" if self.token_sharded else ""
+    return (f"Method({self.name}: {self.family}{sharded}; stages {_listed(self.stages)}; "
+            f"needs {_listed(self.needs)}; options {_listed(_defaults(self.options))}; "
+            f"paper {self.paper or '-'})")
+
   @property
   def accepts(self) -> frozenset:
     """Every keyword the function takes (signals, optional signals and options)."""
@@ -110,3 +117,30 @@ def apply(name: str, tokens, budget: int, **signals_and_options):
     raise ValueError(f"method {name!r} takes no argument(s) {unknown}; "
                      f"signals {list(method.needs)}, options {sorted(method.options)}")
   return method.fn(tokens, budget, **signals_and_options)
+
+
+def _listed(items) -> str:
+  return ", ".join(items) or "-"
+
+
+def _defaults(options) -> list:
+  return [f"{k}={v!r}" for k, v in options.items()]
+
+
+def describe(methods=None) -> str:
+  """The registry as a text table, one row per method sorted by name: method, family, stages,
+  needs, options with their defaults, token-sharded, paper.
+
+  methods: Method objects (or a {name: Method} dict); None for every registered method.
+  """
+  if methods is None:
+    methods = METHODS
+  if isinstance(methods, dict):
+    methods = methods.values()
+  head = ("method", "family", "stages", "needs", "options", "sharded", "paper")
+  rows = [(m.name, m.family, _listed(m.stages), _listed(m.needs), _listed(_defaults(m.options)),
+           "yes" if m.token_sharded else "no", m.paper or "-")
+          for m in sorted(methods, key=lambda m: m.name)]
+  widths = [max(len(r[i]) for r in [head] + rows) for i in range(len(head))]
+  lines = [head, tuple("-" * w for w in widths)] + rows
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in lines)
