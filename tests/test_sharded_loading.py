@@ -237,3 +237,22 @@ def test_bad_tree_is_refused_before_anything_is_placed(npz, monkeypatch):
   with pytest.raises(ValueError, match="llm/layers/mlp/linear"):
     ckpt.load_big_vision(path, CONFIG, mesh=data8(), rules=PALIGEMMA_RULES)
   assert not placed
+
+
+def test_hf_tied_lm_head_checked_without_reading_it_whole(hf_dir, tmp_path):
+  with hf_ckpt.safe_open(str(hf_dir / "model.safetensors"), framework="numpy") as f:
+    state = {k: f.get_tensor(k) for k in f.keys()}
+  embed = state["language_model.embed_tokens.weight"]
+  tied = tmp_path / "tied"
+  tied.mkdir()
+  (tied / "config.json").write_text(json.dumps(HF_CONFIG))
+  save_file({**state, "lm_head.weight": embed.copy()}, str(tied / "model.safetensors"))
+  mesh = data8()
+  _, params = ckpt.load_hf(tied, mesh=mesh, rules=PALIGEMMA_RULES)
+  np.testing.assert_array_equal(np.asarray(params["llm"]["embedder"]["input_embedding"]),
+                                embed[:40])
+  untied = embed.copy()
+  untied[-1, -1] += 1.0  # in HF's padding rows, past the 40 that are kept
+  save_file({**state, "lm_head.weight": untied}, str(tied / "model.safetensors"))
+  with pytest.raises(ValueError, match="lm_head.weight differs"):
+    ckpt.load_hf(tied, mesh=mesh, rules=PALIGEMMA_RULES)

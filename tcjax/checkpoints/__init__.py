@@ -2,11 +2,14 @@
 
   model, params = load_big_vision("pt_224.bf16.npz")          # config inferred from shapes
   model, params = load_hf("/path/to/save_pretrained_dir")     # config from config.json
+  model, params = load_big_vision(path, mesh=mesh, rules=PALIGEMMA_RULES)  # sharded as read
   save_big_vision("out.npz", params, dtype="bfloat16")
   save_orbax("/ckpt/params", params); params = restore_orbax("/ckpt/params", like=params)
 
 Every loader validates the whole tree first: missing, unexpected and wrongly shaped parameters
-are named in one ValueError and nothing is loaded.
+are named in one ValueError and nothing is loaded. Then parameters are read, cast and placed one
+at a time (with mesh= and rules=, straight into their shardings), so the host never holds the
+whole checkpoint.
 """
 
 from tcjax.checkpoints.big_vision import infer_config, load_big_vision, read_npz, save_big_vision

@@ -75,6 +75,7 @@ class _Stored(_tree.Deferred):
                      lambda: self._guard(lambda: f.get_tensor(name)))
 
   def rows(self, start: int, stop: int) -> np.ndarray:
+    stop = min(stop, self.shape[0])  # safetensors refuses a slice past the end; numpy clips
     return self._guard(lambda: self._f.get_slice(self._name)[start:stop])
 
   def _guard(self, fn):
