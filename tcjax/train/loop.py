@@ -188,6 +188,20 @@ class _Writers:
       self.tb.close()
 
 
+def _state_shardings(tx: optax.GradientTransformation, params, mesh) -> TrainState:
+  """Shardings of the TrainState made from `params` (placed already): every parameter-shaped
+  leaf of the optimizer state (Adam's moments, MultiSteps' gradient sum) like its parameter,
+  counters replicated. Left to jit, optax's zeros_like moments come out replicated: full-size
+  on every device, and the step, which returns them sharded, compiled a second time."""
+  param_sh = jax.tree.map(lambda a: a.sharding, params)
+  replicated = jax.sharding.NamedSharding(mesh, P())
+  masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state at all
+  opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s,
+                                 jax.eval_shape(tx.init, params), param_sh,
+                                 transform_non_params=lambda _: replicated, is_leaf=masked)
+  return TrainState(params=param_sh, opt_state=opt_sh, step=replicated)
+
+
 def _state_dict(state: TrainState, rng: np.ndarray) -> Dict[str, Any]:
   """What a checkpoint holds; rng: the run's key data (uint32, host)."""
   return {"params": state.params, "opt_state": state.opt_state, "step": state.step, "rng": rng}
@@ -218,7 +232,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       raise ValueError(f"the model's vocabulary ({model.config.llm.vocab_size}) is smaller than"
                        f" the tokenizer's {tokenizer.vocab_size} ({cfg.tokenizer})")
     tx = make_optimizer(cfg, params)
-    state = jax.jit(lambda p: TrainState.create(p, tx))(params)  # opt state sharded like p
+    state_sh = _state_shardings(tx, params, mesh)
+    state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=state_sh)(params)
     rng = np.asarray(jax.random.key_data(jax.random.key(cfg.seed + 1)))
 
     # A few batches ahead on one thread: grain's default (16 threads, 500 elements ahead)
@@ -240,8 +255,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       state = TrainState(params=s["params"], opt_state=s["opt_state"], step=s["step"])
       rng = np.asarray(s["rng"])
 
+    # The state leaves the step as it came in: with Auto axes XLA would otherwise pick its
+    # own layouts for some outputs (e.g. MultiSteps' gradient sums), and the next call, seeing
+    # new input shardings, would compile the step again.
     step_fn = jax.jit(make_train_step(model, tx, compute_dtype=cfg.get("compute_dtype")),
-                      donate_argnums=0)
+                      donate_argnums=0,
+                      out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
     writers = _Writers(workdir, is_main)
     eval_data = pipeline.eval_batches(
         cfg.data.families, tokenizer, split="val", seed=cfg.data.seed,
