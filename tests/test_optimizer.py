@@ -18,8 +18,15 @@ from flax import traverse_util
 from configs import testbed as testbed_config
 from tcjax.train import TrainState, make_train_step
 from tcjax.train.loop import make_optimizer, trainable_mask
-from test_model import CONFIGS, inputs, make_params
+from tcjax.nn import GemmaConfig, PaliGemmaConfig, SiglipConfig
+from test_model import inputs, make_params
 
+# test_model's inputs() geometry (16 px images, ids < 50), with one layer per tower: the time
+# here is compilation.
+TINY = PaliGemmaConfig(
+    img=SiglipConfig(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=16),
+    llm=GemmaConfig(version=1, vocab_size=50, width=24, depth=1, mlp_dim=48, num_heads=2,
+                    num_kv_heads=1, head_dim=8))
 ATTN = r"llm/layers/attn/.*"  # what configs/finetune.py trains
 K, B = 2, 2  # gradient accumulation: K micro-batches of B examples
 
@@ -61,7 +68,7 @@ def adam_state(opt_state):
 @functools.lru_cache(maxsize=None)
 def plain_run():
   """Two updates, each on a whole batch of K * B: (model, [state0, state1, state2], [metrics])."""
-  model, params, _ = make_params(CONFIGS[1], seed=21)
+  model, params, _ = make_params(TINY, seed=21)
   tx = make_optimizer(config(), params)
   step = jax.jit(make_train_step(model, tx))
   states, metrics = [TrainState.create(params, tx)], []
@@ -91,7 +98,7 @@ def test_only_the_trainable_regex_changes():
 
 
 def test_a_regex_that_matches_nothing_raises():
-  _, params, _ = make_params(CONFIGS[1], seed=21)
+  _, params, _ = make_params(TINY, seed=21)
   for pattern in ("vision/.*", "llm/layers/attn"):  # the second only prefixes: fullmatch fails
     c = config()
     c.trainable = pattern
