@@ -130,19 +130,11 @@ def train_stream(cfg: ml_collections.ConfigDict, tokenizer, image_size: int) -> 
 # Evaluation
 
 
-def score(family: str, prediction: str, answer: str, scene) -> Dict[str, float]:
-  """exact: 1.0 if the decoded answer equals the reference; locate also gets iou and
-  `correct` = IoU >= 0.5 (the box criterion), everything else `correct` = exact."""
-  exact = float(prediction.strip() == answer.strip())
-  if family == "locate":
-    iou = testbed.box_iou(testbed.parse_loc(prediction), testbed.target_box(scene))
-    return {"exact": exact, "iou": iou, "correct": float(iou >= 0.5)}
-  return {"exact": exact, "correct": exact}
-
-
 def evaluate(model: PaliGemma, params, tokenizer, batches, *, max_new_tokens: int
              ) -> Dict[str, float]:
-  """Greedy answers on held-out `pipeline.eval_batches` -> {"<family>/correct": mean, ...}."""
+  """Greedy answers on held-out `pipeline.eval_batches` -> {"<family>/correct": mean, ...}
+  (`correct`: exact match, or box IoU >= 0.5 for `locate`; see `tcjax.eval.answers.score`)."""
+  from tcjax.eval.answers import score  # pylint: disable=g-import-not-at-top
   from tcjax.nn.sampling import generate  # pylint: disable=g-import-not-at-top
   sums: Dict[str, Dict[str, float]] = {}
   counts: Dict[str, int] = {}
@@ -186,6 +178,14 @@ class _Writers:
     if self.enabled:
       self.jsonl.close()
       self.tb.close()
+
+
+def _modality(image) -> str:
+  """Which testbed modality a batch of images is, by rank: [B, H, W, 3] image, else a clip
+  ([B, 8, ...] video or [B, 4, ...] audio segments; user clips count as video)."""
+  if image.ndim == 4:
+    return "image"
+  return "audio" if image.shape[1] == testbed.AUDIO_SEGMENTS else "video"
 
 
 def _state_shardings(tx: optax.GradientTransformation, params, mesh) -> TrainState:
@@ -279,13 +279,20 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True)
     last_eval: Dict[str, float] = {}
     t0, seen = time.perf_counter(), 0
+    interval: Dict[str, list] = {}  # modality -> step losses since the last log
     for step in range(start + 1, cfg.total_steps + 1):
       local = {k: v for k, v in next(data_iter).items() if k in _MODEL_INPUTS}
       batch = global_batch_from_local(local, mesh, P("data"))
       state, metrics = step_fn(state, batch)
       seen += len(local["text"]) * jax.process_count()
+      interval.setdefault(_modality(local["image"]), []).append(metrics["loss"])
       if step % cfg.log_every == 0 or step == cfg.total_steps:
         m = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items() if v is not None}
+        # The interval's mean loss per modality (one batch alone says little: the modalities
+        # take turns, so every log step would see the same one).
+        for mod, losses in interval.items():
+          m[f"loss/{mod}"] = float(np.mean(jax.device_get(losses)))
+        interval = {}
         dt = time.perf_counter() - t0
         m["examples_per_sec"] = seen / max(dt, 1e-9)
         writers.write(step, m)
