@@ -11,7 +11,21 @@ import chex
 
 FAMILIES = ("sampling", "merging", "pooling", "cross_modal")
 STAGES = ("vit", "post_vit", "post_proj", "llm")
-SIGNALS = ("scores", "attn", "keys", "text", "text_mask", "rng")
+SIGNALS = ("scores", "attn", "keys", "text", "text_mask", "text_keys", "rng")
+
+# Options that take one of a few fixed values, per method. `tcjax.nn.plan.normalize` checks them
+# when a plan is built, long before the method is traced (each method checks again when called).
+# tests/test_plan_options.py holds every entry to the method's own check and wants one for every
+# option whose default is a string.
+CHOICES: Dict[str, Dict[str, Tuple[Any, ...]]] = {
+    "dart": {"quota": ("official", "even")},
+    "dpc_knn": {"weighting": ("plain", "size")},
+    "fastervlm": {"reduce": ("mean", "cls")},
+    "fastv": {"query": ("last", "mean")},
+    "keynorm": {"order": ("smallest", "largest"), "norm": ("l2", "l1")},
+    "text_relevance": {"similarity": ("cosine", "dot"), "raters": ("all", "sparsevlm")},
+    "visionzip": {"merge": ("official", "mean")},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +37,8 @@ class Method:
     fn: `fn(tokens, budget, *, <signals>, <options>) -> Tokens` with exactly `budget` tokens.
     family: one of FAMILIES (the survey's four families).
     stages: where in the model the method may act (subset of STAGES).
-    needs: signals the caller must pass (subset of SIGNALS); optional signals are not listed.
+    needs: signals the caller must pass (subset of SIGNALS); optional signals are not listed
+      (`optional` names them).
     options: static options and their defaults, read from the function signature.
     paper: short citation of the method's paper.
     token_sharded: runs exactly on a token axis sharded over an Explicit mesh axis (top-k
@@ -54,6 +69,16 @@ class Method:
   def accepts(self) -> frozenset:
     """Every keyword the function takes (signals, optional signals and options)."""
     return frozenset(inspect.signature(self.fn).parameters)
+
+  @property
+  def optional(self) -> Tuple[str, ...]:
+    """Signals the function takes without needing them, in SIGNALS order."""
+    return tuple(s for s in SIGNALS if s in self.accepts and s not in self.needs)
+
+  @property
+  def choices(self) -> Dict[str, Tuple[Any, ...]]:
+    """{option: its allowed values} for the options with fixed choices (CHOICES)."""
+    return CHOICES.get(self.name, {})
 
 
 METHODS: Dict[str, Method] = {}

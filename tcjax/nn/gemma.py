@@ -321,19 +321,22 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   x_img, x_txt = seq.x[:, :n], seq.x[:, n:]
   if _FEATURES.get(hook.method) == "final_norm":
     x_img, x_txt = (nl.rms_norm(a, p["final_norm"]["scale"], cfg.norm_eps) for a in (x_img, x_txt))
+  want = set(hook.signals)  # what the plan entry passes (plan.entry_signals)
   signals = {"text": x_txt, "text_mask": text_ok,
              "rng": jax.random.fold_in(jax.random.key(hook.seed), hook.layer)}
-  m = compress.METHODS[hook.method]
   rows = None
-  if {"attn", "scores"} & set(m.needs):
+  if {"attn", "scores"} & want:
     rows = nl.attention_rows(q[:, n:], k, mask=mask_rows(seq, n, cfg, is_local(cfg, layer)),
                              scale=scale(cfg), cap=cfg.attn_logits_softcap)[..., :n]  # [B, T, N]
     signals["attn"] = rows
     last = _last_valid(text_ok)
     signals["scores"] = jnp.take_along_axis(rows, last[:, None, None], 1)[:, 0]
-  if "keys" in m.needs or hook.method == "dart":
-    signals["keys"] = batch_reshape(k[:, :n], (k.shape[0], n, k.shape[2] * k.shape[3]))
-  kw = {s: v for s, v in signals.items() if s in m.accepts}
+  flat = lambda a: batch_reshape(a, a.shape[:2] + (a.shape[2] * a.shape[3],))  # heads x dims
+  if "keys" in want:
+    signals["keys"] = flat(k[:, :n])
+  if "text_keys" in want:  # DART ranks its text pivots by these
+    signals["text_keys"] = flat(k[:, n:])
+  kw = {s: signals[s] for s in hook.signals}
   kw.update(dict(hook.options))
   before = img.replace(x=x_img)
   after = compress.apply(hook.method, before, budget, **kw)

@@ -10,21 +10,44 @@ A plan is an ordered tuple of `(stage, options)` pairs (DESIGN.md):
    ("llm", {"method": "pyramiddrop", "layers": (2, 4), "ratios": (0.5, 0.25)}),
    ("llm", {"method": "sparsevlm", "layers": (1, 3), "budgets": (96, 48)}))
 
-Stage options (everything else is passed to the method as its own options):
-  budget / keep   tokens kept: an int, or a fraction of the tokens present (round, >= 1).
-  vit:            "tome": r (int, (r, inflect) or per-layer list), layers ("all" or indices),
-                  prop_attn (True). Other methods: layer (ViT layer whose output is reduced;
-                  signals come from that layer's attention).
+Entry options of a `tcjax.compress` method (every other key is one of the method's own options):
+  budget / keep   tokens kept: an int, or a fraction of the tokens present (round, >= 1); exactly
+                  one of them.
+  signals         the optional signals the method gets (below).
+  seed            PRNG seed, for methods that take `rng`.
+  vit:            layer (the ViT layer whose output is reduced; signals come from that layer's
+                  attention).
   post_vit/proj:  signal_layer (-2: the ViT layer whose attention / keys are the signals, as
-                  VisionZip and FasterVLM use the penultimate layer), seed (for `rng`).
-  llm:            layer K (the hidden states entering decoder layer K are pruned), attn_from
-                  ("prev": attention of layer K-1, FastV's official signal; "next": layer K's own
-                  projections, PyramidDrop's lookahead), seed. Pruning keeps original RoPE
-                  positions. "pyramiddrop": layers + ratios (of the image tokens entering the
-                  LLM), attention of the last prompt token, attn_from "next". "sparsevlm":
-                  layers + budgets (or keeps), SparseVLM raters chosen from the layer-0
+                  VisionZip and FasterVLM use the penultimate layer), for methods that use them.
+  llm:            layer K (the hidden states entering decoder layer K are pruned; original RoPE
+                  positions are kept), attn_from ("prev": attention / keys of layer K-1, the
+                  official signal of FastV and DART; "next": layer K's own projections,
+                  PyramidDrop's lookahead), for methods that use a layer's attention or keys.
+Schedules (plan-level, not single methods):
+  vit "tome":     r (int, (r, inflect) or per-layer list), layers ("all" or indices), prop_attn
+                  (True); ToMe between attention and MLP of those ViT blocks.
+  llm "pyramiddrop": layers + ratios (of the image tokens entering the LLM), attention of the
+                  last prompt token, attn_from ("next").
+  llm "sparsevlm": layers + budgets (or keeps), SparseVLM raters chosen from the layer-0
                   embeddings, score = mean rater attention (v2.0-style: no recycling, original
-                  positions).
+                  positions), attn_from ("prev").
+
+Signals. A method always gets the signals it needs (`METHODS[name].needs`). Its optional signals
+(`Method.optional`) change what it computes, so the entry chooses them: "signals" names the
+optional signals to pass, e.g. `("post_vit", {"method": "vispruner", "budget": 64, "signals":
+("keys",)})` de-duplicates on the ViT's head-mean keys instead of the features (official
+VisPruner; DivPrune alike). Without "signals" an entry passes DEFAULT_SIGNALS[method] where the
+stage has them - the optional inputs the official method uses: DART's text pivots, ranked by the
+text keys, and FastV's mask of valid prompt rows - and no other; `"signals": ()` passes none.
+STAGE_SIGNALS says what each stage can provide (post_proj has text only when the model is
+called with text); naming a signal the stage can never provide is an error.
+
+Validation. `normalize` (run whenever a PaliGemmaConfig is built) refuses any key an entry's
+method or schedule does not read, checks the type of every plan option, the value of every
+option with fixed choices (`compress.registry.CHOICES`, boolean method options, attn_from,
+signals) and the shape of schedules. What depends on the model (budget <= tokens present,
+layer < depth, a method's numeric options) is checked when the model runs. Every error is a
+ValueError naming the entry, `plan[i] (stage, method)`, and the option.
 """
 
 from __future__ import annotations
@@ -34,18 +57,31 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 
-from tcjax.compress.registry import METHODS, STAGES, apply
+from tcjax.compress.registry import METHODS, SIGNALS, STAGES, apply
 
-# Keys every stage reads itself; the rest go to the method.
-_STAGE_KEYS = {
-    "vit": ("method", "budget", "keep", "layer", "layers", "r", "prop_attn", "seed"),
-    "post_vit": ("method", "budget", "keep", "signal_layer", "seed"),
-    "post_proj": ("method", "budget", "keep", "signal_layer", "seed"),
-    "llm": ("method", "budget", "keep", "budgets", "keeps", "ratios", "layer", "layers",
-            "attn_from", "seed"),
+# Signals the model can hand a method at each stage.
+STAGE_SIGNALS = {
+    "vit": ("scores", "attn", "keys", "rng"),
+    "post_vit": ("scores", "attn", "keys", "rng"),
+    "post_proj": ("scores", "attn", "keys", "text", "text_mask", "rng"),
+    "llm": ("scores", "attn", "keys", "text", "text_mask", "text_keys", "rng"),
 }
-# Plan-level schedules that are not single `tcjax.compress` methods.
-_SCHEDULES = {"vit": ("tome",), "llm": ("pyramiddrop", "sparsevlm")}
+# Optional signals an entry passes unless its "signals" says otherwise: those the official method
+# uses. Any other optional signal is a variant, passed only when the entry names it.
+DEFAULT_SIGNALS = {"dart": ("text", "text_mask", "text_keys"), "fastv": ("text_mask",)}
+# Signals that come from a layer's attention (the ViT signal layer, decoder layer K-1 or K).
+_LAYER_SIGNALS = ("scores", "attn", "keys", "text_keys")
+# Keys the plan reads in entries of `tcjax.compress` methods; the others go to the method.
+_PLAN_KEYS = ("method", "budget", "keep", "signals", "seed", "layer", "signal_layer", "attn_from")
+# Plan-level schedules that are not single `tcjax.compress` methods, and the keys each reads.
+_SCHEDULES = {
+    "vit": {"tome": ("method", "r", "layers", "prop_attn")},
+    "llm": {"pyramiddrop": ("method", "layers", "ratios", "attn_from"),
+            "sparsevlm": ("method", "layers", "budgets", "keeps", "attn_from")},
+}
+# How a per-layer ToMe r list is stored (plans freeze lists to tuples, and a tuple r means
+# (r, inflect)).
+_PER_LAYER = "per_layer"
 
 
 def _freeze(v):
@@ -56,10 +92,18 @@ def _freeze(v):
   return v
 
 
+def _is_int(v) -> bool:
+  return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_fraction(v) -> bool:
+  return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1
+
+
 def normalize(plan) -> Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]:
   """Validates a plan and returns its hashable form (options as sorted (key, value) tuples).
 
-  Raises ValueError naming the stage, method or option that is wrong.
+  Raises ValueError naming the entry and the stage, method or option that is wrong.
   """
   if plan is None:
     return ()
@@ -70,29 +114,156 @@ def normalize(plan) -> Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]:
     if not isinstance(entry, (tuple, list)) or len(entry) != 2:
       raise ValueError(f"plan[{i}] must be a (stage, options) pair, got {entry!r}")
     stage, opts = entry
-    opts = dict(opts)
     if stage not in STAGES:
       raise ValueError(f"plan[{i}]: stage must be one of {STAGES}, got {stage!r}")
-    method = opts.get("method")
-    if method is None:
-      raise ValueError(f"plan[{i}] ({stage}): options need a 'method'")
-    if method not in _SCHEDULES.get(stage, ()):
-      if method not in METHODS:
-        raise ValueError(f"plan[{i}]: unknown method {method!r}; known: {sorted(METHODS)}")
-      m = METHODS[method]
-      if stage not in m.stages:
-        raise ValueError(f"plan[{i}]: method {method!r} acts at stages {m.stages}, not {stage!r}")
-      if stage == "llm" and m.family == "merging":
-        raise ValueError(f"plan[{i}]: merging method {method!r} cannot prune inside the LLM")
-      unknown = sorted(set(opts) - set(_STAGE_KEYS[stage]) - set(m.options))
-      if unknown:
-        raise ValueError(f"plan[{i}]: method {method!r} at stage {stage!r} takes no option(s) "
-                         f"{unknown}; stage keys {_STAGE_KEYS[stage]}, method options "
-                         f"{sorted(m.options)}")
-      if method != "tome" and "budget" not in opts and "keep" not in opts:
-        raise ValueError(f"plan[{i}]: {method!r} needs 'budget' (int) or 'keep' (fraction)")
-    out.append((stage, _freeze(opts)))
+    try:
+      opts = dict(opts)
+    except (TypeError, ValueError):
+      raise ValueError(f"plan[{i}] ({stage}): options must be a dict, got {opts!r}") from None
+    out.append((stage, _freeze(_check_entry(i, stage, opts))))
   return tuple(out)
+
+
+def is_schedule(stage: str, method) -> bool:
+  """Whether `method` at `stage` is a plan-level schedule rather than a compress method."""
+  return method in _SCHEDULES.get(stage, {})
+
+
+def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
+  """The entry's options, checked (ValueError otherwise); a ToMe r list in its stored form."""
+  method = opts.get("method")
+  if method is None:
+    raise ValueError(f"plan[{i}] ({stage}): options need a 'method'")
+  where = f"plan[{i}] ({stage}, {method})"
+  if isinstance(method, str) and is_schedule(stage, method):
+    _check_keys(where, opts, _SCHEDULES[stage][method])
+    if method == "tome":
+      return _check_tome(where, opts)
+    _check_llm_schedule(where, method, opts)
+    return opts
+  if not isinstance(method, str) or method not in METHODS:
+    raise ValueError(f"plan[{i}] ({stage}): unknown method {method!r}; known: {sorted(METHODS)}")
+  m = METHODS[method]
+  if stage not in m.stages:
+    raise ValueError(f"{where}: method {method!r} acts at stages {m.stages}, not {stage!r}")
+  if stage == "llm" and m.family == "merging":
+    raise ValueError(f"{where}: merging method {method!r} cannot prune inside the LLM")
+  missing = [s for s in m.needs if s not in STAGE_SIGNALS[stage]]
+  if missing:
+    raise ValueError(f"{where}: needs signal(s) {missing}, which stage {stage!r} cannot provide")
+  if "signals" in opts:
+    names = opts["signals"]
+    if isinstance(names, str) or not isinstance(names, (tuple, list)):
+      raise ValueError(f"{where}: signals must be a tuple of signal names, got {names!r}")
+    for s in names:
+      if s not in m.optional + m.needs:
+        raise ValueError(f"{where}: signals: {method!r} takes no signal {s!r}; its optional "
+                         f"signals are {list(m.optional)}")
+      if s not in STAGE_SIGNALS[stage]:
+        raise ValueError(f"{where}: signals: stage {stage!r} cannot provide {s!r}; it has "
+                         f"{list(STAGE_SIGNALS[stage])}")
+  used = set(sum(entry_signals(opts, stage), ()))
+  allowed = {"method", "budget", "keep", "signals", *m.options}
+  if stage in ("vit", "llm"):
+    allowed.add("layer")
+  if "rng" in used:
+    allowed.add("seed")
+  if used & set(_LAYER_SIGNALS) and stage in ("post_vit", "post_proj"):
+    allowed.add("signal_layer")
+  if used & set(_LAYER_SIGNALS) and stage == "llm":
+    allowed.add("attn_from")
+  _check_keys(where, opts, allowed)
+  if ("budget" in opts) == ("keep" in opts):
+    raise ValueError(f"{where}: needs exactly one of 'budget' (int) or 'keep' (fraction)")
+  if "budget" in opts and (not _is_int(opts["budget"]) or opts["budget"] < 1):
+    raise ValueError(f"{where}: budget must be a positive int, got {opts['budget']!r}")
+  if "keep" in opts and not _is_fraction(opts["keep"]):
+    raise ValueError(f"{where}: keep must be a fraction in (0, 1], got {opts['keep']!r}")
+  if stage in ("vit", "llm") and "layer" not in opts:
+    raise ValueError(f"{where}: needs 'layer' (the {'ViT' if stage == 'vit' else 'decoder'} "
+                     "layer whose " + ("output" if stage == "vit" else "input") + " is reduced)")
+  for key in ("layer", "signal_layer", "seed"):
+    if key in opts and not _is_int(opts[key]):
+      raise ValueError(f"{where}: {key} must be an int, got {opts[key]!r}")
+  _check_attn_from(where, opts)
+  for key, values in m.choices.items():
+    if key in opts and opts[key] not in values:
+      raise ValueError(f"{where}: {key} must be one of {values}, got {opts[key]!r}")
+  for key, default in m.options.items():
+    if isinstance(default, bool) and key in opts and not isinstance(opts[key], bool):
+      raise ValueError(f"{where}: {key} must be True or False, got {opts[key]!r}")
+  return opts
+
+
+def _check_keys(where: str, opts, allowed) -> None:
+  unknown = [k for k in opts if k not in allowed]
+  if unknown:
+    raise ValueError(f"{where}: unknown option(s) {unknown}; this entry takes "
+                     f"{sorted(allowed)}")
+
+
+def _check_attn_from(where: str, opts) -> None:
+  if opts.get("attn_from", "prev") not in ("prev", "next"):
+    raise ValueError(f"{where}: attn_from must be 'prev' or 'next', got {opts['attn_from']!r}")
+
+
+def _check_tome(where: str, opts: Dict[str, Any]) -> Dict[str, Any]:
+  r = opts.get("r", 0)
+  stored = isinstance(r, tuple) and len(r) == 2 and r[0] == _PER_LAYER
+  if isinstance(r, list) or stored:
+    values = list(r[1]) if stored else r
+    if not all(_is_int(v) and v >= 0 for v in values):
+      raise ValueError(f"{where}: r as a list must hold non-negative ints, got {r!r}")
+    opts = dict(opts, r=(_PER_LAYER, tuple(values)))
+  elif isinstance(r, tuple):
+    if len(r) != 2 or not _is_int(r[0]) or r[0] < 0 or isinstance(r[1], bool) \
+        or not isinstance(r[1], (int, float)):
+      raise ValueError(f"{where}: r as a tuple must be (r, inflect), got {r!r}")
+  elif not _is_int(r) or r < 0:
+    raise ValueError(f"{where}: r must be a non-negative int, (r, inflect) or a list of "
+                     f"per-layer values, got {r!r}")
+  layers = opts.get("layers", "all")
+  if layers != "all" and (not isinstance(layers, (tuple, list)) or not layers
+                          or not all(_is_int(l) for l in layers)):
+    raise ValueError(f"{where}: layers must be 'all' or a tuple of layer indices, got {layers!r}")
+  if not isinstance(opts.get("prop_attn", True), bool):
+    raise ValueError(f"{where}: prop_attn must be True or False, got {opts['prop_attn']!r}")
+  return opts
+
+
+def _check_llm_schedule(where: str, method: str, opts) -> None:
+  sizes = {"pyramiddrop": ("ratios",), "sparsevlm": ("budgets", "keeps")}[method]
+  given = [k for k in sizes if k in opts]
+  layers = opts.get("layers")
+  if not isinstance(layers, (tuple, list)) or not layers or len(given) != 1:
+    raise ValueError(f"{where}: needs 'layers' (a tuple) and exactly one of {sizes}")
+  if not all(_is_int(l) for l in layers):
+    raise ValueError(f"{where}: layers must be ints, got {layers!r}")
+  if list(layers) != sorted(set(layers)):
+    raise ValueError(f"{where}: layers must be strictly increasing, got {layers!r}")
+  key = given[0]
+  values = opts[key]
+  if not isinstance(values, (tuple, list)) or len(values) != len(layers):
+    raise ValueError(f"{where}: '{key}' needs one value per layer in {tuple(layers)}")
+  ok = (lambda v: _is_int(v) and v >= 1) if key == "budgets" else _is_fraction
+  if not all(ok(v) for v in values):
+    kind = "positive ints" if key == "budgets" else "fractions in (0, 1]"
+    raise ValueError(f"{where}: {key} must be {kind}, got {values!r}")
+  _check_attn_from(where, opts)
+
+
+def entry_signals(opts: Mapping[str, Any], stage: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
+  """(signals the entry's method must get, optional ones it gets where the model has them).
+
+  The method's needs and the signals the entry names in "signals" must be there; an entry
+  without "signals" passes the method's DEFAULT_SIGNALS that `stage` provides, when present.
+  """
+  m = METHODS[opts["method"]]
+  if "signals" in opts:
+    return tuple(s for s in SIGNALS if s in m.needs or s in opts["signals"]), ()
+  maybe = tuple(s for s in DEFAULT_SIGNALS.get(m.name, ())
+                if s in STAGE_SIGNALS[stage] and s not in m.needs)
+  return tuple(m.needs), maybe
 
 
 # Methods that act on every frame of a clip alike (k x k windows of each frame's grid), so a
@@ -120,23 +291,23 @@ def budget(opts: Mapping[str, Any], n: int, where: str) -> int:
   """Static number of tokens to keep out of `n`, from 'budget' (int) or 'keep' (fraction)."""
   if "budget" in opts:
     b = opts["budget"]
-    if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= n:
+    if not _is_int(b) or not 1 <= b <= n:
       raise ValueError(f"{where}: budget must be an int in [1, {n}], got {b!r}")
     return b
   keep = opts.get("keep")
-  if not isinstance(keep, (int, float)) or not 0 < keep <= 1:
+  if not _is_fraction(keep):
     raise ValueError(f"{where}: keep must be a fraction in (0, 1], got {keep!r}")
   return max(1, min(n, int(round(keep * n))))
 
 
-def method_options(opts: Mapping[str, Any], stage: str) -> Dict[str, Any]:
-  """The options meant for the method itself (stage keys removed)."""
-  return {k: v for k, v in opts.items() if k not in _STAGE_KEYS[stage]}
+def method_options(opts: Mapping[str, Any]) -> Dict[str, Any]:
+  """The options meant for the method itself (the plan's own keys removed)."""
+  return {k: v for k, v in opts.items() if k not in _PLAN_KEYS}
 
 
 def resolve_layer(layer, depth: int, where: str) -> int:
   """A layer index in [0, depth), negative indices counted from the end."""
-  if isinstance(layer, bool) or not isinstance(layer, int) or not -depth <= layer < depth:
+  if not _is_int(layer) or not -depth <= layer < depth:
     raise ValueError(f"{where}: layer must be an int in [-{depth}, {depth}), got {layer!r}")
   return layer % depth
 
@@ -147,8 +318,8 @@ class LLMHook:
 
   method: a `tcjax.compress` method; size: ("budget", n) / ("keep", f) of the current image
   tokens / ("of_initial", f) of the image tokens entering the LLM; attn_from: "prev" / "next";
-  query: which prompt rows score (the method's `query` option for fastv); raters: SparseVLM
-  rater selection; options: the method's own options; seed: for `rng`.
+  raters: SparseVLM rater selection; options: the method's own options (e.g. fastv's `query`:
+  which prompt rows score); signals: the signals it gets (`entry_signals`); seed: for `rng`.
   """
 
   layer: int
@@ -157,61 +328,45 @@ class LLMHook:
   attn_from: str = "prev"
   raters: bool = False
   options: Tuple[Tuple[str, Any], ...] = ()
+  signals: Tuple[str, ...] = ()
   seed: int = 0
 
 
 def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
-  """The plan's decoder-stage entries expanded into per-layer hooks, sorted by layer."""
+  """The (normalized) plan's decoder-stage entries expanded into per-layer hooks, by layer."""
   hooks = []
   for i, opts in entries(plan, "llm"):
-    where = f"plan[{i}] (llm, {opts['method']})"
-    method, seed = opts["method"], opts.get("seed", 0)
+    method = opts["method"]
+    where = f"plan[{i}] (llm, {method})"
     attn_from = opts.get("attn_from")
-    if attn_from not in (None, "prev", "next"):
-      raise ValueError(f"{where}: attn_from must be 'prev' or 'next', got {attn_from!r}")
-    if method in ("pyramiddrop", "sparsevlm"):
-      layers = opts.get("layers")
-      sizes = {"pyramiddrop": ("ratios",), "sparsevlm": ("budgets", "keeps")}[method]
-      key = next((k for k in sizes if k in opts), None)
-      if not isinstance(layers, (tuple, list)) or not layers or key is None:
-        raise ValueError(f"{where}: needs 'layers' (a tuple) and one of {sizes}")
-      values = opts[key]
-      if not isinstance(values, (tuple, list)) or len(values) != len(layers):
-        raise ValueError(f"{where}: '{key}' needs one value per layer in {layers}")
-      if list(layers) != sorted(set(layers)):
-        raise ValueError(f"{where}: layers must be strictly increasing, got {layers}")
+    if is_schedule("llm", method):  # FastV steps scored by prompt rows (normalize checked it)
+      key = next(k for k in ("ratios", "budgets", "keeps") if k in opts)
       kind = {"ratios": "of_initial", "budgets": "budget", "keeps": "keep"}[key]
-      for layer, v in zip(layers, values):
-        k = resolve_layer(layer, depth, where)
-        if method == "pyramiddrop":
-          hooks.append(LLMHook(k, "fastv", (kind, v), attn_from or "next",
-                               options=(("query", "last"),), seed=seed))
-        else:
-          hooks.append(LLMHook(k, "fastv", (kind, v), attn_from or "prev", raters=True,
-                               options=(("query", "mean"),), seed=seed))
+      pdrop = method == "pyramiddrop"
+      for layer, v in zip(opts["layers"], opts[key]):
+        hooks.append(LLMHook(resolve_layer(layer, depth, where), "fastv", (kind, v),
+                             attn_from or ("next" if pdrop else "prev"), raters=not pdrop,
+                             options=(("query", "last" if pdrop else "mean"),),
+                             signals=("attn", "text_mask")))
       continue
-    if "layer" not in opts:
-      raise ValueError(f"{where}: needs 'layer' (the decoder layer whose input is pruned)")
-    k = resolve_layer(opts["layer"], depth, where)
+    must, maybe = entry_signals(opts, "llm")  # the decoder provides every signal
     size = ("budget", opts["budget"]) if "budget" in opts else ("keep", opts["keep"])
-    hooks.append(LLMHook(k, method, size, attn_from or "prev",
-                         options=tuple(sorted(method_options(opts, "llm").items())), seed=seed))
+    hooks.append(LLMHook(resolve_layer(opts["layer"], depth, where), method, size,
+                         attn_from or "prev",
+                         options=tuple(sorted(method_options(opts).items())),
+                         signals=must + maybe, seed=opts.get("seed", 0)))
   hooks.sort(key=lambda h: h.layer)  # stable: plan order within a layer
   for h in hooks:
-    if h.attn_from == "prev" and h.layer == 0 and _needs_layer_signal(h.method):
+    if h.attn_from == "prev" and h.layer == 0 and set(h.signals) & set(_LAYER_SIGNALS):
       raise ValueError(f"llm {h.method} at layer 0 has no previous layer's attention or keys;"
                        " use attn_from='next' or layer >= 1")
   return tuple(hooks)
 
 
-def _needs_layer_signal(method: str) -> bool:
-  return bool({"attn", "keys", "scores"} & set(METHODS[method].needs))
-
-
 def hook_size(hook: LLMHook, n_now: int, n_initial: int, where: str) -> int:
   kind, v = hook.size
   if kind == "of_initial":
-    if not isinstance(v, (int, float)) or not 0 < v <= 1:
+    if not _is_fraction(v):
       raise ValueError(f"{where}: ratio must be in (0, 1], got {v!r}")
     return max(1, min(n_now, int(n_initial * v)))
   return budget({kind: v}, n_now, where)
@@ -222,16 +377,15 @@ def tome_schedule(plan, depth: int) -> Tuple[Tuple[int, ...], bool]:
   r = [0] * depth
   prop = True
   for i, opts in entries(plan, "vit"):
-    if opts["method"] != "tome":
+    if not is_schedule("vit", opts["method"]):
       continue
     from tcjax.compress import tome as tome_lib  # pylint: disable=g-import-not-at-top
-    sched = tome_lib.r_schedule(opts.get("r", 0), depth)
+    spec = opts.get("r", 0)
+    if isinstance(spec, tuple) and len(spec) == 2 and spec[0] == _PER_LAYER:
+      spec = list(spec[1])
+    sched = tome_lib.r_schedule(spec, depth)
     layers = opts.get("layers", "all")
-    if layers == "all":
-      layers = range(depth)
-    elif not isinstance(layers, (tuple, list)):
-      raise ValueError(f"plan[{i}] (vit, tome): layers must be 'all' or a tuple of indices")
-    for l in layers:
+    for l in range(depth) if layers == "all" else layers:
       l = resolve_layer(l, depth, f"plan[{i}] (vit, tome)")
       r[l] += sched[l]
     prop = bool(opts.get("prop_attn", True))
@@ -242,52 +396,55 @@ def vit_selections(plan, depth: int) -> Dict[int, list]:
   """{layer: [(index, options)]} of non-ToMe ViT-stage entries, acting after that layer."""
   out: Dict[int, list] = {}
   for i, opts in entries(plan, "vit"):
-    if opts["method"] == "tome":
+    if is_schedule("vit", opts["method"]):
       continue
-    if "layer" not in opts:
-      raise ValueError(f"plan[{i}] (vit, {opts['method']}): needs 'layer' (the ViT layer whose "
-                       "output is reduced)")
     out.setdefault(resolve_layer(opts["layer"], depth, f"plan[{i}]"), []).append((i, opts))
   return out
 
 
 def needed_signals(plan, stages: Sequence[str]):
-  """Union of the signals the methods at `stages` need."""
+  """Union of the signals the entries at `stages` hand their methods (`entry_signals`)."""
   need = set()
   for stage in stages:
     for _, opts in entries(plan, stage):
-      if opts["method"] in METHODS:
-        need |= set(METHODS[opts["method"]].needs)
+      if not is_schedule(stage, opts["method"]):
+        need |= set(sum(entry_signals(opts, stage), ()))
   return need
 
 
 def signal_layer(plan, depth: int) -> Optional[int]:
-  """The ViT layer whose attention / keys feed the post-ViT stages (None if none needs them)."""
-  if not needed_signals(plan, ("post_vit", "post_proj")) & {"attn", "keys", "scores"}:
+  """The ViT layer whose attention / keys feed the post-ViT stages (None if none uses them)."""
+  layers = set()
+  for st in ("post_vit", "post_proj"):
+    for _, opts in entries(plan, st):
+      if set(sum(entry_signals(opts, st), ())) & set(_LAYER_SIGNALS):
+        layers.add(opts.get("signal_layer", -2))
+  if not layers:
     return None
-  layers = {opts.get("signal_layer", -2) for st in ("post_vit", "post_proj")
-            for _, opts in entries(plan, st)}
   if len(layers) != 1:
     raise ValueError(f"post-ViT stages ask for signals of different ViT layers {sorted(layers)}")
   return resolve_layer(layers.pop(), depth, "signal_layer")
 
 
 def run_entry(opts, tokens, signals, stage: str, where: str, rng_seed: int = 0):
-  """Runs one plan entry's method on `tokens` (a `tcjax.Tokens`), passing the signals it needs
-  and the optional ones it accepts from `signals` (what the model computed at that point).
+  """Runs one plan entry's method on `tokens` (a `tcjax.Tokens`) with the signals the entry
+  passes (`entry_signals`) out of `signals` (what the model computed at that point); `rng` is
+  made from the entry's seed (default `rng_seed`).
 
-  Raises ValueError naming the entry when a needed signal is not available at `stage`.
+  Raises ValueError naming the entry when a signal it must pass is not available.
   """
   method = METHODS[opts["method"]]
   n = budget(opts, tokens.num_tokens, where)
-  kw = dict(method_options(opts, stage))
-  for s in method.needs:
+  kw = method_options(opts)
+  must, maybe = entry_signals(opts, stage)
+  for s in must + maybe:
     if s == "rng":
       kw["rng"] = jax.random.key(opts.get("seed", rng_seed))
-    elif s not in signals:
+    elif signals.get(s) is not None:
+      kw[s] = signals[s]
+    elif s in must:
       raise ValueError(f"{where}: needs signal {s!r}, which the model cannot provide at stage "
-                       f"{stage!r}")
-  kw.update({s: v for s, v in signals.items() if s in method.accepts and s not in kw})
+                       f"{stage!r}" + (" without text" if s in ("text", "text_mask") else ""))
   return apply(method.name, tokens, n, **kw)
 
 
