@@ -1,0 +1,57 @@
+"""The bundled model: one call loads model, parameters and tokenizer; the shipped files fit the
+20 MB budget; 64 px images give 256 visual tokens and 8-frame clips 2048; greedy answers come
+back in each family's answer format."""
+
+import os
+import re
+
+import jax
+import numpy as np
+
+import tcjax
+from tcjax import bundled
+from tcjax.data import testbed
+
+
+def test_files_fit_the_budget():
+  size = os.path.getsize(bundled.CHECKPOINT) + os.path.getsize(bundled.TOKENIZER)
+  assert size <= 20 * 2 ** 20, size
+
+
+def test_load_and_token_counts():
+  model, params, tok = bundled.load()
+  cfg = model.config
+  assert cfg.img.num_patches >= 256 and cfg.img.image_size == testbed.IMAGE_SIZE
+  assert cfg.llm.vocab_size == tok.vocab_size
+  assert all(str(a.dtype) == "float32" for a in jax.tree.leaves(params))
+  ex = testbed.example("video", "test", 0, 0)
+  prompt = tok.batch([ex["prefix"]])
+  counts = {}
+
+  def embed(p):  # traced only: the token count is static
+    counts.update(model.apply({"params": p}, ex["image"][None], prompt["text"],
+                              np.zeros_like(prompt["text"]), method=model.embed_image)[2])
+    return 0
+
+  jax.eval_shape(embed, params)
+  assert counts["image_tokens"] == testbed.VIDEO_FRAMES * cfg.img.num_patches
+
+
+def test_answers_have_each_family_format():
+  """Greedy decoding of one example per family, batched by modality: the answer is a digit
+  string, a colour, yes/no, or four <loc> tokens, as the family asks."""
+  model, params, tok = bundled.load()
+  formats = {"count": r"[0-9]", "binding": "|".join(testbed.COLORS), "digit": r"[0-9]",
+             "number": r"[0-9]( [0-9])*", "locate": r"(<loc[0-9]{4}>){4}",
+             "video": r"[0-9]", "audio": r"[0-9]|yes|no"}
+  by_shape = {}
+  for fam in testbed.FAMILIES:  # one generate call per modality (one compile each)
+    by_shape.setdefault(testbed.image_shape(fam), []).append(testbed.example(fam, "test", 0, 1))
+  for exs in by_shape.values():
+    prompt = tok.batch([e["prefix"] for e in exs])
+    out = tcjax.generate(model, params, np.stack([e["image"] for e in exs]), prompt["text"],
+                         max_new_tokens=8, prefix_mask=prompt["mask_input"].astype(bool),
+                         eos_id=tok.eos_id)
+    for e, row in zip(exs, np.asarray(out)):
+      answer = tok.decode(row).strip()
+      assert re.fullmatch(formats[e["family"]], answer), (e["family"], answer)
