@@ -12,9 +12,9 @@ import struct
 import ml_dtypes
 import numpy as np
 import pytest
-from safetensors.numpy import save_file
 
 import tcjax.checkpoints as ckpt
+from tiny_checkpoints import random_params, write_hf_dir
 from tcjax.checkpoints import hf as hf_ckpt
 from tcjax.nn.config import GemmaConfig, PaliGemmaConfig, SiglipConfig
 
@@ -33,25 +33,14 @@ HF_CONFIG = {
 }
 
 
-def rand(shape, rng):
-  return (rng.normal(size=shape) * 0.1).astype(np.float32)
-
-
 @pytest.fixture
 def hf_dir(tmp_path):
-  rng = np.random.default_rng(0)
-  state = {k: rand(s, rng) for k, s in hf_ckpt.hf_shapes(CONFIG, HF_VOCAB).items()}
-  d = tmp_path / "hf"
-  d.mkdir()
-  save_file(state, str(d / "model.safetensors"))
-  (d / "config.json").write_text(json.dumps(HF_CONFIG))
-  return d
+  return write_hf_dir(tmp_path / "hf", CONFIG, HF_CONFIG, HF_VOCAB, seed=0)
 
 
 @pytest.fixture
 def npz_path(tmp_path):
-  rng = np.random.default_rng(1)
-  flat = {k: rand(s, rng) for k, s in ckpt.param_shapes(CONFIG).items()}
+  flat = random_params(ckpt.param_shapes(CONFIG), seed=1)
   path = tmp_path / "pg.npz"
   ckpt.save_big_vision(path, ckpt.unflatten(flat))
   return path

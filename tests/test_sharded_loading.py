@@ -11,6 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors.numpy import save_file
 
 import tcjax.checkpoints as ckpt
+from tiny_checkpoints import random_params, write_hf_dir
 from configs.sharding import PALIGEMMA_RULES
 from tcjax.checkpoints import hf as hf_ckpt
 from tcjax.nn.config import GemmaConfig, PaliGemmaConfig, SiglipConfig
@@ -52,14 +53,9 @@ FSDP_8 = {
 }
 
 
-def rand(shape, rng):
-  return (rng.normal(size=shape) * 0.1).astype(np.float32)
-
-
 @pytest.fixture
 def npz(tmp_path):
-  rng = np.random.default_rng(0)
-  flat = {k: rand(s, rng) for k, s in ckpt.param_shapes(CONFIG).items()}
+  flat = random_params(ckpt.param_shapes(CONFIG), seed=0)
   path = tmp_path / "pg.npz"
   np.savez(path, **flat)
   return path, flat
@@ -67,13 +63,7 @@ def npz(tmp_path):
 
 @pytest.fixture
 def hf_dir(tmp_path):
-  rng = np.random.default_rng(1)
-  state = {k: rand(s, rng) for k, s in hf_ckpt.hf_shapes(CONFIG, HF_VOCAB).items()}
-  d = tmp_path / "hf"
-  d.mkdir()
-  save_file(state, str(d / "model.safetensors"))
-  (d / "config.json").write_text(json.dumps(HF_CONFIG))
-  return d
+  return write_hf_dir(tmp_path / "hf", CONFIG, HF_CONFIG, HF_VOCAB, seed=1)
 
 
 def data8():
