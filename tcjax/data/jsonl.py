@@ -50,6 +50,8 @@ import grain
 import numpy as np
 from PIL import Image
 
+from tcjax.data import pipeline
+
 KEYS_REQUIRED = ("image", "prefix")
 KEYS_OPTIONAL = ("suffix",)
 _KEYS = KEYS_REQUIRED + KEYS_OPTIONAL
@@ -261,7 +263,6 @@ class JsonlSource:
 # ----------------------------------------------------------------------------- pipeline
 
 
-_PADS = {"text": None, "mask_ar": 1, "mask_loss": 0, "mask_input": 0}  # None = tokenizer.pad_id
 
 
 class _Tokenize(grain.transforms.Map):
@@ -272,14 +273,8 @@ class _Tokenize(grain.transforms.Map):
     self.max_len = int(max_len)
 
   def map(self, ex):
-    p = self.tokenizer.prompt(ex["prefix"], ex["suffix"])
-    out = {"image": ex["image"], "line": np.int32(ex["line"])}
-    for k, pad in _PADS.items():
-      v = np.full(self.max_len, self.tokenizer.pad_id if pad is None else pad, np.int32)
-      n = min(len(p[k]), self.max_len)
-      v[:n] = p[k][:n]
-      out[k] = v
-    return out
+    return {"image": ex["image"], "line": np.int32(ex["line"]),
+            **pipeline.tokenize(self.tokenizer, ex["prefix"], ex["suffix"], self.max_len)}
 
 
 def _stack(examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
@@ -288,10 +283,8 @@ def _stack(examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
   if len(shapes) > 1:
     detail = ", ".join(f"line {int(ex['line'])}: {ex['image'].shape}" for ex in examples)
     raise ValueError(f"cannot batch images of different shapes ({detail})")
-  out = {k: np.stack([ex[k] for ex in examples]) for k in ("image", "text", "mask_ar",
-                                                           "mask_loss", "line")}
-  out["input_mask"] = np.stack([ex["mask_input"] for ex in examples]).astype(bool)
-  return out
+  return {k: np.stack([ex[k] for ex in examples])
+          for k in ("image", "text", "mask_ar", "mask_loss", "input_mask", "line")}
 
 
 def dataset(path: str, tokenizer, *, image_size: int, max_len: int, batch_size: int,
