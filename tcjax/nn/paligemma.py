@@ -22,11 +22,12 @@ entering each decoder layer, the KV entries each layer caches), "llm_valid_token
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from tcjax import compress
 from tcjax.nn import gemma
@@ -54,6 +55,30 @@ def _check_text(text, mask_ar, input_mask):
   return text, mask_ar.astype(jnp.int32), input_mask.astype(bool)
 
 
+def _vit_plan(plan) -> tuple:
+  """The vit-stage entries of a normalized plan (what `encode_image` depends on)."""
+  return tuple(e for e in plan if e[0] == "vit")
+
+
+@struct.dataclass
+class Encoded:
+  """The ViT stage's output for one batch (`PaliGemma.encode_image`), for reuse by plans that
+  differ only after the ViT.
+
+  tokens: the ViT output Tokens float[B, N, D] (a clip's frames joined: N = F * n); signals:
+  {"attn": float32[B, 1, N], "scores": float32[B, N], "keys": float32[B, N, h]} of ViT layer
+  `signal_layer`, or {} (None); vit_tokens: tokens entering each ViT layer; vit_plan: the vit
+  entries that made it; frames: a clip's frame count (None: images).
+  """
+
+  tokens: Tokens
+  signals: Dict[str, jax.Array]
+  vit_tokens: Tuple[int, ...] = struct.field(pytree_node=False)
+  signal_layer: Optional[int] = struct.field(pytree_node=False)
+  vit_plan: tuple = struct.field(pytree_node=False)
+  frames: Optional[int] = struct.field(pytree_node=False, default=None)
+
+
 class PaliGemma(nn.Module):
   """PaliGemma 1 / 2 with compression hook points. `config`: a `PaliGemmaConfig`."""
 
@@ -76,15 +101,11 @@ class PaliGemma(nn.Module):
     return PaliGemma(dataclasses.replace(self.config, plan=plan), parent=None)
 
   # ---------------------------------------------------------------------------------------
-  def embed_image(self, image, text=None, mask_ar=None, input_mask=None
-                  ) -> Tuple[jax.Array, Tokens, Dict[str, Any]]:
-    """Image (or clip) -> projected image tokens, after the vit / post_vit / post_proj stages.
-
-    Returns (zimg float[B, N, E], tokens: their Tokens bookkeeping (pos / size / mask / src on
-    the patch grid; x = zimg), aux). `text` is needed only by text-guided post_proj methods.
-    """
+  def _vit_stage(self, p, image, framewise_ok: bool, want: Optional[int] = None):
+    """The ViT with the plan's vit stage -> (tokens: ViT output, a clip's frames joined; signals
+    of ViT layer `want` (None: the plan's signal layer); aux; frames or None; the post_vit
+    entries still to run)."""
     cfg, plan = self.config, self.config.plan
-    p = self.img()
     image = jnp.asarray(image)
     if not (jnp.issubdtype(image.dtype, jnp.floating) or image.dtype == jnp.uint8):
       raise ValueError(f"image must be float in [-1, 1] or uint8 in [0, 255], got {image.dtype}")
@@ -97,12 +118,13 @@ class PaliGemma(nn.Module):
                        f"got shape {image.shape}")
     # Frames are independent: spread them over every device of the mesh (data and seq).
     image = constrain(image, ("data", "seq") if frames else "data")
-    want = plan_lib.signal_layer(plan, cfg.img.depth)
+    if want is None:
+      want = plan_lib.signal_layer(plan, cfg.img.depth)
     post_vit = plan_lib.entries(plan, "post_vit")
     # Leading per-frame pooling runs on each frame as it leaves the ViT (inside the frame
     # chunks): the same result as on the clip, without ever holding the clip's raw tokens.
     framewise = []
-    while frames is not None and want is None and post_vit \
+    while framewise_ok and frames is not None and want is None and post_vit \
         and post_vit[0][1]["method"] in plan_lib.FRAMEWISE:
       framewise.append(post_vit.pop(0))
 
@@ -130,16 +152,53 @@ class PaliGemma(nn.Module):
     if frames is not None:
       changed = tokens.num_tokens != cfg.img.num_patches
       tokens = siglip.frames_to_video(tokens, frames)
-      # The clip's tokens stay spread over `seq` only if every later method runs exactly on a
-      # sharded token axis; otherwise they are gathered per example here, on purpose (e.g.
-      # temporal merging compares neighbouring frames), and the decoder re-shards them.
-      later = post_vit + plan_lib.entries(plan, "post_proj")
-      seq_ok = all(compress.METHODS[o["method"]].token_sharded for _, o in later)
-      tokens = tokens.replace(x=constrain(tokens.x, "data", "seq" if seq_ok else None))
+      tokens = tokens.replace(x=self._clip_constraint(tokens.x, post_vit))
       signals = siglip.video_signals(signals, frames)
       if changed:  # per-frame padding must move behind every frame's valid tokens
         from tcjax.compress import primitives as cp  # pylint: disable=g-import-not-at-top
         tokens = cp.sort_by_position(tokens)
+    return tokens, signals, aux, frames, post_vit
+
+  def _clip_constraint(self, x, post_vit):
+    """A clip's tokens stay spread over `seq` only if every later method runs exactly on a
+    sharded token axis; otherwise they are gathered per example here, on purpose (e.g.
+    temporal merging compares neighbouring frames), and the decoder re-shards them."""
+    later = post_vit + plan_lib.entries(self.config.plan, "post_proj")
+    seq_ok = all(compress.METHODS[o["method"]].token_sharded for _, o in later)
+    return constrain(x, "data", "seq" if seq_ok else None)
+
+  def encode_image(self, image, *, signal_layer: Optional[int] = None) -> Encoded:
+    """The ViT stage alone (the plan's vit entries, nothing after): image or clip -> `Encoded`.
+
+    Its output goes to `embed_image(..., encoded=)` of any model with the same parameters whose
+    plan has the same vit stage and needs no other ViT signal layer, so that plans differing
+    after the ViT share one run of the vision tower.
+
+    signal_layer: the ViT layer whose attention / keys become the signals (negative: from the
+      end, e.g. -2 as the post-ViT methods' default); None: this plan's (none if it uses none).
+    """
+    depth = self.config.img.depth
+    want = (plan_lib.signal_layer(self.config.plan, depth) if signal_layer is None
+            else plan_lib.resolve_layer(signal_layer, depth, "signal_layer"))
+    tokens, signals, aux, frames, _ = self._vit_stage(self.img(), image, False, want)
+    return Encoded(tokens=tokens, signals=signals, vit_tokens=tuple(aux["vit_tokens"]),
+                   signal_layer=want, vit_plan=_vit_plan(self.config.plan), frames=frames)
+
+  def embed_image(self, image, text=None, mask_ar=None, input_mask=None, *, encoded=None
+                  ) -> Tuple[jax.Array, Tokens, Dict[str, Any]]:
+    """Image (or clip) -> projected image tokens, after the vit / post_vit / post_proj stages.
+
+    Returns (zimg float[B, N, E], tokens: their Tokens bookkeeping (pos / size / mask / src on
+    the patch grid; x = zimg), aux). `text` is needed only by text-guided post_proj methods.
+    encoded: `encode_image`'s output to start from instead of running the ViT (pass
+    image=None); it must come from the same vit stage and carry this plan's ViT signals.
+    """
+    cfg, plan = self.config, self.config.plan
+    p = self.img()
+    if encoded is None:
+      tokens, signals, aux, _, post_vit = self._vit_stage(p, image, framewise_ok=True)
+    else:
+      tokens, signals, aux, post_vit = self._from_encoded(image, encoded)
     for i, opts in post_vit:
       tokens = plan_lib.run_entry(opts, tokens, signals, "post_vit",
                                   f"plan[{i}] (post_vit, {opts['method']})")
@@ -158,15 +217,47 @@ class PaliGemma(nn.Module):
     aux = dict(aux, image_tokens=tokens.num_tokens, image_tokens_valid=tokens.count())
     return tokens.x, tokens, aux
 
+  def _from_encoded(self, image, encoded):
+    """(tokens, signals, aux, post_vit entries) from `encode_image`'s output, checked against
+    this model's plan."""
+    cfg, plan = self.config, self.config.plan
+    if image is not None:
+      raise ValueError("embed_image: pass image=None with encoded= (the ViT already ran)")
+    if not isinstance(encoded, Encoded):
+      raise ValueError(f"encoded must be the Encoded of encode_image, got {type(encoded)}")
+    if encoded.vit_plan != _vit_plan(plan):
+      raise ValueError(f"encoded comes from the vit stage {encoded.vit_plan}, but this plan's "
+                       f"is {_vit_plan(plan)}")
+    want = plan_lib.signal_layer(plan, cfg.img.depth)
+    if want is not None and want != encoded.signal_layer:
+      raise ValueError(f"the plan needs the signals of ViT layer {want}, encoded carries "
+                       f"{'none' if encoded.signal_layer is None else encoded.signal_layer}")
+    post_vit = plan_lib.entries(plan, "post_vit")
+    tokens = encoded.tokens
+    if encoded.frames is not None:
+      tokens = tokens.replace(x=self._clip_constraint(tokens.x, post_vit))
+    return tokens, dict(encoded.signals), {"vit_tokens": encoded.vit_tokens}, post_vit
+
   def embed_text(self, text):
     """int32[B, T] -> float[B, T, E] (scaled by sqrt(E))."""
     return gemma.embed_text(self.llm(), jnp.asarray(text), self.config.llm)
 
-  def embed_image_and_text(self, image, text, mask_ar=None, input_mask=None):
+  def embed_image_and_text(self, image, text, mask_ar=None, input_mask=None, *,
+                           image_tokens=None):
     """-> (x float[B, N+T, E], input_mask bool[B, N+T], mask_ar int32[B, N+T]), as big_vision,
-    plus the image Tokens and aux."""
+    plus the image Tokens and aux. image_tokens: projected image Tokens (`embed_image`'s; x is
+    zimg) used instead of encoding `image` (pass image=None)."""
     text, mask_ar, input_mask = _check_text(text, mask_ar, input_mask)
-    zimg, img, aux = self.embed_image(image, text, mask_ar, input_mask)
+    if image_tokens is None:
+      zimg, img, aux = self.embed_image(image, text, mask_ar, input_mask)
+    else:
+      if image is not None:
+        raise ValueError("pass image=None with image_tokens= (the image is already embedded)")
+      if not isinstance(image_tokens, Tokens):
+        raise ValueError(f"image_tokens must be Tokens, got {type(image_tokens)}")
+      img = image_tokens
+      zimg = img.x
+      aux = {"image_tokens": img.num_tokens, "image_tokens_valid": img.count()}
     ztxt = self.embed_text(text)
     same = lambda a: like_batch(a, ztxt)  # Explicit meshes: one batch sharding for the concat
     x = jnp.concatenate([same(zimg.astype(ztxt.dtype)), ztxt], 1)
@@ -174,8 +265,9 @@ class PaliGemma(nn.Module):
     ar = jnp.concatenate([same(jnp.zeros(img.mask.shape, jnp.int32)), same(mask_ar)], 1)
     return x, valid, ar, img, aux
 
-  def _decoder(self, image, text, mask_ar, input_mask, cache_size):
-    x, valid, ar, img, aux = self.embed_image_and_text(image, text, mask_ar, input_mask)
+  def _decoder(self, image, text, mask_ar, input_mask, cache_size, image_tokens=None):
+    x, valid, ar, img, aux = self.embed_image_and_text(image, text, mask_ar, input_mask,
+                                                       image_tokens=image_tokens)
     # Positions count valid tokens only (big_vision: cumsum(input_mask) - 1), so merged-away
     # padding leaves no holes in RoPE.
     pos = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), 1) - 1, 0)
@@ -190,12 +282,16 @@ class PaliGemma(nn.Module):
     out, seq, _, aux = self._decoder(image, text, mask_ar, input_mask, 0)
     return gemma.logits(self.llm(), out[:, seq.n_img:], self.config.llm), aux
 
-  def prefill(self, image, text, mask_ar=None, input_mask=None, *, cache_size: int = 0):
+  def prefill(self, image, text, mask_ar=None, input_mask=None, *, cache_size: int = 0,
+              image_tokens=None):
     """Prefill the KV cache with image + prompt; `cache_size` entries are reserved for decoding.
+    image_tokens: `embed_image`'s projected Tokens instead of `image` (None): the plan's llm
+    stage still acts, its earlier stages are taken as done.
 
     Returns (logits float[B, V] at each example's last valid prompt token, cache, aux).
     """
-    out, seq, cache, aux = self._decoder(image, text, mask_ar, input_mask, cache_size)
+    out, seq, cache, aux = self._decoder(image, text, mask_ar, input_mask, cache_size,
+                                         image_tokens)
     last = jnp.take_along_axis(out, gemma._last_valid(seq.valid)[:, None, None], 1)[:, 0]  # pylint: disable=protected-access
     return gemma.logits(self.llm(), last, self.config.llm), cache, aux
 

@@ -13,7 +13,7 @@ from tcjax.parallel.mesh import like_batch
 
 def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, plan=None,
              temperature: float = 0.0, rng=None, prefix_mask=None, eos_id: int = 1,
-             pad_id: int = 0):
+             pad_id: int = 0, image_tokens=None):
   """Generates `max_new_tokens` tokens after image + prompt: int32[B, max_new_tokens].
 
   Args:
@@ -24,6 +24,8 @@ def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, pl
     temperature: 0 = greedy (argmax); > 0 samples from softmax(logits / temperature) with `rng`.
     prefix_mask: bool[B, T], False on right padding (prompts of different lengths).
     eos_id, pad_id: an example that emitted `eos_id` continues with `pad_id`.
+    image_tokens: projected image Tokens (`model.embed_image`'s) to start from instead of
+      `image` (pass image=None): the plan's llm stage still acts, its earlier stages are done.
   """
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
       or max_new_tokens < 1:
@@ -39,18 +41,19 @@ def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, pl
   if rng is None:
     rng = jax.random.key(0)
   return _generate(model.config, params, image, prefix, prefix_mask, rng, max_new_tokens,
-                   float(temperature), eos_id, pad_id)
+                   float(temperature), eos_id, pad_id, image_tokens)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
 def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, temperature,
-              eos_id, pad_id):
+              eos_id, pad_id, image_tokens=None):
   model = PaliGemma(config)
   variables = {"params": params}
   prefix = jnp.asarray(prefix)
   mask_ar = jnp.zeros(prefix.shape, jnp.int32)
   logits, cache, _ = model.apply(variables, image, prefix, mask_ar, prefix_mask,
-                                 cache_size=max_new_tokens, method=model.prefill)
+                                 cache_size=max_new_tokens, image_tokens=image_tokens,
+                                 method=model.prefill)
 
   def step(carry, key):
     logits, cache, done = carry
