@@ -53,41 +53,11 @@ def examples(cfg, image_size: int) -> List[Dict[str, Any]]:
   return [testbed.example(f, "test", 0, i) for f in cfg.families for i in range(cfg.per_family)]
 
 
-def token_counts(model, params, image, text, mask) -> Dict[str, Any]:
-  """Static token counts of one prefill, read while tracing (nothing runs): vit_tokens per ViT
-  layer, image_tokens to the decoder, llm_tokens per decoder layer."""
-  import jax  # pylint: disable=g-import-not-at-top
-  seen: Dict[str, Any] = {}
-
-  def prefill(p):
-    _, _, aux = model.apply({"params": p}, image, text, np.zeros_like(text), mask,
-                            method=model.prefill)
-    seen.update({k: aux[k] for k in ("vit_tokens", "image_tokens", "llm_tokens")})
-    return 0
-
-  jax.eval_shape(prefill, params)
-  return seen
-
-
-def cost(config, counts: Dict[str, Any], text_len: int, param_bytes: int) -> Dict[str, float]:
-  """Analytic prefill FLOPs of one example and its KV-cache bytes (keys + values per layer)."""
-  from tcjax.eval import flops  # pylint: disable=g-import-not-at-top
-  vit = counts["vit_tokens"]
-  f = flops.prefill_flops(config, text_len=text_len,
-                          vit_tokens_per_layer=vit if len(vit) == config.img.depth else None,
-                          image_tokens_to_llm=counts["image_tokens"],
-                          llm_tokens_per_layer=counts["llm_tokens"])
-  g = config.llm
-  kv = sum(counts["llm_tokens"]) * 2 * g.num_kv_heads * g.head_dim * param_bytes
-  return {"flops": f["total"], "kv_bytes": float(kv), "image_tokens": counts["image_tokens"],
-          "mean_llm_tokens": float(np.mean(counts["llm_tokens"]))}
-
-
 def run(model, params, tok, exs, cfg, plan) -> Dict[str, Any]:
   """Greedy answers of `model.with_plan(plan)` on `exs` (batched by image shape) -> {"answers":
   [...], "cost": per-example cost averaged over the examples}."""
   import jax  # pylint: disable=g-import-not-at-top
-  import tcjax  # pylint: disable=g-import-not-at-top
+  from tcjax.eval import runner  # pylint: disable=g-import-not-at-top
   m = model.with_plan(plan)
   answers: List[str] = [""] * len(exs)
   costs: List[Dict[str, float]] = []
@@ -101,20 +71,20 @@ def run(model, params, tok, exs, cfg, plan) -> Dict[str, Any]:
       prompt = tok.batch([exs[i]["prefix"] for i in chunk], max_len=cfg.max_len)
       image = np.stack([exs[i]["image"] for i in chunk])
       mask = prompt["mask_input"].astype(bool)
-      out = tcjax.generate(m, params, image, prompt["text"], max_new_tokens=cfg.max_new_tokens,
-                           prefix_mask=mask, eos_id=tok.eos_id, pad_id=tok.pad_id)
-      for i, row in zip(chunk, np.asarray(out)):
-        answers[i] = tok.decode(row)
+      out = runner.answer_batch(m, params, tok, image, prompt["text"], mask,
+                                max_new_tokens=cfg.max_new_tokens)
+      for i, a in zip(chunk, out):
+        answers[i] = a
       if s == 0:
-        c = cost(m.config, token_counts(m, params, image, prompt["text"], mask),
-                 prompt["text"].shape[1], param_bytes)
+        c = runner.cost(m.config, runner.token_counts(m, params, image, prompt["text"], mask),
+                        prompt["text"].shape[1], param_bytes)
       costs += [c] * len(chunk)
   return {"answers": answers,
           "cost": {k: float(np.mean([c[k] for c in costs])) for k in costs[0]}}
 
 
 def evaluate(cfg) -> List[Dict[str, Any]]:
-  from tcjax.eval import answers as qa  # pylint: disable=g-import-not-at-top
+  from tcjax.eval import runner  # pylint: disable=g-import-not-at-top
   model, params, tok = load(cfg)
   plan = ast.literal_eval(cfg.plan) if isinstance(cfg.plan, str) else cfg.plan
   exs = examples(cfg, model.config.img.image_size)
@@ -122,17 +92,15 @@ def evaluate(cfg) -> List[Dict[str, Any]]:
   base = None
   for name, p in (("uncompressed", ()), ("plan", plan)):
     res = run(model, params, tok, exs, cfg, p)
-    scores = [dict(qa.score(e["family"], a, e["suffix"], e["scene"]), family=e["family"])
-              for e, a in zip(exs, res["answers"])]
-    acc = qa.mean_by(scores, "correct")
-    row = {"setting": name, "plan": repr(p), "accuracy": acc[None],
-           "per_family": {k: v for k, v in acc.items() if k is not None}, **res["cost"]}
-    if base is None:
-      base = row | {"answers": res["answers"]}
-    row["loyalty"] = qa.loyalty(res["answers"], base["answers"])
-    row["relative_accuracy"] = qa.relative_accuracy(acc[None], base["accuracy"])
-    row["answers"] = res["answers"]
-    rows.append(row)
+    scores = runner.score_answers([e["family"] for e in exs], res["answers"],
+                                  [e["suffix"] for e in exs], [e["scene"] for e in exs])
+    summary = runner.summarize(scores, res["answers"], base)
+    base = base or summary
+    rows.append({"setting": name, "plan": repr(p), "accuracy": summary["accuracy"],
+                 "per_family": summary["per_family"], **res["cost"],
+                 "loyalty": summary["loyalty"],
+                 "relative_accuracy": summary["relative_accuracy"],
+                 "answers": res["answers"]})
     if not plan:  # nothing to compare
       break
   return rows

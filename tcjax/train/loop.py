@@ -134,19 +134,17 @@ def evaluate(model: PaliGemma, params, tokenizer, batches, *, max_new_tokens: in
              ) -> Dict[str, float]:
   """Greedy answers on held-out `pipeline.eval_batches` -> {"<family>/correct": mean, ...}
   (`correct`: exact match, or box IoU >= 0.5 for `locate`; see `tcjax.eval.answers.score`)."""
-  from tcjax.eval.answers import score  # pylint: disable=g-import-not-at-top
-  from tcjax.nn.sampling import generate  # pylint: disable=g-import-not-at-top
+  from tcjax.eval import runner  # pylint: disable=g-import-not-at-top
   sums: Dict[str, Dict[str, float]] = {}
   counts: Dict[str, int] = {}
   for fam, b in batches:
-    out = np.asarray(generate(model, params, b["image"], b["text"], max_new_tokens=max_new_tokens,
-                              prefix_mask=b["input_mask"], eos_id=tokenizer.eos_id,
-                              pad_id=tokenizer.pad_id))
-    for row, ans, scene in zip(out, b["answer"], b["scene"]):
-      s = score(fam, tokenizer.decode(row), ans, scene)
+    answers = runner.answer_batch(model, params, tokenizer, b["image"], b["text"],
+                                  b["input_mask"], max_new_tokens=max_new_tokens)
+    for s in runner.score_answers([fam] * len(answers), answers, b["answer"], b["scene"]):
       acc = sums.setdefault(fam, {})
       for k, v in s.items():
-        acc[k] = acc.get(k, 0.0) + v
+        if k != "family":
+          acc[k] = acc.get(k, 0.0) + v
       counts[fam] = counts.get(fam, 0) + 1
   return {f"{fam}/{k}": v / counts[fam] for fam, acc in sums.items() for k, v in acc.items()}
 
