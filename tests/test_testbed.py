@@ -52,8 +52,10 @@ def test_count_matches_components():
   for i in range(N):
     ex = tb.example("count", "test", 0, i)
     color = ex["prefix"].split()[-1]
-    _, n = ndimage.label(color_mask(pixels(ex), tb.COLORS[color]))
+    lab, n = ndimage.label(color_mask(pixels(ex), tb.COLORS[color]))
     assert str(n) == ex["suffix"], i
+    # every counted object is a 10 x 10 square, so the colour's area is 100 px per object
+    assert (lab > 0).sum() == 100 * n, i
 
 
 def test_binding_matches_shape_of_component():
