@@ -12,7 +12,12 @@ import tcjax
 from tcjax import compress
 from tcjax.parallel import make_mesh
 
-from helpers import check_contract, make_tokens
+from helpers import check_contract, make_tokens, np_tree
+
+# The property tests run the method under jit: one compilation per drawn shape instead of one
+# per primitive op of the eager call (~2x less time per example), same results.
+_topk = jax.jit(compress.topk, static_argnums=1)
+_pool = jax.jit(compress.pool, static_argnums=1, static_argnames="window")
 
 
 def test_topk_hand_worked():
@@ -48,7 +53,7 @@ def test_topk_ties_go_to_lower_index():
 def test_topk_full_budget_is_identity(h, w, seed):
   t = make_tokens(2, 1, (h, w), seed=seed)
   scores = jax.random.normal(jax.random.key(seed), (2, h * w))
-  out = compress.topk(t, h * w, scores=scores)
+  out = _topk(t, h * w, scores=scores)
   chex.assert_trees_all_equal(out, t)
 
 
@@ -86,11 +91,11 @@ def test_pool_rejects_unreachable_budget():
 def test_pool_conserves_mass(h, w, k, frames):
   t = make_tokens(2, frames, (h, w), seed=h * w + k)
   ho, wo = -(-h // k), -(-w // k)
-  out = compress.pool(t, frames * ho * wo, window=k)
+  out = _pool(t, frames * ho * wo, window=k)
   check_contract(out, frames * ho * wo, 2)
-  np.testing.assert_allclose(out.size.sum(-1), frames * h * w)
-  np.testing.assert_allclose((out.x * out.size[..., None]).sum(1), t.x.sum(1), rtol=1e-4,
-                             atol=1e-4)
+  o, x = np_tree(out), np.asarray(t.x)  # sums in NumPy: no eager op to compile per shape
+  np.testing.assert_allclose(o.size.sum(-1), frames * h * w)
+  np.testing.assert_allclose((o.x * o.size[..., None]).sum(1), x.sum(1), rtol=1e-4, atol=1e-4)
 
 
 def test_to_grid_roundtrip():
