@@ -100,7 +100,8 @@ def cost(config, counts: Dict[str, Any], text_len: int, param_bytes: int) -> Dic
   clip) and its KV-cache bytes (keys + values of every decoder layer's entries) from
   `token_counts`; vit_tokens None (or not one per layer) counts the ViT uncompressed.
 
-  Returns {"flops", "kv_bytes", "image_tokens", "mean_llm_tokens"}.
+  Returns {"flops", "kv_bytes", "image_tokens", "mean_llm_tokens" (image + text tokens per
+  decoder layer), "mean_llm_image_tokens" (image tokens per decoder layer)}.
   """
   vit = counts.get("vit_tokens")
   f = flops.prefill_flops(config, text_len=text_len,
@@ -112,4 +113,5 @@ def cost(config, counts: Dict[str, Any], text_len: int, param_bytes: int) -> Dic
   g = config.llm
   kv = sum(counts["llm_tokens"]) * 2 * g.num_kv_heads * g.head_dim * param_bytes
   return {"flops": total, "kv_bytes": float(kv), "image_tokens": counts["image_tokens"],
-          "mean_llm_tokens": float(np.mean(counts["llm_tokens"]))}
+          "mean_llm_tokens": float(np.mean(counts["llm_tokens"])),
+          "mean_llm_image_tokens": float(np.mean(counts["llm_tokens"])) - text_len}

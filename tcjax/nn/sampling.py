@@ -69,3 +69,9 @@ def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, t
   done = like_batch(jnp.zeros(prefix.shape[:1], bool), logits)
   _, tokens = jax.lax.scan(step, (logits, cache, done), jax.random.split(rng, max_new_tokens))
   return tokens.T
+
+
+def clear_cache() -> None:
+  """Drops `generate`'s compiled executables (one per model config, plan and shape): a sweep over
+  many plans releases each plan's once it is done, keeping the process's memory bounded."""
+  _generate.clear_cache()

@@ -1,0 +1,69 @@
+"""The sweep on the bundled model: every method x stage x budget x testbed family.
+
+  python -m experiments.sweep                                    # default (see below)
+  python -m experiments.sweep --config configs/sweep.py:full     # every stage, more examples
+  python -m experiments.sweep --config.per_family=64 --config.methods=pool,fastv
+
+Fields:
+  methods, stages: "all" or comma-separated names (`tcjax.compress.METHODS` plus the decoder
+    schedules "pyramiddrop" / "sparsevlm"; stages vit, post_vit, post_proj, llm); a method runs
+    at every chosen stage where it applies. Unknown names are refused.
+  budgets: image tokens per example reaching the decoder (at the llm stage: kept from decoder
+    layer llm_layer on); the uncompressed model ("full") always runs too.
+  families, per_family, split, seed: the testbed examples (`tcjax.data.testbed.example`).
+  vit_layer: ViT layer after which vit-stage selections act (ToMe merges from it on);
+    signal_layer: ViT layer whose attention / keys post-ViT methods read (default -2, as
+    VisionZip / FasterVLM); llm_layer: decoder layer K of the llm stage.
+  options: a Python literal {method: {option: value}} added to that method's plan entries,
+    e.g. '{"fastv": {"query": "mean"}}'.
+  batch_size, max_len (prompt tokens), max_new_tokens: decoding.
+  mesh, axis_types: the device mesh (batch on "data"; -1 = every device).
+  out: directory for sweep.json, sweep.md and the plots; progress: show the progress bar.
+
+Time: the default is sized for about 5 minutes on a 2-core CPU (experiments/RESULTS.md has the
+measured time); the cost is mostly compilation (each setting's compression once per input
+shape), then ~N examples x settings decoder passes.
+"""
+
+import ml_collections
+
+FAMILIES = ("count", "binding", "digit", "number", "locate", "video", "audio")
+
+
+def get_config(arg: str = ""):
+  c = ml_collections.ConfigDict()
+  # Default: every method at its stages after the ViT (post_vit, post_proj) and in the decoder
+  # (llm), three budgets; `full` adds the vit stage, budget 128 and more examples.
+  c.methods = "all"
+  c.stages = "post_vit,post_proj,llm"
+  c.budgets = (64, 32, 16)
+  c.families = FAMILIES
+  c.per_family = 16
+  c.split = "test"
+  c.seed = 0
+  c.vit_layer = 1
+  c.signal_layer = -2
+  c.llm_layer = 1
+  c.options = "{}"
+  c.batch_size = 64
+  c.max_len = 16
+  c.max_new_tokens = 10
+  c.mesh = (("data", -1),)
+  c.axis_types = "auto"
+  c.out = "experiments/out/sweep"
+  c.progress = True
+  if arg == "full":
+    c.stages = "all"
+    c.budgets = (128, 64, 32, 16)
+    c.per_family = 200
+  elif arg == "tiny":  # tests: two methods, two budgets, two image families, 4 examples each
+    c.methods = "pool,random"
+    c.stages = "post_vit"
+    c.budgets = (64, 16)
+    c.families = ("count", "locate")
+    c.per_family = 4
+    c.batch_size = 8
+    c.progress = False
+  elif arg:
+    raise ValueError(f"configs/sweep.py takes '', 'full' or 'tiny', got {arg!r}")
+  return c

@@ -1,0 +1,119 @@
+"""Every compression method at every stage and budget on the bundled model: accuracy against cost.
+
+`python -m experiments.sweep [--config configs/sweep.py[:full|:tiny]] [--config.field=value ...]`
+
+Runs `tcjax.eval.sweep` on the testbed's families (see `configs/sweep.py`), sharded over the
+devices present (batch on the mesh's `data` axis), with a progress bar, then writes into
+`config.out`: sweep.json (config, rows with answers, errors and cost per family), sweep.md (the
+table) and the plots accuracy_vs_tokens.png, accuracy_vs_flops.png (Pareto frontier) and
+loyalty_vs_tokens.png. Prints the table and where the plots are.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import time
+from typing import Any, Dict
+
+from absl import app, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "sweep config")
+
+
+def _names(v: str, what: str):
+  """"all", or comma-separated names as a tuple."""
+  if not isinstance(v, str):
+    raise ValueError(f"config.{what}: 'all' or comma-separated names, got {v!r}")
+  if v.strip() == "all":
+    return "all"
+  names = tuple(n.strip() for n in v.split(",") if n.strip())
+  if not names:
+    raise ValueError(f"config.{what}: 'all' or comma-separated names, got {v!r}")
+  return names
+
+
+def _options(v) -> Dict[str, Dict[str, Any]]:
+  opts = ast.literal_eval(v) if isinstance(v, str) else dict(v)
+  if not isinstance(opts, dict) or not all(isinstance(o, dict) for o in opts.values()):
+    raise ValueError(f"config.options must be {{method: {{option: value}}}}, got {v!r}")
+  return opts
+
+
+def sweep(cfg) -> Dict[str, Any]:
+  """Runs the sweep of `cfg` and writes its outputs -> {"rows", "table", "plots", "seconds",
+  "json", "markdown"}."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from tcjax import bundled  # pylint: disable=g-import-not-at-top
+  from tcjax.compress import METHODS  # pylint: disable=g-import-not-at-top
+  from tcjax.data import testbed  # pylint: disable=g-import-not-at-top
+  from tcjax.eval import report  # pylint: disable=g-import-not-at-top
+  from tcjax.eval import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  from tcjax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
+
+  start, cpu_start = time.perf_counter(), time.process_time()
+  settings = sweep_lib.settings(_names(cfg.methods, "methods"), _names(cfg.stages, "stages"),
+                                tuple(cfg.budgets))
+  options = _options(cfg.options)
+  unknown = sorted(set(options) - set(METHODS) - set(sweep_lib.SCHEDULES))
+  if unknown:
+    raise ValueError(f"config.options: unknown method(s) {unknown}")
+  families = tuple(cfg.families)
+  for f in families:
+    testbed.modality(f)  # ValueError for an unknown family
+  if cfg.per_family < 1:
+    raise ValueError(f"config.per_family must be >= 1, got {cfg.per_family}")
+  model, params, tok = bundled.load()
+  examples = [testbed.example(f, cfg.split, cfg.seed, i) for f in families
+              for i in range(cfg.per_family)]
+  mesh = make_mesh(tuple((str(n), int(s)) for n, s in cfg.mesh), cfg.axis_types)
+  opts = sweep_lib.SweepOptions(batch_size=cfg.batch_size, max_len=cfg.max_len,
+                                max_new_tokens=cfg.max_new_tokens, signal_layer=cfg.signal_layer,
+                                vit_layer=cfg.vit_layer, llm_layer=cfg.llm_layer,
+                                options=options, mesh=mesh)
+  progress = None
+  if cfg.progress:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    progress = lambda total: tqdm(total=total, desc="sweep", unit="step", dynamic_ncols=True)
+  rows = sweep_lib.run(model, params, tok, examples, settings, opts, progress)
+  seconds = time.perf_counter() - start
+  cpu_seconds = time.process_time() - cpu_start
+
+  os.makedirs(cfg.out, exist_ok=True)
+  plots = report.plots(rows, families, cfg.out)
+  text = report.table(rows, families)
+  info = {"config": cfg.to_dict(), "devices": [str(d) for d in jax.devices()],
+          "mesh": dict(mesh.shape), "seconds": seconds, "cpu_seconds": cpu_seconds,
+          "examples": len(examples),
+          "settings": len(settings), "rows": rows}
+  paths = {"json": os.path.join(cfg.out, "sweep.json"),
+           "markdown": os.path.join(cfg.out, "sweep.md")}
+  with open(paths["json"], "w") as f:
+    json.dump(sweep_lib.clean(info), f, indent=1, default=str)
+  with open(paths["markdown"], "w") as f:
+    f.write(f"# Sweep on the bundled model\n\n{len(examples)} testbed examples "
+            f"({cfg.per_family} per family), {len(settings)} settings, {seconds:.0f} s "
+            f"({cpu_seconds:.0f} s of CPU) on {len(jax.devices())} "
+            f"{jax.devices()[0].platform} device(s).\n\n{text}\n\n"
+            + "".join(f"![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in plots))
+  return {"rows": rows, "table": text, "plots": plots, "seconds": seconds,
+          "cpu_seconds": cpu_seconds, **paths}
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.set_verbosity(logging.WARNING)
+  res = sweep(_CONFIG.value)
+  print(res["table"])
+  print(f"\n{len(res['rows'])} settings in {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s "
+        f"of CPU). Table: {res['markdown']}, "
+        f"rows: {res['json']}; plots:")
+  for p in res["plots"]:
+    print(f"  {p}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,170 @@
+"""The sweep's outputs: a markdown table, the Pareto frontier and matplotlib plots.
+
+Rows are `tcjax.eval.sweep.run`'s. Plots (Agg backend, PNG):
+  accuracy_vs_tokens.png   accuracy per family against image tokens per decoder layer
+  accuracy_vs_flops.png    accuracy against prefill FLOPs, with the Pareto frontier
+  loyalty_vs_tokens.png    loyalty to the uncompressed model per family against tokens
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence, Tuple
+
+
+def pareto(points: Sequence[Tuple[float, float]]) -> List[int]:
+  """Indices of the Pareto-optimal (cost, value) points: no other point costs at most as much
+  and is worth more, or costs less and is worth as much. Sorted by cost; of equal points only
+  the first counts."""
+  order = sorted(range(len(points)), key=lambda i: (points[i][0], -points[i][1], i))
+  out, best = [], None
+  for i in order:
+    if best is None or points[i][1] > best:
+      out.append(i)
+      best = points[i][1]
+  return out
+
+
+def _fmt(v, spec: str = ".3f") -> str:
+  return "-" if v is None else format(v, spec)
+
+
+def _per_shape(row, key: str, families: Sequence[str], spec: str = ".0f") -> str:
+  """A cost as one number, or one per input shape ("256/2048/1024") where they differ."""
+  vals = []
+  for f in families:
+    c = row["cost_per_family"].get(f)
+    if c is not None and format(c[key], spec) not in vals:
+      vals.append(format(c[key], spec))
+  return "/".join(vals) or "-"
+
+
+def table(rows: Sequence[Dict[str, Any]], families: Sequence[str]) -> str:
+  """Markdown: one line per row (setting, method family, image tokens to the decoder per
+  input shape, image tokens per decoder layer, prefill GFLOPs and KV-cache KiB per example,
+  accuracy, loyalty, relative accuracy, accuracy per family, seconds), then the errors.
+
+  An accuracy marked * is over the families that ran; a family that raised shows `e<k>`, the
+  k-th error listed under the table."""
+  head = (["setting", "kind", "image tokens", "tokens / layer", "GFLOPs", "KV KiB", "accuracy",
+           "loyalty", "rel. acc."] + list(families) + ["s"])
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  notes: List[str] = []
+  for r in rows:
+    cells = [r["setting"], r["family"], _per_shape(r, "image_tokens", families),
+             _per_shape(r, "mean_llm_image_tokens", families)]
+    if r["accuracy"] is None:
+      cells += ["-", "-"]
+    else:
+      cells += [f"{r['flops'] / 1e9:.3f}", f"{r['kv_bytes'] / 1024:.1f}"]
+    partial = "*" if r["errors"] and r["accuracy"] is not None else ""
+    cells += [_fmt(r["accuracy"]) + partial, _fmt(r["loyalty"]) + partial,
+              _fmt(r["relative_accuracy"]) + partial]
+    msgs: Dict[str, int] = {}
+    for f in families:
+      if f in r["errors"]:
+        msg = r["errors"][f]
+        if msg not in msgs:
+          notes.append(msg)
+          msgs[msg] = len(notes)
+        cells.append(f"e{msgs[msg]}")
+      else:
+        cells.append(_fmt(r["per_family"].get(f)))
+    cells.append(f"{r['seconds']:.1f}")
+    lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+  if notes:
+    lines += ["", "Errors:", ""]
+    for k, msg in enumerate(notes, 1):
+      first = msg.splitlines()[0] if msg else msg
+      lines.append(f"- e{k}: {first}")
+  return "\n".join(lines)
+
+
+def _curves(rows, families):
+  """{(method, stage): [row, ...] sorted by budget (largest first)} of compressed rows."""
+  out: Dict[Tuple[str, str], list] = {}
+  for r in rows:
+    if r["budget"] is not None and r["accuracy"] is not None:
+      out.setdefault((r["method"], r["stage"]), []).append(r)
+  for v in out.values():
+    v.sort(key=lambda r: -r["budget"])
+  return out
+
+
+_STAGE_STYLE = {"vit": ":", "post_vit": "-", "post_proj": "--", "llm": "-."}
+
+
+def _per_family_plot(rows, families, value_key: str, ylabel: str, path: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  curves = _curves(rows, families)
+  methods = sorted({m for m, _ in curves})
+  cmap = plt.get_cmap("tab20")
+  color = {m: cmap(i % 20) for i, m in enumerate(methods)}
+  ncols = min(4, len(families))
+  nrows = -(-len(families) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+  full = rows[0]
+  for ax, fam in zip(axes.flat, families):
+    for (m, st), rs in curves.items():
+      pts = [(r["cost_per_family"][fam]["mean_llm_image_tokens"], r[value_key][fam])
+             for r in rs if fam in r[value_key]]
+      if pts:
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, _STAGE_STYLE[st], marker="o", ms=3, lw=1, color=color[m],
+                label=f"{m} ({st})")
+    if fam in full.get(value_key, {}):
+      ax.axhline(full[value_key][fam], color="k", lw=1, ls="--", label="uncompressed")
+      ax.plot([full["cost_per_family"][fam]["mean_llm_image_tokens"]],
+              [full[value_key][fam]], "k*", ms=9)
+    ax.set_xscale("log", base=2)
+    ax.set_title(fam)
+    ax.set_xlabel("image tokens per decoder layer")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(families):]:
+    ax.axis("off")
+  handles, labels = axes.flat[0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)
+
+
+def _flops_plot(rows, path: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  done = [r for r in rows if r["complete"]]
+  pts = [(r["flops"] / 1e9, r["accuracy"]) for r in done]
+  front = pareto(pts)
+  fig, ax = plt.subplots(figsize=(7.5, 5))
+  ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, c="tab:blue", alpha=0.6,
+             label="settings with every family")
+  fx = [pts[i][0] for i in front]
+  fy = [pts[i][1] for i in front]
+  ax.step(fx, fy, where="post", color="tab:red", lw=1.5, label="Pareto frontier")
+  ax.scatter(fx, fy, s=24, c="tab:red")
+  for i in front:
+    ax.annotate(done[i]["setting"], pts[i], fontsize=6, xytext=(3, 3),
+                textcoords="offset points")
+  ax.set_xscale("log")
+  ax.set_xlabel("prefill GFLOPs per example (analytic, mean over examples)")
+  ax.set_ylabel("accuracy (all families)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def plots(rows: Sequence[Dict[str, Any]], families: Sequence[str], out_dir: str) -> List[str]:
+  """Writes the three plots into `out_dir`; returns their paths."""
+  os.makedirs(out_dir, exist_ok=True)
+  paths = [os.path.join(out_dir, n) for n in ("accuracy_vs_tokens.png", "accuracy_vs_flops.png",
+                                               "loyalty_vs_tokens.png")]
+  _per_family_plot(rows, families, "per_family", "accuracy", paths[0])
+  _flops_plot(rows, paths[1])
+  _per_family_plot(rows, families, "loyalty_per_family", "loyalty", paths[2])
+  return paths

@@ -1,0 +1,464 @@
+"""The sweep: compression methods x stages x budgets, answered and costed on one model.
+
+  settings = sweep.settings(methods="all", stages="all", budgets=(64, 32, 16))
+  rows = sweep.run(model, params, tokenizer, examples, settings, SweepOptions(...))
+
+A `Setting` is one (method, stage, budget) cell; `FULL` is the uncompressed model, always run
+first (loyalty and relative accuracy are measured against it). `plan_for` turns a setting into
+a plan entry for one input shape: `budget` is always the number of image tokens per example
+that reach the decoder (for a clip at the vit stage, where the ViT sees frames one at a time,
+that is `budget // frames` per frame), and at the llm stage the number kept from decoder layer
+`llm_layer` on.
+
+Sharing (so that the sweep costs little more than its decoders):
+  - the ViT runs once per batch (`PaliGemma.encode_image`, with the signals of ViT layer
+    `signal_layer`), and every post_vit / post_proj setting starts from it;
+  - every llm setting starts from the uncompressed projected tokens (`prefill(image_tokens=)`);
+  - only vit settings run their own ViT;
+  - each setting's compression is one jitted function, compiled once per input shape; the
+    decoder (prefill + greedy decoding) is compiled once per image-token count for every
+    setting that leaves the decoder alone, and once per setting for the llm stage.
+
+A setting that raises (a budget a method cannot reach, an option it refuses, a modality it does
+not handle) is recorded with its error for the families of that input shape; the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tcjax.compress.registry import METHODS, STAGES
+from tcjax.eval import runner
+from tcjax.nn import plan as plan_lib
+from tcjax.nn import sampling
+
+# Plan-level decoder schedules swept beside the registered methods (one pruning layer each).
+SCHEDULES = {"pyramiddrop": ("llm",), "sparsevlm": ("llm",)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One cell of the sweep: `method` at `stage` down to `budget` image tokens (FULL: none)."""
+
+  method: str
+  stage: str
+  budget: Optional[int]
+
+  @property
+  def name(self) -> str:
+    return "full" if self.budget is None else f"{self.method}@{self.stage}/{self.budget}"
+
+  @property
+  def family(self) -> str:
+    """The method's family (sampling, merging, pooling, cross_modal); "-" for FULL."""
+    if self.budget is None:
+      return "-"
+    if self.method in SCHEDULES:
+      return "sampling"  # prompt-attention pruning, as FastV
+    return METHODS[self.method].family
+
+
+FULL = Setting("full", "-", None)
+
+
+def stages_of(method: str) -> Tuple[str, ...]:
+  """The stages where `method` (a registered method or a SCHEDULES entry) may act."""
+  if method in SCHEDULES:
+    return SCHEDULES[method]
+  return METHODS[method].stages
+
+
+def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
+             ) -> List[Setting]:
+  """FULL, then every method (sorted by name) at every stage of `stages` where it applies, at
+  every budget. methods / stages: "all" or a sequence of names; unknown names raise ValueError.
+  """
+  known = sorted(METHODS) + sorted(SCHEDULES)
+  methods = known if methods == "all" else list(_names(methods, "methods"))
+  stages = STAGES if stages == "all" else tuple(_names(stages, "stages"))
+  bad = [m for m in methods if m not in known]
+  if bad:
+    raise ValueError(f"unknown method(s) {bad}; known: {known}")
+  bad = [s for s in stages if s not in STAGES]
+  if bad:
+    raise ValueError(f"unknown stage(s) {bad}; stages: {STAGES}")
+  if isinstance(budgets, (str, int)) or not budgets or not all(
+      isinstance(b, int) and not isinstance(b, bool) and b >= 1 for b in budgets):
+    raise ValueError(f"budgets must be a non-empty sequence of positive ints, got {budgets!r}")
+  out = [FULL]
+  for m in methods:
+    for s in STAGES:  # stage order of the model
+      if s in stages and s in stages_of(m):
+        out += [Setting(m, s, int(b)) for b in budgets]
+  if len(out) == 1:
+    raise ValueError(f"no method of {methods} acts at stages {stages}")
+  return out
+
+
+def _names(v, what: str) -> Tuple[str, ...]:
+  if isinstance(v, str):
+    raise ValueError(f"{what} must be 'all' or a sequence of names, got {v!r}")
+  return tuple(v)
+
+
+def tome_r(n: int, budget: int, depth: int, layers: Sequence[int]) -> List[int]:
+  """Per-layer ToMe r (length `depth`) merging `n` tokens down to `budget` in `layers`: as even
+  as possible, front-loaded only as far as needed, each round at most half the tokens (ToMe's
+  bipartite matching). Raises ValueError when the layers cannot get that low."""
+  r = [0] * depth
+  left = sorted(layers)
+  cur = n
+  for i, l in enumerate(left):
+    later = len(left) - i - 1
+    even = -(-(cur - budget) // (later + 1))
+    needed = cur - budget * 2 ** later  # the later rounds halve at most
+    r[l] = max(0, min(cur // 2, max(even, needed)))
+    cur -= r[l]
+  if cur != budget:
+    raise ValueError(f"tome: {len(left)} ViT layers merge at most half the tokens each, "
+                     f"{n} -> {cur} at least; budget {budget} is out of reach")
+  return r
+
+
+def plan_for(setting: Setting, *, n_tokens: int, frames: int, vit_depth: int,
+             vit_layer: int, llm_layer: int, options: Optional[Mapping[str, Any]] = None
+             ) -> tuple:
+  """The (raw) plan of `setting` for inputs of `frames` frames (1: images) giving `n_tokens`
+  ViT tokens in all. options: extra entry options of this method (they override the sweep's).
+
+  Raises ValueError when the setting has no plan at this shape (e.g. a vit-stage budget that
+  does not split over the frames, or a ToMe schedule that cannot reach the budget).
+  """
+  if setting.budget is None:
+    return ()
+  m, stage, b = setting.method, setting.stage, setting.budget
+  opts = dict(options or {})
+  if stage == "vit":
+    if b % frames:
+      raise ValueError(f"{m}: the ViT sees frames one at a time; budget {b} does not split "
+                       f"over {frames} frames")
+    per_frame = b // frames
+    if m == "tome":  # ToMe merges inside the blocks from vit_layer on
+      layer = plan_lib.resolve_layer(vit_layer, vit_depth, "vit_layer")
+      layers = list(range(layer, vit_depth))
+      entry = {"method": "tome", "r": tome_r(n_tokens // frames, per_frame, vit_depth, layers)}
+    else:
+      entry = {"method": m, "layer": vit_layer, "budget": per_frame}
+  elif stage == "llm" and m == "pyramiddrop":
+    # Ratios are of the image tokens entering the decoder; +0.5 so int() lands on the budget.
+    entry = {"method": m, "layers": (llm_layer,), "ratios": ((b + 0.5) / n_tokens,)}
+  elif stage == "llm" and m == "sparsevlm":
+    entry = {"method": m, "layers": (llm_layer,), "budgets": (b,)}
+  elif stage == "llm":
+    entry = {"method": m, "layer": llm_layer, "budget": b}
+  else:
+    entry = {"method": m, "budget": b}
+  return ((stage, {**entry, **opts}),)
+
+
+@dataclasses.dataclass
+class SweepOptions:
+  """How the sweep runs (see configs/sweep.py for the fields' meaning)."""
+
+  batch_size: int = 32
+  max_len: int = 16
+  max_new_tokens: int = 10
+  signal_layer: int = -2
+  vit_layer: int = 1
+  llm_layer: int = 1
+  options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  mesh: Any = None  # a jax Mesh with a "data" axis (None: no mesh)
+
+
+def _error_text(e: BaseException) -> str:
+  """The first part of an exception's message (JAX appends a traceback note after a rule)."""
+  msg = str(e).split("\n--------------------")[0].strip()
+  return f"{type(e).__name__}: {msg}"
+
+
+def _batches(idx: List[int], size: int) -> List[List[int]]:
+  return [idx[s:s + size] for s in range(0, len(idx), size)]
+
+
+class _Group:
+  """Examples of one input shape, their prompts, and the per-shape facts of each setting."""
+
+  def __init__(self, shape, idx, exs, tok, opts: SweepOptions, data_size: int):
+    self.shape = shape
+    self.idx = idx
+    self.frames = shape[0] if len(shape) == 4 else 1
+    self.families = sorted({exs[i]["family"] for i in idx})
+    # Fixed batch shape (the last batch padded by repeating its last example) -> one compile.
+    self.size = -(-min(opts.batch_size, len(idx)) // data_size) * data_size
+    longest = max(len(tok.prompt(exs[i]["prefix"])["text"]) for i in idx)
+    if longest > opts.max_len:
+      raise ValueError(f"max_len={opts.max_len} cuts prompts of {longest} tokens")
+    self.prompts = tok.batch([exs[i]["prefix"] for i in idx], max_len=opts.max_len)
+
+
+def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
+        sweep_settings: Sequence[Setting], opts: SweepOptions,
+        progress: Optional[Callable[[int], Any]] = None) -> List[Dict[str, Any]]:
+  """Runs every setting on `examples` ([{"image", "prefix", "suffix", "family", "scene"}]).
+
+  progress: a tqdm-like object factory `progress(total)` (with .update / .set_postfix_str /
+  .close), or None.
+
+  Returns one row per setting, in `sweep_settings` order (FULL first): method, stage, budget,
+  family, plans (per input shape), errors {family: message}, accuracy / loyalty / relative
+  accuracy overall and per family, cost per family and averaged over the examples that ran
+  ("flops", "kv_bytes", "image_tokens", "mean_llm_tokens", "mean_llm_image_tokens",
+  "image_tokens_valid"), answers, seconds and cpu_seconds (wall and process CPU time spent in
+  the setting, compilation included; FULL's include the shared ViT runs).
+  """
+  if not sweep_settings or sweep_settings[0] != FULL:
+    raise ValueError("the settings must start with FULL (the baseline of loyalty)")
+  base = model.with_plan(())
+  cfg = model.config
+  variables = {"params": params}
+  param_bytes = jax.tree.leaves(params)[0].dtype.itemsize
+  data_size = _data_size(opts.mesh)
+  groups: Dict[Tuple[int, ...], List[int]] = {}
+  for i, e in enumerate(examples):
+    groups.setdefault(tuple(np.shape(e["image"])), []).append(i)
+  groups = [_Group(s, idx, examples, tokenizer, opts, data_size) for s, idx in groups.items()]
+  n_set = len(sweep_settings)
+  answers: List[List[Optional[str]]] = [[None] * len(examples) for _ in range(n_set)]
+  errors: List[Dict[str, str]] = [{} for _ in range(n_set)]
+  plans: List[Dict[str, str]] = [{} for _ in range(n_set)]
+  costs: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_set)]
+  valid_tokens: List[Dict[str, List[float]]] = [{} for _ in range(n_set)]
+  seconds = [0.0] * n_set
+  cpu = [0.0] * n_set  # process CPU time (all threads): comparable on a busy machine
+  total = sum(len(_batches(g.idx, g.size)) for g in groups) * n_set
+  bar = progress(total) if progress else None
+
+  encode = jax.jit(lambda v, im: base.apply(v, im, signal_layer=opts.signal_layer,
+                                            method=base.encode_image))
+  vit_seen: Dict[Any, Tuple[int, ...]] = {}
+  llm_counts: Dict[Any, Dict[str, Any]] = {}
+
+  def embed_fn(plan, from_encoded: bool):
+    """jitted (variables, encoded or image, text, mask) -> projected Tokens of `plan`."""
+    m = model.with_plan(plan)
+
+    def f(v, inp, text, mask):
+      zeros = jnp.zeros(text.shape, jnp.int32)
+      if from_encoded:
+        _, toks, aux = m.apply(v, None, text, zeros, mask, encoded=inp, method=m.embed_image)
+      else:
+        _, toks, aux = m.apply(v, inp, text, zeros, mask, method=m.embed_image)
+      vit_seen[plan] = aux["vit_tokens"]  # static, read while tracing
+      return toks
+
+    return jax.jit(f)
+
+  def llm_model(plan):
+    """The model that decodes `plan`'s image tokens: its llm entries only."""
+    return base.with_plan(tuple(e for e in plan if e[0] == "llm"))
+
+  # FULL and the settings that leave the decoder alone first (they share its executables),
+  # then the llm stage, each with its own decoder.
+  order = sorted(range(n_set), key=lambda i: (i > 0, sweep_settings[i].stage == "llm"))
+  ctx = jax.set_mesh(opts.mesh) if opts.mesh is not None else _nullcontext()
+  with ctx:
+    variables = _place(variables, opts.mesh, batch=False)
+    for g in groups:
+      gname = _shape_name(g)
+      n_tok = int(np.prod(g.shape[:-1]) // cfg.img.patch_size ** 2)  # ViT tokens of an example
+      gplans: List[Optional[tuple]] = []
+      for si, st in enumerate(sweep_settings):
+        try:
+          p = plan_for(st, n_tokens=n_tok, frames=g.frames, vit_depth=cfg.img.depth,
+                       vit_layer=opts.vit_layer, llm_layer=opts.llm_layer,
+                       options=opts.options.get(st.method))
+          p = plan_lib.normalize(p)
+          plans[si][gname] = plan_lib.describe(p)
+          gplans.append(p)
+        except Exception as e:  # pylint: disable=broad-except
+          _fail(errors[si], g, e)
+          gplans.append(None)
+      # The ViT once per batch, and the uncompressed projected tokens, for every setting.
+      t0, c0 = time.perf_counter(), time.process_time()
+      batches = []
+      full_embed = embed_fn((), True)
+      for chunk in _batches(list(range(len(g.idx))), g.size):
+        rows = chunk + [chunk[-1]] * (g.size - len(chunk))
+        image = _place(np.stack([examples[g.idx[r]]["image"] for r in rows]), opts.mesh)
+        text = _place(g.prompts["text"][rows], opts.mesh)
+        mask = _place(g.prompts["mask_input"][rows].astype(bool), opts.mesh)
+        enc = encode(variables, image)
+        batches.append((chunk, image, text, mask, enc, full_embed(variables, enc, text, mask)))
+      seconds[0] += time.perf_counter() - t0
+      cpu[0] += time.process_time() - c0
+      for si in order:
+        st, plan = sweep_settings[si], gplans[si]
+        t0, c0 = time.perf_counter(), time.process_time()
+        fn = None
+        n_done = 0
+        if plan is not None:
+          try:
+            if st.stage in ("vit", "post_vit", "post_proj"):
+              fn = embed_fn(plan, st.stage != "vit")
+            dec = llm_model(plan)
+            for chunk, image, text, mask, enc, full_toks in batches:
+              if st.stage in ("vit", "post_vit", "post_proj"):
+                toks = fn(variables, image if st.stage == "vit" else enc, text, mask)
+              else:  # FULL and the llm stage decode the uncompressed tokens
+                toks = full_toks
+              out = runner.answer_batch(dec, variables["params"], tokenizer, None, text, mask,
+                                        max_new_tokens=opts.max_new_tokens, image_tokens=toks)
+              if gname not in costs[si]:
+                vit = vit_seen[plan] if st.stage == "vit" else enc.vit_tokens
+                costs[si][gname] = _cost(cfg, dec, variables, text, mask, toks, llm_counts,
+                                         param_bytes, vit, g.frames, opts.max_len)
+              valid = np.asarray(toks.mask.sum(-1))
+              for r, a, nv in zip(chunk, out, valid):
+                answers[si][g.idx[r]] = a
+                fam = examples[g.idx[r]]["family"]
+                valid_tokens[si].setdefault(fam, []).append(float(nv))
+              n_done += 1
+              if bar is not None:
+                bar.set_postfix_str(f"{gname} {st.name}", refresh=False)
+                bar.update(1)
+          except Exception as e:  # pylint: disable=broad-except
+            _fail(errors[si], g, e)
+            for i in g.idx:  # no partial results for a shape that failed
+              answers[si][i] = None
+            for fam in g.families:
+              valid_tokens[si].pop(fam, None)
+        # Compiled code is released as soon as a setting is done: hundreds of executables
+        # alive at once exhaust the process's memory mappings.
+        if fn is not None:
+          fn.clear_cache()
+        if st.stage == "llm":
+          sampling.clear_cache()
+        seconds[si] += time.perf_counter() - t0
+        cpu[si] += time.process_time() - c0
+        if bar is not None and n_done < len(batches):  # skipped or failed
+          bar.update(len(batches) - n_done)
+      full_embed.clear_cache()
+      encode.clear_cache()
+      sampling.clear_cache()
+  if bar is not None:
+    bar.close()
+  if errors[0]:
+    raise RuntimeError(f"the uncompressed model failed, nothing to compare: {errors[0]}")
+  return _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds,
+               cpu, groups)
+
+
+class _nullcontext:
+  def __enter__(self):
+    return None
+
+  def __exit__(self, *a):
+    return False
+
+
+def _data_size(mesh) -> int:
+  if mesh is None:
+    return 1
+  if "data" not in mesh.axis_names:
+    raise ValueError(f"the sweep's mesh needs a 'data' axis, got {mesh.axis_names}")
+  return int(dict(mesh.shape)["data"])
+
+
+def _place(x, mesh, batch: bool = True):
+  """Batch arrays on the mesh's data axis, parameters replicated (the tower is small)."""
+  if mesh is None:
+    return x
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  spec = P("data") if batch else P()
+  return jax.device_put(x, NamedSharding(mesh, spec))
+
+
+def _shape_name(g: _Group) -> str:
+  return "x".join(str(d) for d in g.shape[:-1])
+
+
+def _fail(errs: Dict[str, str], g: _Group, e: BaseException) -> None:
+  for fam in g.families:
+    errs.setdefault(fam, _error_text(e))
+
+
+def _cost(cfg, dec, variables, text, mask, toks, cache, param_bytes, vit_tokens, frames,
+          text_len) -> Dict[str, float]:
+  """Per-example cost of one setting on one input shape; the decoder's token counts traced
+  once per (decoder plan, image-token count)."""
+  key = (dec.config.plan, toks.x.shape, text.shape)
+  if key not in cache:
+    cache[key] = runner.token_counts(dec, variables["params"], None, text, mask,
+                                     image_tokens=toks)
+  counts = dict(cache[key], vit_tokens=vit_tokens, frames=frames)
+  return runner.cost(cfg, counts, text_len, param_bytes)
+
+
+def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds, cpu,
+          groups) -> List[Dict[str, Any]]:
+  fam_shape = {f: _shape_name(g) for g in groups for f in g.families}
+  out = []
+  baseline = None
+  for si, st in enumerate(sweep_settings):
+    done = [i for i, a in enumerate(answers[si]) if a is not None]
+    row: Dict[str, Any] = {"setting": st.name, "method": st.method, "stage": st.stage,
+                           "budget": st.budget, "family": st.family, "plans": plans[si],
+                           "errors": dict(errors[si]), "seconds": seconds[si],
+                           "cpu_seconds": cpu[si]}
+    if done:
+      ex = [examples[i] for i in done]
+      ans = [answers[si][i] for i in done]
+      scores = runner.score_answers([e["family"] for e in ex], ans, [e["suffix"] for e in ex],
+                                    [e.get("scene") for e in ex])
+      base = None
+      if baseline is not None:
+        base = {"accuracy": _mean_acc(baseline, done, examples),
+                "per_family": baseline["per_family"],
+                "answers": [baseline["answers_by_index"][i] for i in done]}
+      summary = runner.summarize(scores, ans, base)
+      row.update({k: summary[k] for k in ("accuracy", "per_family", "loyalty",
+                                          "loyalty_per_family", "relative_accuracy",
+                                          "relative_per_family")})
+      fams = [e["family"] for e in ex]
+      per_fam_cost = {f: costs[si][fam_shape[f]] for f in sorted(set(fams))}
+      row["cost_per_family"] = {f: dict(c, image_tokens_valid=float(np.mean(
+          valid_tokens[si][f]))) for f, c in per_fam_cost.items()}
+      for k in ("flops", "kv_bytes", "image_tokens", "mean_llm_tokens", "mean_llm_image_tokens",
+                "image_tokens_valid"):
+        row[k] = float(np.mean([row["cost_per_family"][f][k] for f in fams]))
+      row["answers"] = {str(i): a for i, a in zip(done, ans)}
+      row["complete"] = not row["errors"]
+      if baseline is None:
+        baseline = dict(row, answers_by_index=answers[si])
+    else:
+      row.update({"accuracy": None, "per_family": {}, "loyalty": None,
+                  "loyalty_per_family": {}, "relative_accuracy": None,
+                  "relative_per_family": {}, "cost_per_family": {}, "answers": {},
+                  "complete": False})
+    out.append(row)
+  return out
+
+
+def _mean_acc(baseline, done, examples) -> float:
+  """The baseline's accuracy over the examples `done` (families a setting did run)."""
+  fams = [examples[i]["family"] for i in done]
+  counts = {f: fams.count(f) for f in set(fams)}
+  return sum(baseline["per_family"][f] * n for f, n in counts.items()) / len(done)
+
+
+def clean(x):
+  """`x` with NaN / inf floats as None (strict JSON)."""
+  if isinstance(x, float) and not math.isfinite(x):
+    return None
+  if isinstance(x, dict):
+    return {k: clean(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [clean(v) for v in x]
+  return x
