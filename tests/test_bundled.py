@@ -55,3 +55,44 @@ def test_answers_have_each_family_format():
     for e, row in zip(exs, np.asarray(out)):
       answer = tok.decode(row).strip()
       assert re.fullmatch(formats[e["family"]], answer), (e["family"], answer)
+
+
+def _iou(a, b):
+  """Boxes (y0, x0, y1, x1) in pixels."""
+  inter = max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+  area = lambda r: (r[2] - r[0]) * (r[3] - r[1])
+  return inter / (area(a) + area(b) - inter)
+
+
+def _box(answer):
+  """Four <locYYYY> tokens (y0, x0, y1, x1 in 1024 bins over the image) -> pixel box, or None."""
+  vals = [int(v) for v in re.findall(r"<loc(\d{4})>", answer)]
+  return None if len(vals) != 4 else [v / 1023 * testbed.IMAGE_SIZE for v in vals]
+
+
+def test_answers_beat_chance_where_the_model_learned():
+  """The shipped weights answer held-out (test split) questions better than a question-blind
+  guess: binding (5 colours, chance 0.2) and locate (a box with IoU >= 0.5 to the digit's glyph
+  box, which guessing essentially never gives). The issue's targets (>= 0.9 / 0.8) are not met by
+  this model; experiments/RESULTS.md has every family's accuracy. References come from each
+  example's scene, not from the model."""
+  model, params, tok = bundled.load()
+  n = 32
+  for fam, floor in (("binding", 0.3), ("locate", 0.2)):
+    exs = [testbed.example(fam, "test", 0, i) for i in range(n)]
+    prompt = tok.batch([e["prefix"] for e in exs])
+    out = tcjax.generate(model, params, np.stack([e["image"] for e in exs]), prompt["text"],
+                         max_new_tokens=6, prefix_mask=prompt["mask_input"].astype(bool),
+                         eos_id=tok.eos_id)
+    right = 0
+    for e, row in zip(exs, np.asarray(out)):
+      answer = tok.decode(row).strip()
+      if fam == "binding":
+        truth = [o["color"] for o in e["scene"]["objects"] if o["shape"] == e["scene"]["shape"]]
+        right += answer == truth[0]
+      else:
+        d = next(d for d in e["scene"]["digits"] if d["label"] == e["scene"]["target"])
+        glyph = (d["y"], d["x"], d["y"] + testbed.DIGIT_PX, d["x"] + testbed.DIGIT_PX)
+        box = _box(answer)
+        right += box is not None and _iou(box, glyph) >= 0.5
+    assert right / n >= floor, (fam, right / n)
