@@ -44,7 +44,7 @@ LLM = dict(model_type="gemma", hidden_size=512, intermediate_size=2048, num_hidd
            num_attention_heads=8, num_key_value_heads=1, head_dim=64, vocab_size=HF_VOCAB)
 N_IMG = (224 // 14) ** 2
 
-# (row name, plan as in DESIGN.md, analytic token counts: vit per layer, image tokens to the LLM,
+# (row name, plan as in docs/architecture.md, analytic token counts: vit per layer, image tokens to the LLM,
 #  LLM tokens per layer). Token counts follow each method's definition, independent of the model.
 _FULL_LLM = [N_IMG + T_TEXT] * 6
 PLANS = [

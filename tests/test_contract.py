@@ -1,4 +1,4 @@
-"""The contract of DESIGN.md, checked for every registered method."""
+"""The Tokens contract (docs/architecture.md), checked for every registered method."""
 
 from absl.testing import parameterized
 import chex

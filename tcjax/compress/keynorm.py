@@ -1,6 +1,6 @@
 """Key-norm saliency: rank tokens by the norm of their attention keys, no attention weights needed.
 
-FlashAttention-compatible saliency (spec methods_llm_video.md §3.6). ViTCoP (arXiv 2601.17818,
+FlashAttention-compatible saliency. ViTCoP (arXiv 2601.17818,
 official code) keeps the tokens with the SMALLEST L2 norm of the head-averaged keys (small key
 norm ~ high received attention): the default, `order="smallest", norm="l2"`. DART
 (arXiv 2502.11494) picks its pivots by the LARGEST L1 norm of the keys: `order="largest",

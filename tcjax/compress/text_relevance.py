@@ -3,7 +3,7 @@
 The cross-modal top-k of the survey's text-guided family. By default every valid text token
 counts and relevance is cosine similarity: raw dot products between visual and text embeddings
 are dominated by the norm gap between the modalities (e.g. Gemma scales text embeddings by
-sqrt(d); spec methods_llm_video.md §2.7), so `similarity="dot"` is an option, not the default.
+sqrt(d)), so `similarity="dot"` is an option, not the default.
 
 `raters="sparsevlm"` follows SparseVLM's rater selection (Zhang et al., arXiv 2410.04417, v1
 official code): M = softmax over the text tokens of the visual-text relevance S (N x T);

@@ -102,7 +102,7 @@ class GemmaConfig:
 class PaliGemmaConfig:
   """SigLIP -> linear projector (`img/head`) -> Gemma, with a static compression plan.
 
-  plan: ordered tuple of (stage, options) pairs (see `tcjax.nn.plan` / DESIGN.md); options may be
+  plan: ordered tuple of (stage, options) pairs (see `tcjax.nn.plan` and docs/architecture.md); options may be
   given as dicts: they are validated and stored as sorted (key, value) tuples, so the config
   stays hashable and can be a static argument under `jax.jit`.
   """

@@ -1,6 +1,6 @@
 """Compression plans: which method acts where in the model, validated once, hashable.
 
-A plan is an ordered tuple of `(stage, options)` pairs (DESIGN.md):
+A plan is an ordered tuple of `(stage, options)` pairs (docs/architecture.md):
 
   (("vit", {"method": "tome", "r": 8}),                       # ToMe in every ViT block
    ("vit", {"method": "fastervlm", "layer": 12, "budget": 128}),  # select after ViT layer 12
