@@ -83,12 +83,15 @@ def make_optimizer(cfg: ml_collections.ConfigDict, params) -> optax.GradientTran
   return tx
 
 
-def load_init(path: str, plan=()):
-  """(model, float32 params) from a big_vision `.npz` or an HF `save_pretrained` directory."""
+def load_init(path: str, plan=(), *, mesh=None, rules=None):
+  """(model, float32 params) from a big_vision `.npz` or an HF `save_pretrained` directory.
+
+  mesh, rules: place each parameter into its sharding as it is read (both or neither), so a
+  3B / 10B checkpoint never sits whole on one device."""
   from tcjax import checkpoints  # pylint: disable=g-import-not-at-top
   if os.path.isdir(path):
-    return checkpoints.load_hf(path, dtype="float32", plan=plan)
-  return checkpoints.load_big_vision(path, dtype="float32", plan=plan)
+    return checkpoints.load_hf(path, dtype="float32", plan=plan, mesh=mesh, rules=rules)
+  return checkpoints.load_big_vision(path, dtype="float32", plan=plan, mesh=mesh, rules=rules)
 
 
 def init_fn(model: PaliGemma, seed: int):
@@ -219,9 +222,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
     # Parameters are made straight into their shardings (no host copy of the whole tree per
     # device), which is also what lets every process of a multi-host run build the same state.
     if cfg.get("init"):  # fine-tune a checkpoint: its config, the plan from cfg.model.plan
-      model, host = load_init(cfg.init, plan=model_config(cfg).plan)
-      params = jax.device_put(host, param_shardings(host, mesh, rules))
-      del host
+      model, params = load_init(cfg.init, plan=model_config(cfg).plan, mesh=mesh, rules=rules)
     else:
       model = PaliGemma(model_config(cfg))
       init = init_fn(model, cfg.seed)
