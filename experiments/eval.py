@@ -18,7 +18,9 @@ import numpy as np
 from absl import app, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "evaluation config")
+# Defined only when run as a script: eval and sweep are imported side by side by the tests,
+# and absl refuses a second module-level --config flag.
+_CONFIG = None
 
 
 def load(cfg):
@@ -130,4 +132,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/eval.py", "evaluation config")
   app.run(main)

@@ -20,7 +20,9 @@ from typing import Any, Dict
 from absl import app, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "sweep config")
+# Defined only when run as a script: eval and sweep are imported side by side by the tests,
+# and absl refuses a second module-level --config flag.
+_CONFIG = None
 
 
 def _names(v: str, what: str):
@@ -116,4 +118,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _CONFIG = config_flags.DEFINE_config_file("config", "configs/sweep.py", "sweep config")
   app.run(main)
