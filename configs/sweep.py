@@ -7,7 +7,8 @@
 Fields:
   methods, stages: "all" or comma-separated names (`tcjax.compress.METHODS` plus the decoder
     schedules "pyramiddrop" / "sparsevlm"; stages vit, post_vit, post_proj, llm); a method runs
-    at every chosen stage where it applies. Unknown names are refused.
+    at every chosen stage where it applies; stages "primary": each method once, at the first of
+    post_vit, post_proj, llm, vit where it applies. Unknown names are refused.
   budgets: image tokens per example reaching the decoder (at the llm stage: kept from decoder
     layer llm_layer on); the uncompressed model ("full") always runs too.
   families, per_family, split, seed: the testbed examples (`tcjax.data.testbed.example`).
@@ -17,6 +18,7 @@ Fields:
   options: a Python literal {method: {option: value}} added to that method's plan entries,
     e.g. '{"fastv": {"query": "mean"}}'.
   batch_size, max_len (prompt tokens), max_new_tokens: decoding.
+  workers: settings run at once in threads (their compilation overlaps; 1 = one at a time).
   mesh, axis_types: the device mesh (batch on "data"; -1 = every device).
   out: directory for sweep.json, sweep.md and the plots; progress: show the progress bar.
 
@@ -32,10 +34,10 @@ FAMILIES = ("count", "binding", "digit", "number", "locate", "video", "audio")
 
 def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
-  # Default: every method at its stages after the ViT (post_vit, post_proj) and in the decoder
-  # (llm), three budgets; `full` adds the vit stage, budget 128 and more examples.
+  # Default: every method once (its primary stage), three budgets; `full`: every method at
+  # every stage where it applies, budget 128 too, more examples.
   c.methods = "all"
-  c.stages = "post_vit,post_proj,llm"
+  c.stages = "primary"
   c.budgets = (64, 32, 16)
   c.families = FAMILIES
   c.per_family = 16
@@ -48,6 +50,7 @@ def get_config(arg: str = ""):
   c.batch_size = 64
   c.max_len = 16
   c.max_new_tokens = 10
+  c.workers = 2
   c.mesh = (("data", -1),)
   c.axis_types = "auto"
   c.out = "experiments/out/sweep"

@@ -25,12 +25,12 @@ from ml_collections import config_flags
 _CONFIG = None
 
 
-def _names(v: str, what: str):
-  """"all", or comma-separated names as a tuple."""
+def _names(v: str, what: str, words=("all",)):
+  """One of `words`, or comma-separated names as a tuple."""
   if not isinstance(v, str):
     raise ValueError(f"config.{what}: 'all' or comma-separated names, got {v!r}")
-  if v.strip() == "all":
-    return "all"
+  if v.strip() in words:
+    return v.strip()
   names = tuple(n.strip() for n in v.split(",") if n.strip())
   if not names:
     raise ValueError(f"config.{what}: 'all' or comma-separated names, got {v!r}")
@@ -56,7 +56,8 @@ def sweep(cfg) -> Dict[str, Any]:
   from tcjax.parallel import make_mesh  # pylint: disable=g-import-not-at-top
 
   start, cpu_start = time.perf_counter(), time.process_time()
-  settings = sweep_lib.settings(_names(cfg.methods, "methods"), _names(cfg.stages, "stages"),
+  settings = sweep_lib.settings(_names(cfg.methods, "methods"),
+                                _names(cfg.stages, "stages", ("all", "primary")),
                                 tuple(cfg.budgets))
   options = _options(cfg.options)
   unknown = sorted(set(options) - set(METHODS) - set(sweep_lib.SCHEDULES))
@@ -67,6 +68,8 @@ def sweep(cfg) -> Dict[str, Any]:
     testbed.modality(f)  # ValueError for an unknown family
   if cfg.per_family < 1:
     raise ValueError(f"config.per_family must be >= 1, got {cfg.per_family}")
+  if cfg.workers < 1:
+    raise ValueError(f"config.workers must be >= 1, got {cfg.workers}")
   model, params, tok = bundled.load()
   examples = [testbed.example(f, cfg.split, cfg.seed, i) for f in families
               for i in range(cfg.per_family)]
@@ -74,7 +77,7 @@ def sweep(cfg) -> Dict[str, Any]:
   opts = sweep_lib.SweepOptions(batch_size=cfg.batch_size, max_len=cfg.max_len,
                                 max_new_tokens=cfg.max_new_tokens, signal_layer=cfg.signal_layer,
                                 vit_layer=cfg.vit_layer, llm_layer=cfg.llm_layer,
-                                options=options, mesh=mesh)
+                                options=options, mesh=mesh, workers=cfg.workers)
   progress = None
   if cfg.progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

@@ -111,6 +111,10 @@ def test_settings_and_plans():
       Setting("pool", "post_proj", 8)]
   assert sweep_lib.settings(["tome"], ["vit"], (64, 32))[1:] == [
       Setting("tome", "vit", 64), Setting("tome", "vit", 32)]
+  # "primary": each method once, after the ViT where it can act there.
+  assert sweep_lib.settings(["dart", "keynorm", "text_relevance"], "primary", (8,)) == [
+      FULL, Setting("dart", "post_vit", 8), Setting("keynorm", "llm", 8),
+      Setting("text_relevance", "post_proj", 8)]
   with pytest.raises(ValueError, match="unknown method"):
     sweep_lib.settings(["fastvv"], "all", (8,))
   with pytest.raises(ValueError, match="unknown stage"):

@@ -149,6 +149,9 @@ def _flops_plot(rows, path: str):
   for i in front:
     ax.annotate(done[i]["setting"], pts[i], fontsize=6, xytext=(3, 3),
                 textcoords="offset points")
+  full = rows[0]
+  if full["accuracy"] is not None:
+    ax.plot([full["flops"] / 1e9], [full["accuracy"]], "k*", ms=10, label="uncompressed")
   ax.set_xscale("log")
   ax.set_xlabel("prefill GFLOPs per example (analytic, mean over examples)")
   ax.set_ylabel("accuracy (all families)")

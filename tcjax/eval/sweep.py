@@ -25,6 +25,8 @@ not handle) is recorded with its error for the families of that input shape; the
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import math
 import time
@@ -75,14 +77,21 @@ def stages_of(method: str) -> Tuple[str, ...]:
   return METHODS[method].stages
 
 
+# stages="primary": each method once, at the first of these where it applies (after the ViT
+# first, so that most settings share one ViT run).
+PRIMARY = ("post_vit", "post_proj", "llm", "vit")
+
+
 def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
              ) -> List[Setting]:
   """FULL, then every method (sorted by name) at every stage of `stages` where it applies, at
-  every budget. methods / stages: "all" or a sequence of names; unknown names raise ValueError.
+  every budget. methods: "all" or a sequence of names; stages: "all", "primary" (each method at
+  its first stage in PRIMARY order) or a sequence of names. Unknown names raise ValueError.
   """
   known = sorted(METHODS) + sorted(SCHEDULES)
   methods = known if methods == "all" else list(_names(methods, "methods"))
-  stages = STAGES if stages == "all" else tuple(_names(stages, "stages"))
+  primary = stages == "primary"
+  stages = STAGES if stages in ("all", "primary") else tuple(_names(stages, "stages"))
   bad = [m for m in methods if m not in known]
   if bad:
     raise ValueError(f"unknown method(s) {bad}; known: {known}")
@@ -94,9 +103,11 @@ def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
     raise ValueError(f"budgets must be a non-empty sequence of positive ints, got {budgets!r}")
   out = [FULL]
   for m in methods:
-    for s in STAGES:  # stage order of the model
-      if s in stages and s in stages_of(m):
-        out += [Setting(m, s, int(b)) for b in budgets]
+    where = [s for s in STAGES if s in stages and s in stages_of(m)]  # the model's order
+    if primary:
+      where = [s for s in PRIMARY if s in where][:1]
+    for s in where:
+      out += [Setting(m, s, int(b)) for b in budgets]
   if len(out) == 1:
     raise ValueError(f"no method of {methods} acts at stages {stages}")
   return out
@@ -175,6 +186,7 @@ class SweepOptions:
   llm_layer: int = 1
   options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   mesh: Any = None  # a jax Mesh with a "data" axis (None: no mesh)
+  workers: int = 1  # settings run (compiled) at once, in threads
 
 
 def _error_text(e: BaseException) -> str:
@@ -215,8 +227,8 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   family, plans (per input shape), errors {family: message}, accuracy / loyalty / relative
   accuracy overall and per family, cost per family and averaged over the examples that ran
   ("flops", "kv_bytes", "image_tokens", "mean_llm_tokens", "mean_llm_image_tokens",
-  "image_tokens_valid"), answers, seconds and cpu_seconds (wall and process CPU time spent in
-  the setting, compilation included; FULL's include the shared ViT runs).
+  "image_tokens_valid"), answers, and seconds (wall time of the setting, compilation included,
+  alongside `workers - 1` other settings; FULL's include the shared ViT runs).
   """
   if not sweep_settings or sweep_settings[0] != FULL:
     raise ValueError("the settings must start with FULL (the baseline of loyalty)")
@@ -236,7 +248,6 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   costs: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_set)]
   valid_tokens: List[Dict[str, List[float]]] = [{} for _ in range(n_set)]
   seconds = [0.0] * n_set
-  cpu = [0.0] * n_set  # process CPU time (all threads): comparable on a busy machine
   total = sum(len(_batches(g.idx, g.size)) for g in groups) * n_set
   bar = progress(total) if progress else None
 
@@ -264,31 +275,78 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
     """The model that decodes `plan`'s image tokens: its llm entries only."""
     return base.with_plan(tuple(e for e in plan if e[0] == "llm"))
 
-  # FULL and the settings that leave the decoder alone first (they share its executables),
-  # then the llm stage, each with its own decoder.
-  order = sorted(range(n_set), key=lambda i: (i > 0, sweep_settings[i].stage == "llm"))
-  ctx = jax.set_mesh(opts.mesh) if opts.mesh is not None else _nullcontext()
-  with ctx:
-    variables = _place(variables, opts.mesh, batch=False)
-    for g in groups:
-      gname = _shape_name(g)
-      n_tok = int(np.prod(g.shape[:-1]) // cfg.img.patch_size ** 2)  # ViT tokens of an example
-      gplans: List[Optional[tuple]] = []
-      for si, st in enumerate(sweep_settings):
+  def run_setting(g: _Group, si: int, plan, batches) -> None:
+    """One setting on every batch of group `g` (in a worker thread: the mesh is per thread)."""
+    st, gname = sweep_settings[si], _shape_name(g)
+    t0 = time.perf_counter()
+    fn = None
+    n_done = 0
+    with _mesh_context(opts.mesh):
+      if plan is not None:
         try:
-          p = plan_for(st, n_tokens=n_tok, frames=g.frames, vit_depth=cfg.img.depth,
-                       vit_layer=opts.vit_layer, llm_layer=opts.llm_layer,
-                       options=opts.options.get(st.method))
-          p = plan_lib.normalize(p)
-          plans[si][gname] = plan_lib.describe(p)
-          gplans.append(p)
+          if st.stage in ("vit", "post_vit", "post_proj"):
+            fn = embed_fn(plan, st.stage != "vit")
+          dec = llm_model(plan)
+          for chunk, image, text, mask, enc, full_toks in batches:
+            if st.stage in ("vit", "post_vit", "post_proj"):
+              toks = fn(variables, image if st.stage == "vit" else enc, text, mask)
+            else:  # FULL and the llm stage decode the uncompressed tokens
+              toks = full_toks
+            out = runner.answer_batch(dec, variables["params"], tokenizer, None, text, mask,
+                                      max_new_tokens=opts.max_new_tokens, image_tokens=toks)
+            if gname not in costs[si]:
+              vit = vit_seen[plan] if st.stage == "vit" else enc.vit_tokens
+              costs[si][gname] = _cost(cfg, dec, variables, text, mask, toks, llm_counts,
+                                       param_bytes, vit, g.frames, opts.max_len)
+            valid = np.asarray(toks.mask.sum(-1))
+            for r, a, nv in zip(chunk, out, valid):
+              answers[si][g.idx[r]] = a
+              fam = examples[g.idx[r]]["family"]
+              valid_tokens[si].setdefault(fam, []).append(float(nv))
+            n_done += 1
+            if bar is not None:
+              bar.set_postfix_str(f"{gname} {st.name}", refresh=False)
+              bar.update(1)
         except Exception as e:  # pylint: disable=broad-except
           _fail(errors[si], g, e)
-          gplans.append(None)
-      # The ViT once per batch, and the uncompressed projected tokens, for every setting.
-      t0, c0 = time.perf_counter(), time.process_time()
-      batches = []
-      full_embed = embed_fn((), True)
+          for i in g.idx:  # no partial results for a shape that failed
+            answers[si][i] = None
+          for fam in g.families:
+            valid_tokens[si].pop(fam, None)
+    # A setting's compression is compiled code nobody else uses: release it now (hundreds of
+    # live executables exhaust the process's memory mappings).
+    if fn is not None:
+      fn.clear_cache()
+    seconds[si] += time.perf_counter() - t0
+    if bar is not None and n_done < len(batches):  # skipped or failed
+      bar.update(len(batches) - n_done)
+
+  # FULL and the settings that leave the decoder alone first (they share its executables),
+  # then the llm stage, each with its own decoder. `workers` settings at a time: compilation,
+  # most of the cost, runs in parallel threads.
+  order = sorted(range(1, n_set), key=lambda i: sweep_settings[i].stage == "llm")
+  with _mesh_context(opts.mesh):
+    variables = _place(variables, opts.mesh, batch=False)
+  for g in groups:
+    gname = _shape_name(g)
+    n_tok = int(np.prod(g.shape[:-1]) // cfg.img.patch_size ** 2)  # ViT tokens of an example
+    gplans: List[Optional[tuple]] = []
+    for si, st in enumerate(sweep_settings):
+      try:
+        p = plan_for(st, n_tokens=n_tok, frames=g.frames, vit_depth=cfg.img.depth,
+                     vit_layer=opts.vit_layer, llm_layer=opts.llm_layer,
+                     options=opts.options.get(st.method))
+        p = plan_lib.normalize(p)
+        plans[si][gname] = plan_lib.describe(p)
+        gplans.append(p)
+      except Exception as e:  # pylint: disable=broad-except
+        _fail(errors[si], g, e)
+        gplans.append(None)
+    # The ViT once per batch, and the uncompressed projected tokens, for every setting.
+    t0 = time.perf_counter()
+    batches = []
+    full_embed = embed_fn((), True)
+    with _mesh_context(opts.mesh):
       for chunk in _batches(list(range(len(g.idx))), g.size):
         rows = chunk + [chunk[-1]] * (g.size - len(chunk))
         image = _place(np.stack([examples[g.idx[r]]["image"] for r in rows]), opts.mesh)
@@ -296,71 +354,29 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
         mask = _place(g.prompts["mask_input"][rows].astype(bool), opts.mesh)
         enc = encode(variables, image)
         batches.append((chunk, image, text, mask, enc, full_embed(variables, enc, text, mask)))
-      seconds[0] += time.perf_counter() - t0
-      cpu[0] += time.process_time() - c0
+    seconds[0] += time.perf_counter() - t0
+    run_setting(g, 0, gplans[0], batches)
+    if opts.workers > 1:
+      with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
+        list(pool.map(lambda si: run_setting(g, si, gplans[si], batches), order))
+    else:
       for si in order:
-        st, plan = sweep_settings[si], gplans[si]
-        t0, c0 = time.perf_counter(), time.process_time()
-        fn = None
-        n_done = 0
-        if plan is not None:
-          try:
-            if st.stage in ("vit", "post_vit", "post_proj"):
-              fn = embed_fn(plan, st.stage != "vit")
-            dec = llm_model(plan)
-            for chunk, image, text, mask, enc, full_toks in batches:
-              if st.stage in ("vit", "post_vit", "post_proj"):
-                toks = fn(variables, image if st.stage == "vit" else enc, text, mask)
-              else:  # FULL and the llm stage decode the uncompressed tokens
-                toks = full_toks
-              out = runner.answer_batch(dec, variables["params"], tokenizer, None, text, mask,
-                                        max_new_tokens=opts.max_new_tokens, image_tokens=toks)
-              if gname not in costs[si]:
-                vit = vit_seen[plan] if st.stage == "vit" else enc.vit_tokens
-                costs[si][gname] = _cost(cfg, dec, variables, text, mask, toks, llm_counts,
-                                         param_bytes, vit, g.frames, opts.max_len)
-              valid = np.asarray(toks.mask.sum(-1))
-              for r, a, nv in zip(chunk, out, valid):
-                answers[si][g.idx[r]] = a
-                fam = examples[g.idx[r]]["family"]
-                valid_tokens[si].setdefault(fam, []).append(float(nv))
-              n_done += 1
-              if bar is not None:
-                bar.set_postfix_str(f"{gname} {st.name}", refresh=False)
-                bar.update(1)
-          except Exception as e:  # pylint: disable=broad-except
-            _fail(errors[si], g, e)
-            for i in g.idx:  # no partial results for a shape that failed
-              answers[si][i] = None
-            for fam in g.families:
-              valid_tokens[si].pop(fam, None)
-        # Compiled code is released as soon as a setting is done: hundreds of executables
-        # alive at once exhaust the process's memory mappings.
-        if fn is not None:
-          fn.clear_cache()
-        if st.stage == "llm":
-          sampling.clear_cache()
-        seconds[si] += time.perf_counter() - t0
-        cpu[si] += time.process_time() - c0
-        if bar is not None and n_done < len(batches):  # skipped or failed
-          bar.update(len(batches) - n_done)
-      full_embed.clear_cache()
-      encode.clear_cache()
-      sampling.clear_cache()
+        run_setting(g, si, gplans[si], batches)
+    # The shape is done: drop its shared ViT, decoders and every llm setting's decoder.
+    full_embed.clear_cache()
+    encode.clear_cache()
+    sampling.clear_cache()
   if bar is not None:
     bar.close()
   if errors[0]:
     raise RuntimeError(f"the uncompressed model failed, nothing to compare: {errors[0]}")
   return _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds,
-               cpu, groups)
+               groups)
 
 
-class _nullcontext:
-  def __enter__(self):
-    return None
-
-  def __exit__(self, *a):
-    return False
+def _mesh_context(mesh):
+  """`jax.set_mesh(mesh)` (a per-thread setting), or nothing without a mesh."""
+  return jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext()
 
 
 def _data_size(mesh) -> int:
@@ -401,7 +417,7 @@ def _cost(cfg, dec, variables, text, mask, toks, cache, param_bytes, vit_tokens,
   return runner.cost(cfg, counts, text_len, param_bytes)
 
 
-def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds, cpu,
+def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds,
           groups) -> List[Dict[str, Any]]:
   fam_shape = {f: _shape_name(g) for g in groups for f in g.families}
   out = []
@@ -410,8 +426,7 @@ def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens,
     done = [i for i, a in enumerate(answers[si]) if a is not None]
     row: Dict[str, Any] = {"setting": st.name, "method": st.method, "stage": st.stage,
                            "budget": st.budget, "family": st.family, "plans": plans[si],
-                           "errors": dict(errors[si]), "seconds": seconds[si],
-                           "cpu_seconds": cpu[si]}
+                           "errors": dict(errors[si]), "seconds": seconds[si]}
     if done:
       ex = [examples[i] for i in done]
       ans = [answers[si][i] for i in done]
