@@ -16,3 +16,15 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Modules with a `slow` test run first, each module's tests still together and in order.
+
+  `pytest -n 2` hands tests out in collection order; a slow module that comes last keeps one
+  worker busy alone at the end, or is split over both workers, each running its module fixtures
+  (test_train_loop's reference training run) again.
+  """
+  del config
+  slow = {item.path for item in items if item.get_closest_marker("slow")}
+  items.sort(key=lambda item: item.path not in slow)  # stable: the order otherwise kept

@@ -3,6 +3,7 @@
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from tcjax.compress import METHODS
@@ -10,6 +11,7 @@ from tcjax.compress import METHODS
 from experiments import demo
 
 
+@pytest.mark.slow  # every method compiled at 256 and 1024 tokens
 def test_demo_runs_every_method_and_writes_pictures(tmp_path):
   rows = demo.main(["--budgets", "16", "--out", str(tmp_path), "--reps", "1"])
   assert sorted(r["method"] for r in rows) == sorted(METHODS)
