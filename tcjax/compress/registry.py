@@ -18,6 +18,7 @@ SIGNALS = ("scores", "attn", "keys", "text", "text_mask", "text_keys", "rng")
 # tests/test_plan_options.py holds every entry to the method's own check and wants one for every
 # option whose default is a string.
 CHOICES: Dict[str, Dict[str, Tuple[Any, ...]]] = {
+    "cdpruner": {"sign": ("negative", "positive"), "normalize": ("example", "batch")},
     "dart": {"quota": ("official", "even")},
     "dpc_knn": {"weighting": ("plain", "size")},
     "fastervlm": {"reduce": ("mean", "cls")},
