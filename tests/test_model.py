@@ -83,11 +83,20 @@ KEEP_ALL = [
 ]
 
 
+@pytest.fixture(scope="module")
+def plain_logits(setup):
+  """The model without a plan on inputs(seed=2), jitted, once per config for every plan below
+  (an eager apply per plan compiled the model op by op)."""
+  _, model, params, _ = setup
+  image, text, mask_ar = inputs(seed=2)
+  return jax.jit(model.apply)({"params": params}, image, text, mask_ar)[0]
+
+
 @pytest.mark.parametrize("plan", KEEP_ALL, ids=lambda p: f"{p[0][0]}-{p[0][1]['method']}")
-def test_plans_that_keep_everything_are_the_identity(setup, plan):
+def test_plans_that_keep_everything_are_the_identity(setup, plain_logits, plan):
   config, model, params, _ = setup
   image, text, mask_ar = inputs(seed=2)
-  base, _ = model.apply({"params": params}, image, text, mask_ar)
+  base = plain_logits
   got, aux = jax.jit(model.with_plan(plan).apply)({"params": params}, image, text, mask_ar)
   np.testing.assert_allclose(np.asarray(got), np.asarray(base), atol=1e-5, rtol=1e-5)
 
@@ -319,18 +328,20 @@ def test_bad_plans_fail_clearly(plan, match):
   model, params, _ = make_params(CONFIGS[1])
   image, text, mask_ar = inputs()
   with pytest.raises(ValueError, match=match):
-    model.with_plan(plan).apply({"params": params}, image, text, mask_ar)
+    # Traced only: the checks are Python, at trace time (eager, the ViT ran op by op first).
+    jax.eval_shape(model.with_plan(plan).apply, {"params": params}, image, text, mask_ar)
 
 
 def test_bad_inputs_fail_clearly():
   model, params, _ = make_params(CONFIGS[1])
   image, text, mask_ar = inputs()
+  apply = functools.partial(jax.eval_shape, model.apply, {"params": params})  # as above
   with pytest.raises(ValueError, match="image"):
-    model.apply({"params": params}, image[:, :8], text, mask_ar)
+    apply(image[:, :8], text, mask_ar)
   with pytest.raises(ValueError, match="text"):
-    model.apply({"params": params}, image, text.astype(np.float32), mask_ar)
+    apply(image, text.astype(np.float32), mask_ar)
   with pytest.raises(ValueError, match="mask_ar"):
-    model.apply({"params": params}, image, text, mask_ar[:, :3])
+    apply(image, text, mask_ar[:, :3])
 
 
 def test_tome_in_the_vit_merges_exact_duplicates_without_changing_anything():
