@@ -20,12 +20,15 @@ SMOKE = [sys.executable, "-m", "experiments.train", "--config", "configs/testbed
 pytestmark = pytest.mark.slow
 
 
-def env(devices=8, **extra):
+def env(devices=8, cache=None, **extra):
   e = dict(os.environ)
   flags = [f for f in e.get("XLA_FLAGS", "").split()
            if "xla_force_host_platform_device_count" not in f]
   e["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
   e["JAX_PLATFORMS"] = "cpu"
+  if cache:  # a persistent XLA cache: a later run loads the programs an earlier one compiled
+    e["JAX_COMPILATION_CACHE_DIR"] = cache
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
   e.update(extra)
   return e
 
@@ -36,11 +39,18 @@ def params(workdir):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def xla_cache(tmp_path_factory):
+  """Compiled programs of the single-process runs, shared: the killed and the resumed run run
+  the very programs the reference run compiled, and load them instead of compiling again."""
+  return str(tmp_path_factory.mktemp("xla_cache"))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, xla_cache):
   """One uninterrupted smoke run on 8 devices."""
   d = str(tmp_path_factory.mktemp("reference"))
-  subprocess.run(SMOKE + ["--workdir", d], check=True, cwd=ROOT, env=env(), timeout=900,
-                 capture_output=True)
+  subprocess.run(SMOKE + ["--workdir", d], check=True, cwd=ROOT, env=env(cache=xla_cache),
+                 timeout=900, capture_output=True)
   return d
 
 
@@ -53,10 +63,10 @@ def test_smoke_training_reduces_loss(reference):
   assert os.path.isdir(os.path.join(reference, "tb"))
 
 
-def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
+def test_sigkill_and_resume_is_bit_identical(reference, xla_cache, tmp_path):
   d = str(tmp_path / "killed")
   ckpt = os.path.join(d, "ckpt")
-  proc = subprocess.Popen(SMOKE + ["--workdir", d], cwd=ROOT, env=env(),
+  proc = subprocess.Popen(SMOKE + ["--workdir", d], cwd=ROOT, env=env(cache=xla_cache),
                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 600
@@ -69,8 +79,8 @@ def test_sigkill_and_resume_is_bit_identical(reference, tmp_path):
     proc.wait()
   assert proc.returncode == -9
   assert not os.path.exists(os.path.join(d, "checkpoint.npz")), "finished before the kill"
-  subprocess.run(SMOKE + ["--workdir", d], check=True, cwd=ROOT, env=env(), timeout=900,
-                 capture_output=True)
+  subprocess.run(SMOKE + ["--workdir", d], check=True, cwd=ROOT, env=env(cache=xla_cache),
+                 timeout=900, capture_output=True)
   want, got = params(reference), params(d)
   assert sorted(got) == sorted(want)
   for k in want:
