@@ -54,6 +54,9 @@ def test_batch_examples_are_independent(name):
 def test_examples_differ_when_inputs_differ(name):
   tokens, signals, budget = inputs(name, batch=2, seed=3)
   out = np_tree(run(name, tokens, budget, signals))
+  if not out.mask.any():
+    assert name == "vtw"  # the one method that keeps nothing: every visual token withdrawn
+    return
   assert not np.allclose(out.x[0], out.x[1])
 
 

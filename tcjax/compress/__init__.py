@@ -28,5 +28,6 @@ from tcjax.compress.topk import topk
 from tcjax.compress.uniform import uniform
 from tcjax.compress.visionzip import visionzip
 from tcjax.compress.vispruner import vispruner
+from tcjax.compress.vtw import vtw
 
 __all__ = ["METHODS", "Method", "apply", "register", "to_grid", "unmerge"] + sorted(METHODS)
