@@ -204,3 +204,18 @@ def test_registry_and_bad_input():
     compress.apply("cdpruner", tokens, 4, text=text, text_mask=text_mask, colour=1)
   with pytest.raises(ValueError, match="tokens"):
     compress.cdpruner(tokens.x, 4, text=text, text_mask=text_mask)
+
+
+def test_plan_entries_hand_it_the_prompt():
+  """A plan entry at post_proj (official) or llm passes the stage's text and text_mask."""
+  from tcjax.nn import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  tokens, text, text_mask = inputs(b=3, seed=15)
+  want = _jitted(12, sign="positive")(tokens, text, text_mask)
+  for stage, extra in (("post_proj", {}), ("llm", {"layer": 2})):
+    (_, opts), = plan_lib.normalize(
+        ((stage, {"method": "cdpruner", "budget": 12, "sign": "positive", **extra}),))
+    got = jax.jit(lambda t, x, m, o=dict(opts), s=stage: plan_lib.run_entry(
+        o, t, {"text": x, "text_mask": m}, s, "test"))(tokens, text, text_mask)
+    np.testing.assert_array_equal(np.asarray(got.src), np.asarray(want.src))
+  with pytest.raises(ValueError, match="text"):  # a model called without text
+    plan_lib.run_entry({"method": "cdpruner", "budget": 12}, tokens, {}, "post_proj", "test")
