@@ -43,7 +43,7 @@ def test_colab_ready(path):
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_runs(path):
+def test_runs(path, tmp_path):
   from jupyter_client.kernelspec import KernelSpecManager  # pylint: disable=g-import-not-at-top
   from nbclient import NotebookClient  # pylint: disable=g-import-not-at-top
   # jupyter_client runs a spec's bare "python" / "python3" as sys.executable; any other
@@ -52,9 +52,10 @@ def test_runs(path):
   assert argv0 in ("python", "python3", sys.executable), f"python3 kernel runs {argv0}"
   nb = nbformat.read(path, as_version=4)
   # The kernel is a fresh process: one CPU device (04 asks for 8 itself, in its first cell), the
-  # test suite's cheap compiles (conftest's XLA_FLAGS are not for it), tiny mode.
+  # test suite's cheap compiles (conftest's XLA_FLAGS are not for it), tiny mode, and temporary
+  # files (03's training run) under pytest's tmp_path.
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_backend_optimization_level=0",
-             TCJAX_NOTEBOOK_TINY="1")
+             TCJAX_NOTEBOOK_TINY="1", TMPDIR=str(tmp_path))
   client = NotebookClient(nb, kernel_name="python3", timeout=300, resources={
       "metadata": {"path": ROOT}})
   client.execute(env=env)  # raises CellExecutionError naming the failing cell
