@@ -165,7 +165,7 @@ def test_table_marks_partial_rows():
          "per_family": {"count": 0.5}, "flops": 2e9, "kv_bytes": 2048.0, "seconds": 1.0,
          "cost_per_family": {"count": {"image_tokens": 8, "mean_llm_image_tokens": 8.0}}}
   text = report.table([row], ["count", "video"])
-  assert "| x@post_vit/8 | pooling | 8 | 8 | 2.000 | 2.0 | 0.500* | 1.000* | 1.000* | 0.500 | e1 |" \
+  assert "| x@post_vit/8 | pooling | 8 | 8 | 2.000* | 2.0* | 0.500* | 1.000* | 1.000* | 0.500 | e1 |" \
       in text
   assert text.endswith("- e1: ValueError: no")
 

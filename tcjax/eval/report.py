@@ -44,8 +44,8 @@ def table(rows: Sequence[Dict[str, Any]], families: Sequence[str]) -> str:
   input shape, image tokens per decoder layer, prefill GFLOPs and KV-cache KiB per example,
   accuracy, loyalty, relative accuracy, accuracy per family, seconds), then the errors.
 
-  An accuracy marked * is over the families that ran; a family that raised shows `e<k>`, the
-  k-th error listed under the table."""
+  A number marked * is over the families that ran (cost and accuracy alike); a family that
+  raised shows `e<k>`, the k-th error listed under the table."""
   head = (["setting", "kind", "image tokens", "tokens / layer", "GFLOPs", "KV KiB", "accuracy",
            "loyalty", "rel. acc."] + list(families) + ["s"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -53,11 +53,11 @@ def table(rows: Sequence[Dict[str, Any]], families: Sequence[str]) -> str:
   for r in rows:
     cells = [r["setting"], r["family"], _per_shape(r, "image_tokens", families),
              _per_shape(r, "mean_llm_image_tokens", families)]
+    partial = "*" if r["errors"] and r["accuracy"] is not None else ""
     if r["accuracy"] is None:
       cells += ["-", "-"]
     else:
-      cells += [f"{r['flops'] / 1e9:.3f}", f"{r['kv_bytes'] / 1024:.1f}"]
-    partial = "*" if r["errors"] and r["accuracy"] is not None else ""
+      cells += [f"{r['flops'] / 1e9:.3f}{partial}", f"{r['kv_bytes'] / 1024:.1f}{partial}"]
     cells += [_fmt(r["accuracy"]) + partial, _fmt(r["loyalty"]) + partial,
               _fmt(r["relative_accuracy"]) + partial]
     msgs: Dict[str, int] = {}
@@ -102,6 +102,7 @@ def _per_family_plot(rows, families, value_key: str, ylabel: str, path: str):
   methods = sorted({m for m, _ in curves})
   cmap = plt.get_cmap("tab20")
   color = {m: cmap(i % 20) for i, m in enumerate(methods)}
+  marker = {m: "os^D"[(i // 20) % 4] for i, m in enumerate(methods)}  # past 20 colours
   ncols = min(4, len(families))
   nrows = -(-len(families) // ncols)
   fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
@@ -112,13 +113,14 @@ def _per_family_plot(rows, families, value_key: str, ylabel: str, path: str):
              for r in rs if fam in r[value_key]]
       if pts:
         xs, ys = zip(*pts)
-        ax.plot(xs, ys, _STAGE_STYLE[st], marker="o", ms=3, lw=1, color=color[m],
+        ax.plot(xs, ys, _STAGE_STYLE[st], marker=marker[m], ms=3, lw=1, color=color[m],
                 label=f"{m} ({st})")
     if fam in full.get(value_key, {}):
       ax.axhline(full[value_key][fam], color="k", lw=1, ls="--", label="uncompressed")
       ax.plot([full["cost_per_family"][fam]["mean_llm_image_tokens"]],
               [full[value_key][fam]], "k*", ms=9)
     ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03, 1.03)  # one scale for every family
     ax.set_title(fam)
     ax.set_xlabel("image tokens per decoder layer")
     ax.set_ylabel(ylabel)
