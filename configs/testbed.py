@@ -1,7 +1,14 @@
 """Training on the testbed: the bundled model's recipe, and a smoke config.
 
-  python -m experiments.train --config configs/testbed.py --workdir DIR          # bundled model
+  python -m experiments.train --config configs/testbed.py --workdir DIR          # stage 1
+  python -m experiments.train --config configs/testbed.py:stage2 --workdir DIR   # stage 2
   python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
+
+The bundled model is trained in two stages: stage 1 from scratch on the seven question
+families; stage 2 from stage 1's final parameters (`experiments/bundled_run/checkpoint.npz`)
+with the training-only `describe` family added (every object / digit of a scene named, ~20
+answer tokens per image), because stage 1's one to four answer tokens per image taught the
+towers too slowly to read digits (experiments/RESULTS.md).
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -12,12 +19,14 @@ import ml_collections
 from tcjax.data import testbed
 
 TOKENIZER = "tcjax/assets/testbed_tokenizer.model"
+STAGE1 = "experiments/bundled_run/checkpoint.npz"  # stage 1's final parameters
 
 
 def get_config(arg: str = ""):
-  """arg: "" (the bundled model) or "smoke" (a tiny model, a few steps, for tests)."""
-  if arg not in ("", "smoke"):
-    raise ValueError(f"unknown config arg {arg!r}; use '' or 'smoke'")
+  """arg: "" (stage 1 of the bundled model), "stage2" (its second stage), or "smoke" (a tiny
+  model, a few steps, for tests)."""
+  if arg not in ("", "stage2", "smoke"):
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -69,4 +78,13 @@ def get_config(arg: str = ""):
   c.eval.per_family = 8 if smoke else 48
   c.eval.batch_size = 16
   c.eval.max_new_tokens = 8
+  c.eval.families = testbed.FAMILIES  # the questions; training-only families are never scored
+
+  if arg == "stage2":
+    c.init = STAGE1
+    c.total_steps = 3000
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 50
+    c.data.families = testbed.ALL_FAMILIES
+    c.data.max_len = 32               # the longest `describe` prompt is 32 tokens
   return c

@@ -119,7 +119,7 @@ MIX_FAMS = {"image": ("count", "digit"), "video": ("video",), "audio": ("audio",
 
 
 def mixed(tok):
-  streams = {m: stream(tok, f, 2, max_len=16) for m, f in MIX_FAMS.items()}
+  streams = {m: stream(tok, f, 2, max_len=T) for m, f in MIX_FAMS.items()}
   return pipeline.mixed_stream(list(streams.values()), list(WEIGHTS.values())), streams
 
 
@@ -189,3 +189,10 @@ def test_eval_batches_are_prompts_with_answers_apart(tok):
       assert b["answer"][j] == ex["suffix"]
       assert b["scene"][j] == ex["scene"]
       assert b["image"][j].tobytes() == ex["image"].tobytes()
+
+
+def test_a_prompt_longer_than_max_len_is_refused_not_cut(tok):
+  full = tok.batch(["read the number"], ["1 2 3 4"])["text"].shape[1]
+  assert pipeline.tokenize(tok, "read the number", "1 2 3 4", full)["text"].shape == (full,)
+  with pytest.raises(ValueError, match="max_len"):
+    pipeline.tokenize(tok, "read the number", "1 2 3 4", full - 1)

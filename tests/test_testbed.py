@@ -26,7 +26,7 @@ def sk_label(split, image_index):
   return int(d.target[2 * image_index + (0 if split == "train" else 1)])
 
 
-@pytest.mark.parametrize("family", tb.FAMILIES)
+@pytest.mark.parametrize("family", tb.ALL_FAMILIES)
 def test_pure_function_of_arguments(family):
   a, b = tb.example(family, "train", 3, 17), tb.example(family, "train", 3, 17)
   assert a["image"].tobytes() == b["image"].tobytes()
@@ -166,3 +166,48 @@ def test_loc_tokens_round_trip_and_iou():
   # two 4x4 boxes overlapping in a 2x4 strip: 8 / (16 + 16 - 8)
   assert tb.box_iou((0, 0, 4, 4), (2, 0, 6, 4)) == pytest.approx(1 / 3)
   assert tb.box_iou(None, (0, 0, 1, 1)) == 0.0
+
+
+def test_describe_lists_what_the_pixels_hold():
+  """`describe` (training only): count scenes give every colour's area in 10 x 10 squares
+  (two squares of a colour may touch, so not its components); other
+  scenes give one box per object or digit, each box holding that item's lit pixels and every
+  lit pixel inside some box, in reading order (16-px row bands, then left to right)."""
+  import re
+  kinds = set()
+  for i in range(3 * N):
+    ex = tb.example("describe", "train", 0, i)
+    img, kind = pixels(ex), ex["scene"]["kind"]
+    kinds.add(kind)
+    assert ex["prefix"] == "describe" and kind in tb.IMAGE_FAMILIES
+    if kind == "count":
+      want = []
+      for name, rgb in tb.COLORS.items():  # the documented colour order
+        n, rest = divmod(int(color_mask(img, rgb).sum()), tb.COUNT_PX ** 2)
+        assert rest == 0, i
+        want += [f"{name} {n}"] if n else []
+      assert ex["suffix"] == " ".join(want), i
+      continue
+    items = re.findall(r"((?:<loc\d{4}>){4}) ([a-z]+ [a-z]+|\d)", ex["suffix"])
+    assert "".join(f"{b} {name}" for b, name in items) == ex["suffix"], i
+    lit = img.max(-1) > 0.3
+    if kind == "digit":  # the drawn box outline is not an item
+      lit &= ~color_mask(img, (0.7, 0.7, 0.7))
+    covered = np.zeros_like(lit)
+    rows = []
+    for b, name in items:
+      y0, x0, y1, x1 = (int(round(v)) for v in tb.parse_loc(b))
+      region = lit[y0:y1, x0:x1]
+      assert region.any(), (i, name)
+      covered[y0:y1, x0:x1] = True
+      if name.isdigit():
+        assert 0 <= int(name) <= 9
+      else:
+        color, shape = name.split()
+        assert color_mask(img[y0:y1, x0:x1], tb.COLORS[color]).sum() >= 0.4 * (y1 - y0) ** 2
+        assert shape in tb.SHAPES
+      rows.append(((y0 + (y1 - y0) // 2) // 16, x0))
+    assert not (lit & ~covered).any(), i
+    assert rows == sorted(rows), i
+  assert kinds == set(tb.IMAGE_FAMILIES)
+  assert tb.modality("describe") == "image" and "describe" not in tb.FAMILIES

@@ -274,7 +274,8 @@ class _Tokenize(grain.transforms.Map):
 
   def map(self, ex):
     return {"image": ex["image"], "line": np.int32(ex["line"]),
-            **pipeline.tokenize(self.tokenizer, ex["prefix"], ex["suffix"], self.max_len)}
+            **pipeline.tokenize(self.tokenizer, ex["prefix"], ex["suffix"], self.max_len,
+                               truncate=True)}
 
 
 def _stack(examples: Sequence[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ batch axis. Streams of several modalities are mixed batch by batch (`grain.MapDa
 fixed weights, so a step sees one shape and the sequence of batches is a function of the config.
 
 Batch (numpy, per process): image float32[b, (F,) 64, 64, 3], text / mask_ar / mask_loss int32[b, T],
-input_mask bool[b, T], family int32[b] (index into `testbed.FAMILIES`).
+input_mask bool[b, T], family int32[b] (index into `testbed.ALL_FAMILIES`).
 """
 
 from __future__ import annotations
@@ -34,9 +34,19 @@ def _process(process_index, process_count):
   return p, n
 
 
-def tokenize(tokenizer, prefix: str, suffix: Optional[str], max_len: int) -> Dict[str, np.ndarray]:
-  """One prompt -> text / mask_ar / mask_loss int32[T], input_mask bool[T] (right-padded)."""
-  b = tokenizer.batch([prefix], [suffix], max_len=max_len)
+def tokenize(tokenizer, prefix: str, suffix: Optional[str], max_len: int, *,
+             truncate: bool = False) -> Dict[str, np.ndarray]:
+  """One prompt -> text / mask_ar / mask_loss int32[T], input_mask bool[T] (right-padded).
+
+  A prompt longer than max_len raises (the testbed's prompts must fit: a cut answer would be
+  trained on or asked), unless truncate=True, which cuts it at the end as `Tokenizer.batch`
+  does (user JSONL data, as documented there)."""
+  b = tokenizer.batch([prefix], [suffix])
+  n = b["text"].shape[1]
+  if n > max_len and not truncate:
+    raise ValueError(f"max_len={max_len} is shorter than the {n} tokens of prompt {prefix!r} -> "
+                     f"{suffix!r}; raise data.max_len")
+  b = tokenizer.batch([prefix], [suffix], max_len=max_len)  # padded as the tokenizer pads
   return {"text": b["text"][0], "mask_ar": b["mask_ar"][0], "mask_loss": b["mask_loss"][0],
           "input_mask": b["mask_input"][0].astype(bool)}
 
@@ -73,7 +83,7 @@ def testbed_stream(families: Sequence[str], tokenizer, *, split: str, seed: int,
     ex = testbed.example(fam, split, seed, g // len(families))
     out = tokenize(tokenizer, ex["prefix"], ex["suffix"], max_len)
     out["image"] = ex["image"]
-    out["family"] = np.int32(testbed.FAMILIES.index(fam))
+    out["family"] = np.int32(testbed.ALL_FAMILIES.index(fam))
     return out
 
   return (grain.MapDataset.range(_MAX_INDEX).map(make)

@@ -21,6 +21,12 @@ Families (`FAMILIES`):
   video    "when does the square appear" -> "5"; "how many times does the circle blink" -> "2"
   audio    "how many tones" -> "3"; "is the last tone higher than the first" -> "yes"
 
+Training-only (`AUX_FAMILIES`, never evaluated):
+  describe "describe" -> a scene of any image family, listed: every colour's count ("red 3
+           blue 1"), or every object's box and name / every digit's box and label in reading
+           order. Many supervised tokens per image, to ground the towers faster than the
+           questions' 1-4 answer tokens do.
+
 Digits are scikit-learn's bundled 8x8 handwritten digits (UCI optdigits), scaled to 12 px; the
 train split draws from the even-numbered images and every other split from the odd ones, so test
 digits are never seen in training.
@@ -47,6 +53,9 @@ LOC_BINS = 1024
 
 IMAGE_FAMILIES = ("count", "binding", "digit", "number", "locate")
 FAMILIES = IMAGE_FAMILIES + ("video", "audio")
+# Training-only families: dense supervision that is not a question the evaluation asks.
+AUX_FAMILIES = ("describe",)
+ALL_FAMILIES = FAMILIES + AUX_FAMILIES
 SPLITS = ("train", "val", "test")
 
 COLORS = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.85, 0.2), "blue": (0.15, 0.35, 1.0),
@@ -62,8 +71,8 @@ N_FFT = 512
 
 def modality(family: str) -> str:
   """'image', 'video' or 'audio': examples of one modality share one array shape."""
-  if family not in FAMILIES:
-    raise ValueError(f"unknown testbed family {family!r}; families: {FAMILIES}")
+  if family not in ALL_FAMILIES:
+    raise ValueError(f"unknown testbed family {family!r}; families: {ALL_FAMILIES}")
   return family if family in ("video", "audio") else "image"
 
 
@@ -368,8 +377,38 @@ def _audio(rng, split):
   return frames, prefix, {"question": question, "tones": tones}
 
 
+def _describe(rng, split):
+  """A scene of any image family, and the prompt "describe"; the answer lists what it holds."""
+  kind = IMAGE_FAMILIES[int(rng.integers(len(IMAGE_FAMILIES)))]
+  img, _, scene = _MAKERS[kind](rng, split)
+  return img, "describe", dict(scene, kind=kind)
+
+
 _MAKERS = {"count": _count, "binding": _binding, "digit": _digit, "number": _number,
-           "locate": _locate, "video": _video, "audio": _audio}
+           "locate": _locate, "video": _video, "audio": _audio, "describe": _describe}
+
+
+def _reading_order(items, size_of):
+  """Items sorted by their 16-px row band (of the item's centre), then left to right."""
+  return sorted(items, key=lambda o: ((o["y"] + size_of(o) // 2) // 16, o["x"]))
+
+
+def describe(scene: Dict[str, Any]) -> str:
+  """The `describe` answer: ~20 supervised tokens per image where a question has 1-4.
+
+  count scenes: "<colour> <n>" for each colour present, in `COLORS` order (every colour's count
+    at once). Other shape scenes: each object's box (4 location tokens) then its colour and
+    shape. Digit scenes: each digit's box then its label. Objects and digits in reading order.
+  """
+  if scene["kind"] == "count":
+    n = {c: sum(o["color"] == c for o in scene["objects"]) for c in COLORS}
+    return " ".join(f"{c} {n[c]}" for c in COLORS if n[c])
+  if "objects" in scene:
+    return "".join(f"{loc_tokens((o['y'], o['x'], o['y'] + o['size'], o['x'] + o['size']))} "
+                   f"{o['color']} {o['shape']}"
+                   for o in _reading_order(scene["objects"], lambda o: o["size"]))
+  return "".join(f"{loc_tokens(_digit_box(d))} {d['label']}"
+                 for d in _reading_order(scene["digits"], lambda d: DIGIT_PX))
 
 
 def _digit_box(d) -> Tuple[int, int, int, int]:
@@ -399,7 +438,9 @@ def answer(family: str, scene: Dict[str, Any]) -> str:
     if scene["question"] == "count":
       return str(len(tones))
     return "yes" if tones[-1]["pitch"] > tones[0]["pitch"] else "no"
-  raise ValueError(f"unknown testbed family {family!r}; families: {FAMILIES}")
+  if family == "describe":
+    return describe(scene)
+  raise ValueError(f"unknown testbed family {family!r}; families: {ALL_FAMILIES}")
 
 
 def target_box(scene: Dict[str, Any]):
@@ -413,7 +454,7 @@ def _seed(family: str, split: str, seed: int, index: int) -> np.random.Generator
     raise ValueError(f"unknown split {split!r}; splits: {SPLITS}")
   if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
     raise ValueError(f"index must be an int >= 0, got {index!r}")
-  return np.random.default_rng([FAMILIES.index(family), SPLITS.index(split), int(seed),
+  return np.random.default_rng([ALL_FAMILIES.index(family), SPLITS.index(split), int(seed),
                                 int(index)])
 
 

@@ -261,8 +261,10 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
                       donate_argnums=0,
                       out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
     writers = _Writers(workdir, is_main)
+    eval_families = [f for f in cfg.eval.get("families", cfg.data.families)
+                     if f in cfg.data.families and f not in testbed.AUX_FAMILIES]
     eval_data = pipeline.eval_batches(
-        cfg.data.families, tokenizer, split="val", seed=cfg.data.seed,
+        eval_families, tokenizer, split="val", seed=cfg.data.seed,
         per_family=cfg.eval.per_family, batch_size=cfg.eval.batch_size,
         max_len=cfg.data.max_len) if cfg.eval.every and not cfg.data.get("jsonl") else []
 
