@@ -82,7 +82,7 @@ def get_config(arg: str = ""):
 
   if arg == "stage2":
     c.init = STAGE1
-    c.total_steps = 3000
+    c.total_steps = 1800
     c.optim.lr = 1e-3
     c.optim.warmup_steps = 50
     c.data.families = testbed.ALL_FAMILIES

@@ -211,3 +211,21 @@ def test_describe_lists_what_the_pixels_hold():
     assert rows == sorted(rows), i
   assert kinds == set(tb.IMAGE_FAMILIES)
   assert tb.modality("describe") == "image" and "describe" not in tb.FAMILIES
+
+
+def test_digits_sit_on_the_patch_grid():
+  """Every glyph's lit pixels fit a 12-px window starting on the 4-px grid (3 x 3 patches of
+  the bundled model), found from the pixels of each digit alone."""
+  for fam in ("digit", "number", "locate"):
+    for i in range(N):
+      ex = tb.example(fam, "train", 1, i)
+      for d in ex["scene"]["digits"]:
+        alone = np.zeros((tb.IMAGE_SIZE, tb.IMAGE_SIZE), np.float32)
+        glyph = tb._digits("train")[0][d["image"]]
+        alone[d["y"]:d["y"] + tb.DIGIT_PX, d["x"]:d["x"] + tb.DIGIT_PX] = glyph
+        ys, xs = np.nonzero(alone > 0.3)
+        for lo, hi in ((ys.min(), ys.max()), (xs.min(), xs.max())):
+          starts = [s for s in range(0, tb.IMAGE_SIZE, tb.DIGIT_GRID)
+                    if s <= lo and hi < s + tb.DIGIT_PX]
+          assert starts, (fam, i, lo, hi)
+        assert d["y"] % tb.DIGIT_GRID == 0 and d["x"] % tb.DIGIT_GRID == 0
