@@ -45,8 +45,8 @@ def main():
   model = PaliGemma(model_config(cfg))
   params = jax.jit(init_fn(model, 0))()
   tx = make_optimizer(cfg, params)
-  step = jax.jit(make_train_step(model, tx), donate_argnums=0)
-  state = TrainState.create(params, tx)
+  step = jax.jit(make_train_step(model), donate_argnums=0)
+  state = TrainState.create(apply_fn=model.apply, params=params, tx=tx)
   rows = []
   for mod, fams in pipeline.by_modality(cfg.data.families).items():
     bs = cfg.data.batch_size[mod]

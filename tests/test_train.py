@@ -66,10 +66,10 @@ def _one_device_step():
   (the same program either way: one compilation saved)."""
   model, params, _ = make_params(CONFIGS[2], seed=4)
   opt = optax.sgd(1.0)
-  step = make_train_step(model.with_plan(FASTV), opt)
+  step = make_train_step(model.with_plan(FASTV))
   with jax.enable_x64(True):
     params, b = _f64(params), _f64(batch(seed=5))
-    want_state, want = jax.device_get(jax.jit(step)(TrainState.create(params, opt), b))
+    want_state, want = jax.device_get(jax.jit(step)(TrainState.create(apply_fn=model.apply, params=params, tx=opt), b))
   return opt, step, params, b, want_state, want
 
 
@@ -85,7 +85,7 @@ def test_sharded_train_step_equals_one_device(axis_type):
     with jax.set_mesh(mesh):
       sp = jax.device_put(params, param_shardings(params, mesh, PALIGEMMA_RULES))
       sb = jax.device_put(b, NamedSharding(mesh, P("data")))
-      got_state, got = jax.jit(step)(TrainState.create(sp, opt), sb)
+      got_state, got = jax.jit(step)(TrainState.create(apply_fn=None, params=sp, tx=opt), sb)
   np.testing.assert_allclose(float(got["loss"]), float(want["loss"]), rtol=1e-5)
   assert float(want["grad_norm"]) > 0.1
   for a, c in zip(jax.tree.leaves(got_state.params), jax.tree.leaves(want_state.params)):
@@ -96,8 +96,8 @@ def test_training_reduces_the_loss():
   model, params, _ = make_params(CONFIGS[1], seed=6)
   m = model.with_plan((("post_vit", {"method": "pool", "budget": 4}),))
   opt = optax.adam(3e-3)
-  step = jax.jit(make_train_step(m, opt))
-  state, b = TrainState.create(params, opt), batch(seed=7)
+  step = jax.jit(make_train_step(m))
+  state, b = TrainState.create(apply_fn=m.apply, params=params, tx=opt), batch(seed=7)
   losses = []
   for _ in range(15):
     state, metrics = step(state, b)

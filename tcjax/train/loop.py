@@ -189,18 +189,19 @@ def _modality(image) -> str:
   return "audio" if image.shape[1] == testbed.AUDIO_SEGMENTS else "video"
 
 
-def _state_shardings(tx: optax.GradientTransformation, params, mesh) -> TrainState:
-  """Shardings of the TrainState made from `params` (placed already): every parameter-shaped
+def _state_shardings(state: TrainState, mesh) -> TrainState:
+  """Shardings of `state` (abstract; its params placed already): every parameter-shaped
   leaf of the optimizer state (Adam's moments, MultiSteps' gradient sum) like its parameter,
   counters replicated. Left to jit, optax's zeros_like moments come out replicated: full-size
   on every device, and the step, which returns them sharded, compiled a second time."""
+  tx, params = state.tx, state.params
   param_sh = jax.tree.map(lambda a: a.sharding, params)
   replicated = jax.sharding.NamedSharding(mesh, P())
   masked = lambda x: isinstance(x, optax.MaskedNode)  # frozen leaves: no state at all
   opt_sh = optax.tree_map_params(tx, lambda v, s: v if masked(v) else s,
-                                 jax.eval_shape(tx.init, params), param_sh,
+                                 state.opt_state, param_sh,
                                  transform_non_params=lambda _: replicated, is_leaf=masked)
-  return TrainState(params=param_sh, opt_state=opt_sh, step=replicated)
+  return state.replace(params=param_sh, opt_state=opt_sh, step=replicated)
 
 
 def _state_dict(state: TrainState, rng: np.ndarray) -> Dict[str, Any]:
@@ -231,8 +232,9 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       raise ValueError(f"the model's vocabulary ({model.config.llm.vocab_size}) is smaller than"
                        f" the tokenizer's {tokenizer.vocab_size} ({cfg.tokenizer})")
     tx = make_optimizer(cfg, params)
-    state_sh = _state_shardings(tx, params, mesh)
-    state = jax.jit(lambda p: TrainState.create(p, tx), out_shardings=state_sh)(params)
+    create = lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx)
+    state_sh = _state_shardings(jax.eval_shape(create, params).replace(params=params), mesh)
+    state = jax.jit(create, out_shardings=state_sh)(params)
     rng = np.asarray(jax.random.key_data(jax.random.key(cfg.seed + 1)))
 
     # A few batches ahead on one thread: grain's default (16 threads, 500 elements ahead)
@@ -251,13 +253,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
           state=ocp.args.StandardRestore(abstract),
           data=grain.checkpoint.CheckpointRestore(data_iter)))
       s = restored["state"]
-      state = TrainState(params=s["params"], opt_state=s["opt_state"], step=s["step"])
+      state = state.replace(params=s["params"], opt_state=s["opt_state"], step=s["step"])
       rng = np.asarray(s["rng"])
 
     # The state leaves the step as it came in: with Auto axes XLA would otherwise pick its
     # own layouts for some outputs (e.g. MultiSteps' gradient sums), and the next call, seeing
     # new input shardings, would compile the step again.
-    step_fn = jax.jit(make_train_step(model, tx, compute_dtype=cfg.get("compute_dtype")),
+    step_fn = jax.jit(make_train_step(model, compute_dtype=cfg.get("compute_dtype"),
+                                      trainable=trainable_mask(params, cfg.trainable)),
                       donate_argnums=0,
                       out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
     writers = _Writers(workdir, is_main)

@@ -13,22 +13,14 @@ from typing import Any, Callable, Dict, Tuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax.training import train_state
 
 from tcjax.nn.paligemma import PaliGemma
 
 
-@struct.dataclass
-class TrainState:
-  """params: the model's parameter tree; opt_state: the optimizer's; step: int32[]."""
-
-  params: Any
-  opt_state: Any
-  step: jax.Array
-
-  @classmethod
-  def create(cls, params, optimizer: optax.GradientTransformation) -> "TrainState":
-    return cls(params=params, opt_state=optimizer.init(params), step=jnp.zeros((), jnp.int32))
+# flax's TrainState (step, apply_fn, params, tx, opt_state; `apply_gradients`): the optimizer
+# travels with the state as a static field, so a step needs no optimizer argument.
+TrainState = train_state.TrainState
 
 
 def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array], *,
@@ -59,20 +51,29 @@ def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array], *,
   return loss, {"loss": loss, "tokens": count, "image_tokens_kept": aux.get("image_tokens_kept")}
 
 
-def make_train_step(model: PaliGemma, optimizer: optax.GradientTransformation, *,
-                    compute_dtype=None
+def make_train_step(model: PaliGemma, *, compute_dtype=None, trainable=None
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
-  """`step(state, batch) -> (state, metrics)`, pure: wrap it in `jax.jit` with shardings from
-  `tcjax.parallel.param_shardings` (and `donate_argnums=0`) for data / FSDP parallel training.
-  metrics: loss, tokens (loss tokens), grad_norm. compute_dtype: see `loss_fn`."""
+  """`step(state, batch) -> (state, metrics)` for a `TrainState` (flax) holding the optimizer,
+  pure: wrap it in `jax.jit` with shardings from `tcjax.parallel.param_shardings` (and
+  `donate_argnums=0`) for data / FSDP parallel training.
+
+  metrics: loss, tokens (loss tokens), grad_norm (over the trainable parameters).
+  compute_dtype: see `loss_fn`.
+  trainable: optional pytree of bools shaped like the parameters (`loop.trainable_mask`):
+    gradients flow only into True leaves. The frozen ones get a zero gradient through
+    `stop_gradient`, so their backward pass (e.g. a whole frozen ViT) is never computed; the
+    optimizer must leave them unchanged too (`loop.make_optimizer` does)."""
+
+  def frozen_cut(params):
+    if trainable is None:
+      return params
+    return jax.tree.map(lambda t, p: p if t else jax.lax.stop_gradient(p), trainable, params)
 
   def step(state: TrainState, batch):
     (_, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(model, p, batch, compute_dtype=compute_dtype),
+        lambda p: loss_fn(model, frozen_cut(p), batch, compute_dtype=compute_dtype),
         has_aux=True)(state.params)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))
-    return TrainState(params=params, opt_state=opt_state, step=state.step + 1), metrics
+    return state.apply_gradients(grads=grads), metrics
 
   return step
