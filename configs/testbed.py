@@ -8,7 +8,8 @@ The bundled model is trained in two stages: stage 1 from scratch on the seven qu
 families; stage 2 from stage 1's final parameters (`experiments/bundled_run/checkpoint.npz`)
 with the training-only `describe` family added (every object / digit of a scene named, ~20
 answer tokens per image), because stage 1's one to four answer tokens per image taught the
-towers too slowly to read digits (experiments/RESULTS.md).
+towers too slowly to read digits (experiments/RESULTS.md). Stage 1 ran before the testbed put
+digits on the 4-px grid (commit 0010a0c); rerunning it now trains on grid digits.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
