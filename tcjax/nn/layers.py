@@ -193,4 +193,4 @@ def scan_layers(body, carry, stacked, lo: int, hi: int, xs=None, *, remat: bool 
 
   if remat:
     step = jax.checkpoint(step)
-  return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs), unroll=_UNROLLED.get())
+  return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs), unroll=True if _UNROLLED.get() else 1)
