@@ -19,6 +19,10 @@ Fields:
     e.g. '{"fastv": {"query": "mean"}}'.
   batch_size, max_len (prompt tokens), max_new_tokens: decoding.
   workers: settings run at once in threads (their compilation overlaps; 1 = one at a time).
+  latency: also measure each setting's prefill latency, per-token decode latency (medians of
+    latency_reps calls after a warm-up call, on one batch per input shape, one setting at a
+    time outside the accuracy loop) and peak memory (`compiled.memory_analysis()`); off in
+    :tiny (tests), on otherwise.
   mesh, axis_types: the device mesh (batch on "data"; -1 = every device).
   out: directory for sweep.json, sweep.md and the plots; progress: show the progress bar.
 
@@ -51,6 +55,8 @@ def get_config(arg: str = ""):
   c.max_len = 16
   c.max_new_tokens = 10
   c.workers = 2
+  c.latency = True
+  c.latency_reps = 3
   c.mesh = (("data", -1),)
   c.axis_types = "auto"
   c.out = "experiments/out/sweep"
@@ -67,6 +73,7 @@ def get_config(arg: str = ""):
     c.per_family = 4
     c.batch_size = 8
     c.progress = False
+    c.latency = False
   elif arg:
     raise ValueError(f"configs/sweep.py takes '', 'full' or 'tiny', got {arg!r}")
   return c

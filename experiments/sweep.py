@@ -4,9 +4,11 @@
 
 Runs `tcjax.eval.sweep` on the testbed's families (see `configs/sweep.py`), sharded over the
 devices present (batch on the mesh's `data` axis), with a progress bar, then writes into
-`config.out`: sweep.json (config, rows with answers, errors and cost per family), sweep.md (the
-table) and the plots accuracy_vs_tokens.png, accuracy_vs_flops.png (Pareto frontier) and
-loyalty_vs_tokens.png. Prints the table and where the plots are.
+`config.out`: sweep.json (config, rows with answers, errors and cost per family: analytic FLOPs,
+KV-cache bytes, tokens per decoder layer and, with `config.latency`, prefill / decode latency
+and peak memory), sweep.md (the table) and the plots accuracy_vs_tokens.png,
+accuracy_vs_flops.png (Pareto frontier) and loyalty_vs_tokens.png. Prints the table and where
+the plots are.
 """
 
 from __future__ import annotations
@@ -70,6 +72,8 @@ def sweep(cfg) -> Dict[str, Any]:
     raise ValueError(f"config.per_family must be >= 1, got {cfg.per_family}")
   if cfg.workers < 1:
     raise ValueError(f"config.workers must be >= 1, got {cfg.workers}")
+  if cfg.latency and cfg.latency_reps < 1:
+    raise ValueError(f"config.latency_reps must be >= 1, got {cfg.latency_reps}")
   model, params, tok = bundled.load()
   examples = [testbed.example(f, cfg.split, cfg.seed, i) for f in families
               for i in range(cfg.per_family)]
@@ -77,7 +81,8 @@ def sweep(cfg) -> Dict[str, Any]:
   opts = sweep_lib.SweepOptions(batch_size=cfg.batch_size, max_len=cfg.max_len,
                                 max_new_tokens=cfg.max_new_tokens, signal_layer=cfg.signal_layer,
                                 vit_layer=cfg.vit_layer, llm_layer=cfg.llm_layer,
-                                options=options, mesh=mesh, workers=cfg.workers)
+                                options=options, mesh=mesh, workers=cfg.workers,
+                                latency=bool(cfg.latency), latency_reps=cfg.latency_reps)
   progress = None
   if cfg.progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top

@@ -36,3 +36,15 @@ def test_prefill_by_hand():
   assert small["projector"] == 2 * 2 * 16
   with pytest.raises(ValueError, match="tokens_per_layer"):
     flops.prefill_flops(cfg, text_len=1, llm_tokens_per_layer=[3])
+
+
+def test_tome_merges_before_the_mlp():
+  # 4 tokens enter the layer, ToMe merges 1 after attention: the MLP (2 n D M = 2*n*4*8) runs on
+  # 3. Attention part 4*4*16 + 2*16*4 = 384; MLP 2*3*4*8 = 192 -> 576 MACs.
+  assert flops.vit_layer_flops(4, V, merged=1) == 2 * 576
+  cfg = PaliGemmaConfig(img=V, llm=G)
+  out = flops.prefill_flops(cfg, text_len=1, vit_tokens_per_layer=[4], vit_merged_per_layer=[1])
+  assert out["vit"] == 2 * (192 + 576)
+  assert out["projector"] == 2 * 3 * 16  # 3 tokens leave the ViT
+  with pytest.raises(ValueError, match="merged_per_layer"):
+    flops.vit_flops(V, [4], [1, 1])

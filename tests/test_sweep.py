@@ -1,11 +1,13 @@
 """The sweep (experiments.sweep, tcjax.eval.sweep / runner / report): the tiny config end to end
-on the bundled model, checked against an unshared generate and hand-worked numbers; metrics,
-plans and the Pareto frontier on hand-worked inputs."""
+on the bundled model (latency and memory on), checked against an unshared generate and
+hand-worked numbers; metrics, plans, the table and the Pareto frontier on hand-worked inputs.
+Latency is checked for presence and consistency, never against a wall-clock threshold."""
 
 import json
 import math
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -23,6 +25,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
   cfg = get_config("tiny")
   cfg.out = str(tmp_path / "out")
   cfg.options = '{"pool": {"window": 3}}'  # 3 x 3 windows give 36 tokens: pool must raise
+  cfg.latency, cfg.latency_reps = True, 1  # off in :tiny; one timed call per program here
   res = sweep_cli.sweep(cfg)
 
   names = ["sweep.json", "sweep.md", "accuracy_vs_tokens.png", "accuracy_vs_flops.png",
@@ -76,6 +79,39 @@ def test_tiny_sweep_end_to_end(tmp_path):
   assert (full["image_tokens"], r64["image_tokens"], rows["random@post_vit/16"]
           ["mean_llm_image_tokens"]) == (256, 64, 16)
   assert r64["flops"] < full["flops"]
+  # Tokens per decoder layer: image + 16 prompt tokens in each of the 3 layers.
+  assert full["cost_per_family"]["count"]["llm_tokens_per_layer"] == [272] * 3
+  assert r64["cost_per_family"]["locate"]["llm_tokens_per_layer"] == [80] * 3
+
+  # Latency and memory: measured for every setting that ran, in the rows, JSON and table.
+  llm_bytes = 4 * sum(int(np.prod(p.shape)) for p in jax.tree.leaves(params["llm"]))
+  r16 = rows["random@post_vit/16"]
+  for r in (full, r64, r16):
+    assert r["prefill_seconds"] > 0 and r["decode_seconds"] > 0
+    for fam in ("count", "locate"):  # one image shape: one measurement for both families
+      c = r["cost_per_family"][fam]
+      assert c["latency_batch"] == 8 and "latency_error" not in c
+      progs = c["programs"]
+      assert progs["vit"]["seconds"] > 0 and progs["decode_step"]["seconds"] > 0
+      assert math.isclose(c["prefill_seconds"], progs["vit"]["seconds"]
+                          + progs["compress"]["seconds"] + progs["decoder"]["seconds"])
+      assert c["peak_bytes"] == max(p["bytes"] for p in progs.values() if p)
+      # The decoder reads every decoder parameter (replicated: all of them on each device).
+      assert progs["decoder"]["bytes"] >= llm_bytes
+  # The decoder program holds less for 16 image tokens than for 256 (activations, KV cache).
+  dec = lambda r: r["cost_per_family"]["count"]["programs"]["decoder"]["bytes"]
+  assert dec(r16) < dec(r64) < dec(full)
+  # The plain ViT is one program for the three settings (none reads ViT signals): measured once.
+  vit = [r["cost_per_family"]["count"]["programs"]["vit"] for r in (full, r64, r16)]
+  assert vit[0] == vit[1] == vit[2]
+  for b in (64, 16):
+    assert "prefill_seconds" not in rows[f"pool@post_vit/{b}"]
+  head = next(line for line in md.splitlines() if line.startswith("| setting"))
+  assert "| KV KiB | prefill ms | decode ms | peak MiB |" in head
+  line = next(line for line in md.splitlines() if line.startswith("| full |"))
+  c = full["cost_per_family"]["count"]
+  assert f"| {c['prefill_seconds'] * 1e3:.1f} | {c['decode_seconds'] * 1e3:.2f} | " \
+      f"{c['peak_bytes'] / 2 ** 20:.1f} |" in line
 
 
 def test_summary_hand_worked():
@@ -157,6 +193,11 @@ def test_cli_refuses_bad_config(tmp_path):
       sweep_cli.sweep(bad)
   with pytest.raises(ValueError, match="takes"):
     get_config("huge")
+  bad = get_config("tiny")
+  bad.latency, bad.latency_reps = True, 0
+  with pytest.raises(ValueError, match="latency_reps"):
+    sweep_cli.sweep(bad)
+  assert get_config("")["latency"] and not get_config("tiny")["latency"]
 
 
 def test_table_marks_partial_rows():
@@ -165,9 +206,28 @@ def test_table_marks_partial_rows():
          "per_family": {"count": 0.5}, "flops": 2e9, "kv_bytes": 2048.0, "seconds": 1.0,
          "cost_per_family": {"count": {"image_tokens": 8, "mean_llm_image_tokens": 8.0}}}
   text = report.table([row], ["count", "video"])
-  assert "| x@post_vit/8 | pooling | 8 | 8 | 2.000* | 2.0* | 0.500* | 1.000* | 1.000* | 0.500 | e1 |" \
-      in text
+  # No latency measured: "-" in the three latency cells.
+  assert "| x@post_vit/8 | pooling | 8 | 8 | 2.000* | 2.0* | - | - | - | 0.500* | 1.000* | " \
+      "1.000* | 0.500 | e1 |" in text
   assert text.endswith("- e1: ValueError: no")
+
+
+def test_table_latency_cells_hand_worked():
+  cost = lambda n, pre, dec, peak: {"image_tokens": n, "mean_llm_image_tokens": float(n),
+                                    "prefill_seconds": pre, "decode_seconds": dec,
+                                    "peak_bytes": peak}
+  row = {"setting": "x@post_vit/8", "family": "pooling", "errors": {}, "accuracy": 0.5,
+         "loyalty": 1.0, "relative_accuracy": 1.0, "per_family": {"count": 0.5, "video": 0.5},
+         "flops": 2e9, "kv_bytes": 2048.0, "seconds": 1.0,
+         "cost_per_family": {"count": cost(8, 0.01234, 0.00056, 3 * 2 ** 20),
+                             "video": cost(64, 0.5, 0.002, 2.5 * 2 ** 20)}}
+  text = report.table([row], ["count", "video"])  # one value per input shape: image / clip
+  assert "| 8/64 | 8/64 | 2.000 | 2.0 | 12.3/500.0 | 0.56/2.00 | 3.0/2.5 | 0.500 |" in text
+  row["cost_per_family"]["video"] = {"image_tokens": 64, "mean_llm_image_tokens": 64.0,
+                                     "latency_error": "RuntimeError: no memory_analysis"}
+  text = report.table([row], ["count", "video"])
+  assert "| 2.000 | 2.0 | 12.3/e1 | 0.56/e1 | 3.0/e1 | 0.500 |" in text
+  assert text.endswith("- e1: RuntimeError: no memory_analysis")
 
 
 def test_sweep_needs_full_first():
@@ -175,3 +235,6 @@ def test_sweep_needs_full_first():
   with pytest.raises(ValueError, match="FULL"):
     sweep_lib.run(model, params, tok, [], [Setting("pool", "post_vit", 64)],
                   sweep_lib.SweepOptions())
+  with pytest.raises(ValueError, match="latency_reps"):
+    sweep_lib.run(model, params, tok, [], [FULL],
+                  sweep_lib.SweepOptions(latency=True, latency_reps=0))

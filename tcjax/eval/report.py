@@ -9,7 +9,7 @@ Rows are `tcjax.eval.sweep.run`'s. Plots (Agg backend, PNG):
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 
 def pareto(points: Sequence[Tuple[float, float]]) -> List[int]:
@@ -29,28 +29,47 @@ def _fmt(v, spec: str = ".3f") -> str:
   return "-" if v is None else format(v, spec)
 
 
-def _per_shape(row, key: str, families: Sequence[str], spec: str = ".0f") -> str:
-  """A cost as one number, or one per input shape ("256/2048/1024") where they differ."""
+def _per_shape(row, key: str, families: Sequence[str], spec: str = ".0f",
+               scale: float = 1.0, note: Optional[Callable[[str], str]] = None) -> str:
+  """A cost as one number, or one per input shape ("256/2048/1024") where they differ; "-" for
+  shapes where it was not measured, `note(message)` where its measurement raised."""
   vals = []
   for f in families:
     c = row["cost_per_family"].get(f)
-    if c is not None and format(c[key], spec) not in vals:
-      vals.append(format(c[key], spec))
+    if c is not None:
+      if note is not None and "latency_error" in c:
+        v = note(c["latency_error"])
+      else:
+        v = "-" if c.get(key) is None else format(c[key] * scale, spec)
+      if v not in vals:
+        vals.append(v)
   return "/".join(vals) or "-"
 
 
 def table(rows: Sequence[Dict[str, Any]], families: Sequence[str]) -> str:
   """Markdown: one line per row (setting, method family, image tokens to the decoder per
   input shape, image tokens per decoder layer, prefill GFLOPs and KV-cache KiB per example,
-  accuracy, loyalty, relative accuracy, accuracy per family, seconds), then the errors.
+  measured prefill ms, decode ms per token and peak MiB per device, per input shape (one batch;
+  "-" when not measured), accuracy, loyalty, relative accuracy, accuracy per family, seconds), then the
+  errors.
 
   A number marked * is over the families that ran (cost and accuracy alike); a family that
-  raised shows `e<k>`, the k-th error listed under the table."""
-  head = (["setting", "kind", "image tokens", "tokens / layer", "GFLOPs", "KV KiB", "accuracy",
-           "loyalty", "rel. acc."] + list(families) + ["s"])
+  raised shows `e<k>`, the k-th error listed under the table (also an input shape whose latency
+  measurement raised, in the latency cells)."""
+  head = (["setting", "kind", "image tokens", "tokens / layer", "GFLOPs", "KV KiB",
+           "prefill ms", "decode ms", "peak MiB", "accuracy", "loyalty", "rel. acc."]
+          + list(families) + ["s"])
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   notes: List[str] = []
   for r in rows:
+    msgs: Dict[str, int] = {}
+
+    def note(msg: str) -> str:
+      if msg not in msgs:
+        notes.append(msg)
+        msgs[msg] = len(notes)
+      return f"e{msgs[msg]}"
+
     cells = [r["setting"], r["family"], _per_shape(r, "image_tokens", families),
              _per_shape(r, "mean_llm_image_tokens", families)]
     partial = "*" if r["errors"] and r["accuracy"] is not None else ""
@@ -58,16 +77,14 @@ def table(rows: Sequence[Dict[str, Any]], families: Sequence[str]) -> str:
       cells += ["-", "-"]
     else:
       cells += [f"{r['flops'] / 1e9:.3f}{partial}", f"{r['kv_bytes'] / 1024:.1f}{partial}"]
+    cells += [_per_shape(r, "prefill_seconds", families, ".1f", 1e3, note),
+              _per_shape(r, "decode_seconds", families, ".2f", 1e3, note),
+              _per_shape(r, "peak_bytes", families, ".1f", 2.0 ** -20, note)]
     cells += [_fmt(r["accuracy"]) + partial, _fmt(r["loyalty"]) + partial,
               _fmt(r["relative_accuracy"]) + partial]
-    msgs: Dict[str, int] = {}
     for f in families:
       if f in r["errors"]:
-        msg = r["errors"][f]
-        if msg not in msgs:
-          notes.append(msg)
-          msgs[msg] = len(notes)
-        cells.append(f"e{msgs[msg]}")
+        cells.append(note(r["errors"][f]))
       else:
         cells.append(_fmt(r["per_family"].get(f)))
     cells.append(f"{r['seconds']:.1f}")

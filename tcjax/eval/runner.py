@@ -19,6 +19,7 @@ import numpy as np
 
 from tcjax.eval import answers as qa
 from tcjax.eval import flops
+from tcjax.nn import plan as plan_lib
 
 
 def answer_batch(model, params, tokenizer, image, text, input_mask, *, max_new_tokens: int,
@@ -78,9 +79,9 @@ def summarize(scores: Sequence[Dict[str, Any]], answers: Sequence[str],
 def token_counts(model, params, image, text, input_mask, *, image_tokens=None
                  ) -> Dict[str, Any]:
   """Static token counts of one prefill, read while tracing (nothing runs): "vit_tokens" per
-  ViT layer of one image or frame (None when starting from `image_tokens`), "frames" (the
-  ViT runs once per frame of a clip), "image_tokens" to the decoder, "llm_tokens" per decoder
-  layer."""
+  ViT layer of one image or frame (None when starting from `image_tokens`), "vit_merged" (tokens
+  ToMe merges inside each ViT layer, from the plan), "frames" (the ViT runs once per frame of a
+  clip), "image_tokens" to the decoder, "llm_tokens" per decoder layer."""
   import jax  # pylint: disable=g-import-not-at-top
   seen: Dict[str, Any] = {}
 
@@ -92,13 +93,15 @@ def token_counts(model, params, image, text, input_mask, *, image_tokens=None
 
   jax.eval_shape(prefill, params, image, text, input_mask, image_tokens)
   seen["frames"] = image.shape[1] if image is not None and np.ndim(image) == 5 else 1
+  seen["vit_merged"] = plan_lib.tome_schedule(model.config.plan, model.config.img.depth)[0]
   return seen
 
 
 def cost(config, counts: Dict[str, Any], text_len: int, param_bytes: int) -> Dict[str, float]:
   """Analytic prefill FLOPs of one example (`flops.prefill_flops`, the ViT once per frame of a
   clip) and its KV-cache bytes (keys + values of every decoder layer's entries) from
-  `token_counts`; vit_tokens None (or not one per layer) counts the ViT uncompressed.
+  `token_counts`; vit_tokens None (or not one per layer) counts the ViT uncompressed, and
+  vit_merged (optional) the tokens ToMe merges before each ViT layer's MLP.
 
   Returns {"flops", "kv_bytes", "image_tokens", "mean_llm_tokens" (image + text tokens per
   decoder layer), "mean_llm_image_tokens" (image tokens per decoder layer)}.
@@ -108,7 +111,9 @@ def cost(config, counts: Dict[str, Any], text_len: int, param_bytes: int) -> Dic
                           vit_tokens_per_layer=vit if vit and len(vit) == config.img.depth
                           else None,
                           image_tokens_to_llm=counts["image_tokens"],
-                          llm_tokens_per_layer=counts["llm_tokens"])
+                          llm_tokens_per_layer=counts["llm_tokens"],
+                          vit_merged_per_layer=counts.get("vit_merged")
+                          if vit and len(vit) == config.img.depth else None)
   total = f["total"] + (counts.get("frames", 1) - 1) * f["vit"]
   g = config.llm
   kv = sum(counts["llm_tokens"]) * 2 * g.num_kv_heads * g.head_dim * param_bytes

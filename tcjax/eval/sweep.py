@@ -21,6 +21,14 @@ Sharing (so that the sweep costs little more than its decoders):
 
 A setting that raises (a budget a method cannot reach, an option it refuses, a modality it does
 not handle) is recorded with its error for the families of that input shape; the sweep goes on.
+
+Latency and memory (`SweepOptions.latency`): outside the accuracy loop, one setting at a time
+(no other setting compiling beside it), on the first batch of each input shape: the prefill as
+the setting runs it (ViT, compression + projector, decoder prefill filling the KV cache) and one
+decoding step, each program's median over `latency_reps` calls after a warm-up call, and peak
+memory as the largest `program_bytes` (`compiled.memory_analysis()`) of those programs. Programs
+several settings share (the ViT, the projector, the decoder of one image-token count, a decoding
+step over one cache layout) are measured once per input shape.
 """
 
 from __future__ import annotations
@@ -37,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from tcjax.compress.registry import METHODS, STAGES
+from tcjax.eval import cost as cost_lib
 from tcjax.eval import runner
 from tcjax.nn import plan as plan_lib
 from tcjax.nn import sampling
@@ -187,6 +196,8 @@ class SweepOptions:
   options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   mesh: Any = None  # a jax Mesh with a "data" axis (None: no mesh)
   workers: int = 1  # settings run (compiled) at once, in threads
+  latency: bool = False  # time prefill / decoding and read peak memory, per setting and shape
+  latency_reps: int = 5  # timed calls per program (median), after one warm-up call
 
 
 def _error_text(e: BaseException) -> str:
@@ -227,11 +238,17 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   family, plans (per input shape), errors {family: message}, accuracy / loyalty / relative
   accuracy overall and per family, cost per family and averaged over the examples that ran
   ("flops", "kv_bytes", "image_tokens", "mean_llm_tokens", "mean_llm_image_tokens",
-  "image_tokens_valid"), answers, and seconds (wall time of the setting, compilation included,
-  alongside `workers - 1` other settings; FULL's include the shared ViT runs).
+  "image_tokens_valid"; per family also "llm_tokens_per_layer"), answers, and seconds (wall time
+  of the setting, compilation and its latency measurement included, alongside `workers - 1`
+  other settings; FULL's include the shared ViT runs). With `opts.latency`, also "prefill_seconds" and "decode_seconds" (one
+  batch of "latency_batch" examples; decode: one generated token), "peak_bytes" and, per family,
+  "programs" (each program's seconds and bytes); "latency_error" where the measurement failed.
   """
   if not sweep_settings or sweep_settings[0] != FULL:
     raise ValueError("the settings must start with FULL (the baseline of loyalty)")
+  if opts.latency and (isinstance(opts.latency_reps, bool)
+                       or not isinstance(opts.latency_reps, int) or opts.latency_reps < 1):
+    raise ValueError(f"latency_reps must be a positive int, got {opts.latency_reps!r}")
   base = model.with_plan(())
   cfg = model.config
   variables = {"params": params}
@@ -275,8 +292,9 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
     """The model that decodes `plan`'s image tokens: its llm entries only."""
     return base.with_plan(tuple(e for e in plan if e[0] == "llm"))
 
-  def run_setting(g: _Group, si: int, plan, batches) -> None:
-    """One setting on every batch of group `g` (in a worker thread: the mesh is per thread)."""
+  def run_setting(g: _Group, si: int, plan, batches):
+    """One setting on every batch of group `g` (in a worker thread: the mesh is per thread).
+    Returns its jitted compression (None for FULL and the llm stage), kept for timing."""
     st, gname = sweep_settings[si], _shape_name(g)
     t0 = time.perf_counter()
     fn = None
@@ -296,8 +314,9 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
                                       max_new_tokens=opts.max_new_tokens, image_tokens=toks)
             if gname not in costs[si]:
               vit = vit_seen[plan] if st.stage == "vit" else enc.vit_tokens
+              merged = plan_lib.tome_schedule(plan, cfg.img.depth)[0]  # ToMe: before the MLP
               costs[si][gname] = _cost(cfg, dec, variables, text, mask, toks, llm_counts,
-                                       param_bytes, vit, g.frames, opts.max_len)
+                                       param_bytes, vit, merged, g.frames, opts.max_len)
             valid = np.asarray(toks.mask.sum(-1))
             for r, a, nv in zip(chunk, out, valid):
               answers[si][g.idx[r]] = a
@@ -314,12 +333,33 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
           for fam in g.families:
             valid_tokens[si].pop(fam, None)
     # A setting's compression is compiled code nobody else uses: release it now (hundreds of
-    # live executables exhaust the process's memory mappings).
-    if fn is not None:
+    # live executables exhaust the process's memory mappings), or once it is timed.
+    if fn is not None and not opts.latency:
       fn.clear_cache()
     seconds[si] += time.perf_counter() - t0
     if bar is not None and n_done < len(batches):  # skipped or failed
       bar.update(len(batches) - n_done)
+    return fn
+
+  def time_settings(g: _Group, done, timer) -> None:
+    """Latency and memory of settings `done` [(index, compression fn)], one at a time."""
+    gname = _shape_name(g)
+    with _mesh_context(opts.mesh):
+      for si, fn in done:
+        plan = gplans[si]
+        t0 = time.perf_counter()
+        if plan is not None and gname in costs[si] and not any(
+            f in errors[si] for f in g.families):
+          if bar is not None:
+            bar.set_postfix_str(f"{gname} {sweep_settings[si].name} (timing)")
+          try:
+            costs[si][gname].update(timer.measure(sweep_settings[si], plan, fn,
+                                                  llm_model(plan)))
+          except Exception as e:  # pylint: disable=broad-except
+            costs[si][gname]["latency_error"] = _error_text(e)
+        if fn is not None:
+          fn.clear_cache()
+        seconds[si] += time.perf_counter() - t0
 
   # FULL and the settings that leave the decoder alone first (they share its executables),
   # then the llm stage, each with its own decoder. `workers` settings at a time: compilation,
@@ -355,13 +395,24 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
         enc = encode(variables, image)
         batches.append((chunk, image, text, mask, enc, full_embed(variables, enc, text, mask)))
     seconds[0] += time.perf_counter() - t0
-    run_setting(g, 0, gplans[0], batches)
-    if opts.workers > 1:
-      with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
-        list(pool.map(lambda si: run_setting(g, si, gplans[si], batches), order))
-    else:
-      for si in order:
-        run_setting(g, si, gplans[si], batches)
+    timer = _Timer(base, variables, encode, full_embed, batches[0], opts) if opts.latency \
+        else None
+    done = [(0, run_setting(g, 0, gplans[0], batches))]
+    # With latency, settings go in chunks, each timed alone once its chunk is done, so that a
+    # timed call never shares the CPU with another setting's compilation, and at most one
+    # chunk's compressions stay compiled.
+    chunk = max(1, 4 * opts.workers) if opts.latency else max(1, len(order))
+    for part in _batches(order, chunk):
+      if timer is not None:
+        time_settings(g, done, timer)
+      if opts.workers > 1:
+        with concurrent.futures.ThreadPoolExecutor(opts.workers) as pool:
+          fns = list(pool.map(lambda si: run_setting(g, si, gplans[si], batches), part))
+      else:
+        fns = [run_setting(g, si, gplans[si], batches) for si in part]
+      done = list(zip(part, fns))
+    if timer is not None:
+      time_settings(g, done, timer)
     # The shape is done: drop its shared ViT, decoders and every llm setting's decoder.
     full_embed.clear_cache()
     encode.clear_cache()
@@ -405,16 +456,110 @@ def _fail(errs: Dict[str, str], g: _Group, e: BaseException) -> None:
     errs.setdefault(fam, _error_text(e))
 
 
-def _cost(cfg, dec, variables, text, mask, toks, cache, param_bytes, vit_tokens, frames,
-          text_len) -> Dict[str, float]:
+def _cost(cfg, dec, variables, text, mask, toks, cache, param_bytes, vit_tokens, vit_merged,
+          frames, text_len) -> Dict[str, float]:
   """Per-example cost of one setting on one input shape; the decoder's token counts traced
   once per (decoder plan, image-token count)."""
   key = (dec.config.plan, toks.x.shape, text.shape)
   if key not in cache:
     cache[key] = runner.token_counts(dec, variables["params"], None, text, mask,
                                      image_tokens=toks)
-  counts = dict(cache[key], vit_tokens=vit_tokens, frames=frames)
-  return runner.cost(cfg, counts, text_len, param_bytes)
+  counts = dict(cache[key], vit_tokens=vit_tokens, vit_merged=vit_merged, frames=frames)
+  return dict(runner.cost(cfg, counts, text_len, param_bytes),
+              llm_tokens_per_layer=[int(n) for n in counts["llm_tokens"]])
+
+
+class _Timer:
+  """Latency and memory of settings on one batch of one input shape (see the module docstring).
+
+  A setting's prefill is the programs it runs: the ViT (`encode_image`; the shared run with the
+  post-ViT signals when its plan reads them, else a plain one; none for the vit stage, whose
+  compression program includes the ViT), its compression + projector (the projector alone for
+  FULL and the llm stage), and the decoder prefill from the projected tokens; then one decoding
+  step on the cache that prefill filled. Each program is measured once per shape and reused by
+  every setting that runs it (measurements keyed like the programs; a decoding step by the
+  cache's layout).
+  """
+
+  def __init__(self, base, variables, encode, full_embed, batch, opts: SweepOptions):
+    self.base, self.variables, self.encode, self.full_embed = base, variables, encode, full_embed
+    _, self.image, self.text, self.mask, self.enc, self.full_toks = batch
+    self.opts = opts
+    self.measured: Dict[Any, Dict[str, Any]] = {}
+
+  def _measure(self, fn, *args, out: bool = False) -> Dict[str, Any]:
+    """{"seconds", "bytes"} of `fn(*args)`, and its output ("out") if asked for."""
+    compiled = cost_lib.compile_program(fn, *args)
+    m = {"seconds": cost_lib.median_seconds(compiled, *args, reps=self.opts.latency_reps),
+         "bytes": cost_lib.program_bytes(compiled)}
+    return dict(m, out=compiled(*args)) if out else m
+
+  def _once(self, key, make: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    if key not in self.measured:
+      self.measured[key] = make()
+    return self.measured[key]
+
+  def _vit(self, signals: bool) -> Dict[str, Any]:
+    if signals:  # the sweep's shared ViT run, with the signals of SweepOptions.signal_layer
+      return self._once("vit+signals", lambda: self._measure(self.encode, self.variables,
+                                                              self.image))
+    base = self.base
+    plain = lambda v, im: base.apply(v, im, method=base.encode_image)
+    return self._once("vit", lambda: self._measure(plain, self.variables, self.image))
+
+  def _decoder(self, dec, toks) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(prefill, decode step) measurements of decoder `dec` on image tokens `toks`."""
+    text, mask, opts = self.text, self.mask, self.opts
+
+    def prefill(v, text, mask, toks):
+      logits, cache, _ = dec.apply(v, None, text, jnp.zeros(text.shape, jnp.int32), mask,
+                                   cache_size=opts.max_new_tokens, image_tokens=toks,
+                                   method=dec.prefill)
+      return logits, cache
+
+    def step(v, token, cache):
+      return dec.apply(v, token, cache, method=dec.decode_step)
+
+    def make():
+      pre = self._measure(prefill, self.variables, text, mask, toks, out=True)
+      logits, cache = pre.pop("out")
+      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+      # A decoding step depends on the cache's layout only, not on how the plan pruned it:
+      # llm settings keeping as many tokens at the same layer share one measurement.
+      layout = (jax.tree.structure(cache),
+                tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(cache)))
+      return {"prefill": pre, "step": self._once(("step", layout), lambda: self._measure(
+          step, self.variables, token, cache))}
+
+    m = self._once(("decoder", dec.config.plan, toks.x.shape, text.shape), make)
+    return m["prefill"], m["step"]
+
+  def measure(self, setting: Setting, plan, fn, dec) -> Dict[str, Any]:
+    """{"prefill_seconds", "decode_seconds", "peak_bytes", "latency_batch", "programs"} of one
+    setting; `fn` its jitted compression (None for FULL and the llm stage), `dec` its decoder."""
+    toks = self.full_toks
+    if setting.stage == "vit":  # its compression program runs the ViT
+      vit = None
+      embed = self._measure(fn, self.variables, self.image, self.text, self.mask, out=True)
+    elif fn is not None:
+      vit = self._vit(plan_lib.signal_layer(plan, self.base.config.img.depth) is not None)
+      embed = self._measure(fn, self.variables, self.enc, self.text, self.mask, out=True)
+    else:
+      vit = self._vit(False)
+      embed = self._once("projector", lambda: self._measure(
+          self.full_embed, self.variables, self.enc, self.text, self.mask))
+    if "out" in embed:
+      toks = embed.pop("out")
+    prefill, step = self._decoder(dec, toks)
+    programs = {"vit": vit, "compress": embed, "decoder": prefill, "decode_step": step}
+    programs = {k: None if p is None else {"seconds": float(p["seconds"]),
+                                           "bytes": int(p["bytes"])}
+                for k, p in programs.items()}
+    run = [p for k, p in programs.items() if p is not None and k != "decode_step"]
+    return {"prefill_seconds": sum(p["seconds"] for p in run),
+            "decode_seconds": programs["decode_step"]["seconds"],
+            "peak_bytes": max(p["bytes"] for p in programs.values() if p is not None),
+            "latency_batch": int(self.text.shape[0]), "programs": programs}
 
 
 def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds,
@@ -446,8 +591,9 @@ def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens,
       row["cost_per_family"] = {f: dict(c, image_tokens_valid=float(np.mean(
           valid_tokens[si][f]))) for f, c in per_fam_cost.items()}
       for k in ("flops", "kv_bytes", "image_tokens", "mean_llm_tokens", "mean_llm_image_tokens",
-                "image_tokens_valid"):
-        row[k] = float(np.mean([row["cost_per_family"][f][k] for f in fams]))
+                "image_tokens_valid") + _LATENCY_KEYS:
+        if all(k in row["cost_per_family"][f] for f in fams):  # latency: when measured
+          row[k] = float(np.mean([row["cost_per_family"][f][k] for f in fams]))
       row["answers"] = {str(i): a for i, a in zip(done, ans)}
       row["complete"] = not row["errors"]
       if baseline is None:
@@ -459,6 +605,10 @@ def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens,
                   "complete": False})
     out.append(row)
   return out
+
+
+# Per-setting latency and memory, averaged over the examples like the analytic cost.
+_LATENCY_KEYS = ("prefill_seconds", "decode_seconds", "peak_bytes")
 
 
 def _mean_acc(baseline, done, examples) -> float:

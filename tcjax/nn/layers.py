@@ -10,6 +10,8 @@ under `jit`, `vmap`, `lax.scan` over stacked layers and `shard_map`.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Optional
 
 import jax
@@ -155,11 +157,31 @@ def layer_params(stacked, layer):
                                     stacked))
 
 
+_UNROLLED = contextvars.ContextVar("tcjax_unrolled_layers", default=False)
+
+
+@contextlib.contextmanager
+def unrolled_layers():
+  """Inside this context, `scan_layers` traces its loops fully unrolled (straight-line code).
+
+  For counting, not for running: XLA's `compiled.cost_analysis()` counts a loop body once,
+  whatever its trip count, so a scanned tower of L layers reports the FLOPs of one layer
+  (`tcjax.eval.cost.stage_flops` traces under this context). Only tracing reads the flag: a
+  function jitted and traced before keeps its loops; trace a fresh function inside.
+  """
+  token = _UNROLLED.set(True)
+  try:
+    yield
+  finally:
+    _UNROLLED.reset(token)
+
+
 def scan_layers(body, carry, stacked, lo: int, hi: int, xs=None, *, remat: bool = False):
   """`lax.scan` of `body(carry, (layer params, layer index, xs_l))` over layers [lo, hi).
 
   remat: recompute each layer's activations in the backward pass instead of keeping them
   (`jax.checkpoint`): training memory per layer drops to its inputs, for ~1/3 more compute.
+  Under `unrolled_layers()` the loop is traced unrolled (same result, for cost counting).
 
   The loop indexes the full stacked parameters (one dynamic slice per layer, as a scan over
   them would do) instead of scanning a static slice `a[lo:hi]`, which XLA would copy first: a
@@ -171,4 +193,4 @@ def scan_layers(body, carry, stacked, lo: int, hi: int, xs=None, *, remat: bool 
 
   if remat:
     step = jax.checkpoint(step)
-  return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs))
+  return jax.lax.scan(step, carry, (jnp.arange(lo, hi), xs), unroll=True if _UNROLLED.get() else 1)
