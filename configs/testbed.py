@@ -2,6 +2,7 @@
 
   python -m experiments.train --config configs/testbed.py --workdir DIR          # stage 1
   python -m experiments.train --config configs/testbed.py:stage2 --workdir DIR   # stage 2
+  python -m experiments.train --config configs/testbed.py:stage3 --workdir DIR   # stage 3
   python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
 
 The bundled model is trained in two stages: stage 1 from scratch on the seven question
@@ -9,7 +10,10 @@ families; stage 2 from stage 1's final parameters (`experiments/bundled_run/chec
 with the training-only `describe` family added (every object / digit of a scene named, ~20
 answer tokens per image), because stage 1's one to four answer tokens per image taught the
 towers too slowly to read digits (experiments/RESULTS.md). Stage 1 ran before the testbed put
-digits on the 4-px grid (commit 0010a0c); rerunning it now trains on grid digits.
+digits on the 4-px grid (commit 0010a0c); rerunning it now trains on grid digits. Stage 3 starts
+from stage 2's final parameters (`experiments/bundled_run2/checkpoint.npz`) on digits at their
+native 8 px (2 x 2 patches) and draws the digit-reading families twice as often (a family
+repeated in `data.families` is drawn once per appearance), because stages 1 and 2 read none.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -21,13 +25,14 @@ from tcjax.data import testbed
 
 TOKENIZER = "tcjax/assets/testbed_tokenizer.model"
 STAGE1 = "experiments/bundled_run/checkpoint.npz"  # stage 1's final parameters
+STAGE2 = "experiments/bundled_run2/checkpoint.npz"  # stage 2's
 
 
 def get_config(arg: str = ""):
-  """arg: "" (stage 1 of the bundled model), "stage2" (its second stage), or "smoke" (a tiny
-  model, a few steps, for tests)."""
-  if arg not in ("", "stage2", "smoke"):
-    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' or 'smoke'")
+  """arg: "" (stage 1 of the bundled model), "stage2" / "stage3" (its later stages), or "smoke"
+  (a tiny model, a few steps, for tests)."""
+  if arg not in ("", "stage2", "stage3", "smoke"):
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2', 'stage3' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -88,4 +93,11 @@ def get_config(arg: str = ""):
     c.optim.warmup_steps = 50
     c.data.families = testbed.ALL_FAMILIES
     c.data.max_len = 32               # the longest `describe` prompt is 32 tokens
+  if arg == "stage3":
+    c.init = STAGE2
+    c.total_steps = 2700
+    c.optim.lr = 1e-3
+    c.data.families = ("count", "binding", "digit", "digit", "number", "number", "locate",
+                       "describe", "describe", "video", "audio")
+    c.data.max_len = 32
   return c

@@ -79,6 +79,18 @@ def test_families_of_one_batch_cycle_in_order(tok):
   assert [testbed.FAMILIES[f] for f in fam] == ["binding", "locate", "count", "binding"]
 
 
+def test_a_repeated_family_is_drawn_more_often_and_never_twice_the_same(tok):
+  # Hand-worked: cycle (count, locate, count); batches of 3, batch 1 = global examples 3, 4, 5
+  # -> count #2, locate #1, count #3 (count has two slots per cycle: indices 2q and 2q + 1).
+  fams = ("count", "locate", "count")
+  batch = stream(tok, fams, 3, seed=1)[1]
+  for row, (fam, index) in zip(rows(batch), [("count", 2), ("locate", 1), ("count", 3)]):
+    check_row(tok, row, testbed.example(fam, "train", 1, index))
+  images = [stream(tok, fams, 3, seed=1)[b]["image"] for b in range(4)]
+  counts = np.concatenate(images)[[i for i in range(12) if fams[i % 3] == "count"]]
+  assert len({c.tobytes() for c in counts}) == 8  # eight count slots, eight distinct examples
+
+
 def test_process_shards_concatenate_to_the_global_batch(tok):
   whole = stream(tok, IMAGE_FAMS, 4)
   parts = [stream(tok, IMAGE_FAMS, 4, process_index=p, process_count=2) for p in range(2)]

@@ -111,7 +111,7 @@ def test_locate_box_holds_the_glyph():
     ys, xs = np.nonzero(lit)
     assert box[0] - 0.1 <= d["y"] + ys.min() and d["y"] + ys.max() + 1 <= box[2] + 0.1
     assert box[1] - 0.1 <= d["x"] + xs.min() and d["x"] + xs.max() + 1 <= box[3] + 0.1
-    assert tb.box_iou(box, (d["y"], d["x"], d["y"] + 12, d["x"] + 12)) > 0.9
+    assert tb.box_iou(box, (d["y"], d["x"], d["y"] + 8, d["x"] + 8)) > 0.9  # native 8 x 8 px
 
 
 def test_video_answers_from_frames():
@@ -214,7 +214,7 @@ def test_describe_lists_what_the_pixels_hold():
 
 
 def test_digits_sit_on_the_patch_grid():
-  """Every glyph's lit pixels fit a 12-px window starting on the 4-px grid (3 x 3 patches of
+  """Every glyph's lit pixels fit an 8-px window starting on the 4-px grid (2 x 2 patches of
   the bundled model), found from the pixels of each digit alone."""
   for fam in ("digit", "number", "locate"):
     for i in range(N):

@@ -1,8 +1,11 @@
 """grain pipelines over the testbed: fixed-shape, tokenized batches, sharded per process.
 
-A testbed stream is an infinite `grain.MapDataset` of batches. Global example g of a modality is
-`testbed.example(family, split, seed, g // len(families))` with family `families[g % len(families)]`
-(families of one modality share the image shape, so they mix within a batch). Global batch b
+A testbed stream is an infinite `grain.MapDataset` of batches. `families` is a cycle of P slots
+in which a family may appear more than once to weight it: global example g of a modality is the
+family f = `families[g % P]` with index (g // P) * c + k, where c is how often f appears in the
+cycle and k how often before slot g % P (without repeats: index g // P), so no two slots ever
+draw the same example (families of one modality share the image shape, so they mix within a
+batch). Global batch b
 holds examples [b * B, (b + 1) * B); process p of P reads only its contiguous share of it,
 [b * B + p * B / P, b * B + (p + 1) * B / P), so the global batch is the processes' local batches
 in process order - what `tcjax.parallel.global_batch_from_local` assembles on a `data`-sharded
@@ -60,11 +63,15 @@ def testbed_stream(families: Sequence[str], tokenizer, *, split: str, seed: int,
                    process_count: Optional[int] = None) -> grain.MapDataset:
   """Infinite MapDataset of this process's batches of one modality (see the module docstring).
 
+  families: the cycle of families; repeat one to draw it more often, e.g. ("count", "digit",
+    "digit") gives digit two examples in three.
   batch_size: the global batch; it must divide by the process count.
   """
   families = tuple(families)
   if not families:
     raise ValueError("families is empty")
+  # slot -> (family, how often it appeared before this slot, how often in the cycle)
+  slots = [(f, families[:s].count(f), families.count(f)) for s, f in enumerate(families)]
   shapes = {testbed.image_shape(f) for f in families}  # validates every family
   if len(shapes) > 1:
     raise ValueError(f"families {families} mix image shapes {sorted(shapes)}: one stream per "
@@ -79,8 +86,8 @@ def testbed_stream(families: Sequence[str], tokenizer, *, split: str, seed: int,
   def make(local_index: int) -> Dict[str, np.ndarray]:
     b, j = divmod(int(local_index), local)
     g = b * batch_size + p * local + j
-    fam = families[g % len(families)]
-    ex = testbed.example(fam, split, seed, g // len(families))
+    fam, before, per_cycle = slots[g % len(slots)]
+    ex = testbed.example(fam, split, seed, (g // len(slots)) * per_cycle + before)
     out = tokenize(tokenizer, ex["prefix"], ex["suffix"], max_len)
     out["image"] = ex["image"]
     out["family"] = np.int32(testbed.ALL_FAMILIES.index(fam))

@@ -27,8 +27,8 @@ Training-only (`AUX_FAMILIES`, never evaluated):
            order. Many supervised tokens per image, to ground the towers faster than the
            questions' 1-4 answer tokens do.
 
-Digits are scikit-learn's bundled 8x8 handwritten digits (UCI optdigits), scaled to 12 px and
-placed on a 4-px grid (`DIGIT_GRID`); the
+Digits are scikit-learn's bundled 8x8 handwritten digits (UCI optdigits), at their native
+8 px (`DIGIT_PX`) and placed on a 4-px grid (`DIGIT_GRID`); the
 train split draws from the even-numbered images and every other split from the odd ones, so test
 digits are never seen in training.
 
@@ -48,10 +48,11 @@ import numpy as np
 IMAGE_SIZE = 64
 VIDEO_FRAMES = 8
 AUDIO_SEGMENTS = 4
-DIGIT_PX = 12
-# Digits sit on a 4-px grid (the bundled model's patch size): each glyph covers exactly 3 x 3
-# patches, always aligned the same way. With free placement (any offset) the 3-layer ViT had to
-# learn each digit at 16 sub-patch alignments and read none after 2800 steps (RESULTS.md).
+DIGIT_PX = 8
+# Digits at the set's native 8 x 8 px on a 4-px grid (the bundled model's patch size): each glyph
+# covers exactly 2 x 2 patches, always aligned the same way. With free placement (any offset)
+# the 3-layer ViT had to learn each digit at 16 sub-patch alignments and read none after 2800
+# steps; upscaled to 12 px (3 x 3 patches, aligned) it read none after 1800 more (RESULTS.md).
 DIGIT_GRID = 4
 COUNT_PX = 10  # side of every object in `count` scenes
 LOC_BINS = 1024
@@ -126,13 +127,15 @@ def box_iou(a, b) -> float:
 
 @functools.lru_cache(maxsize=None)
 def _digits(split: str) -> Tuple[np.ndarray, np.ndarray]:
-  """(images float32[n, 12, 12] in [0, 1], labels int[n]) of one split's half of the set."""
+  """(images float32[n, DIGIT_PX, DIGIT_PX] in [0, 1], labels int[n]) of one split's half of
+  the set (resized from the set's 8 x 8 px when DIGIT_PX differs)."""
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
   from scipy.ndimage import zoom  # pylint: disable=g-import-not-at-top
   d = load_digits()
   half = slice(0, None, 2) if split == "train" else slice(1, None, 2)
   imgs = d.images[half].astype(np.float32) / 16.0
-  imgs = np.stack([np.clip(zoom(im, DIGIT_PX / 8, order=1), 0, 1) for im in imgs])
+  if DIGIT_PX != 8:
+    imgs = np.stack([np.clip(zoom(im, DIGIT_PX / 8, order=1), 0, 1) for im in imgs])
   return imgs, d.target[half].astype(np.int64)
 
 
