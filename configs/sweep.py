@@ -3,6 +3,7 @@
   python -m experiments.sweep                                    # default (see below)
   python -m experiments.sweep --config configs/sweep.py:full     # every stage, more examples
   python -m experiments.sweep --config.per_family=64 --config.methods=pool,fastv
+  python -m experiments.sweep --config configs/sweep.py:adaptive   # adaptive vs fixed budgets
 
 Fields:
   methods, stages: "all" or comma-separated names (`tcjax.compress.METHODS` plus the decoder
@@ -17,6 +18,13 @@ Fields:
     VisionZip / FasterVLM); llm_layer: decoder layer K of the llm stage.
   options: a Python literal {method: {option: value}} added to that method's plan entries,
     e.g. '{"fastv": {"query": "mean"}}'.
+  adaptive: a Python literal {policy: {option: values}} of adaptive budgets
+    (`tcjax.compress.adaptive`), one more setting per value at each of adaptive_stages where
+    the policy acts, with adaptive_capacity as its budget (the most tokens it may keep), e.g.
+    '{"adaptive_mass": {"mass": (0.2, 0.4)}}'; "{}" runs none. Their rows report the tokens
+    each example kept, and the report sets them beside `topk` (the same scores at a fixed
+    budget) at equal mean tokens per family: run topk at the same stages, with budgets around
+    the tokens the policies keep (as `:adaptive` does).
   batch_size, max_len (prompt tokens), max_new_tokens: decoding.
   workers: settings run at once in threads (their compilation overlaps; 1 = one at a time).
   latency: also measure each setting's prefill latency, per-token decode latency (medians of
@@ -51,6 +59,9 @@ def get_config(arg: str = ""):
   c.signal_layer = -2
   c.llm_layer = 1
   c.options = "{}"
+  c.adaptive = "{}"
+  c.adaptive_stages = "post_vit,llm"
+  c.adaptive_capacity = 64
   c.batch_size = 64
   c.max_len = 16
   c.max_new_tokens = 10
@@ -65,6 +76,20 @@ def get_config(arg: str = ""):
     c.stages = "all"
     c.budgets = (128, 64, 32, 16)
     c.per_family = 200
+  elif arg == "adaptive":
+    # Adaptive budgets against fixed ones: the two policies after the ViT and in the decoder,
+    # capacity 64, thresholds giving ~4-64 tokens on the bundled model; their fixed twin topk at
+    # the same stages on a dense grid of budgets (the equal-tokens comparison interpolates
+    # between neighbouring budgets). The image families only (one input shape, so every
+    # setting compiles once), 48 examples each.
+    c.methods = "topk"
+    c.stages = "post_vit,llm"
+    c.budgets = (64, 48, 32, 24, 16, 12, 8, 4)
+    c.families = ("count", "binding", "digit", "number", "locate")
+    c.per_family = 48
+    c.adaptive = ('{"adaptive_mass": {"mass": (0.1, 0.2, 0.3, 0.4)}, '
+                  '"adaptive_entropy": {"scale": (0.05, 0.1, 0.2)}}')
+    c.out = "experiments/out/sweep_adaptive"
   elif arg == "tiny":  # tests: two methods, two budgets, two image families, 4 examples each
     c.methods = "pool,random"
     c.stages = "post_vit"
@@ -75,5 +100,5 @@ def get_config(arg: str = ""):
     c.progress = False
     c.latency = False
   elif arg:
-    raise ValueError(f"configs/sweep.py takes '', 'full' or 'tiny', got {arg!r}")
+    raise ValueError(f"configs/sweep.py takes '', 'full', 'adaptive' or 'tiny', got {arg!r}")
   return c

@@ -7,8 +7,9 @@ devices present (batch on the mesh's `data` axis), with a progress bar, then wri
 `config.out`: sweep.json (config, rows with answers, errors and cost per family: analytic FLOPs,
 KV-cache bytes, tokens per decoder layer and, with `config.latency`, prefill / decode latency
 and peak memory), sweep.md (the table) and the plots accuracy_vs_tokens.png,
-accuracy_vs_flops.png (Pareto frontier) and loyalty_vs_tokens.png. Prints the table and where
-the plots are.
+accuracy_vs_flops.png (Pareto frontier) and loyalty_vs_tokens.png; with adaptive policies
+(`config.adaptive`) also the table of adaptive against fixed budgets at equal mean tokens (in
+sweep.md) and adaptive_vs_fixed.png. Prints the tables and where the plots are.
 """
 
 from __future__ import annotations
@@ -39,10 +40,10 @@ def _names(v: str, what: str, words=("all",)):
   return names
 
 
-def _options(v) -> Dict[str, Dict[str, Any]]:
+def _options(v, what: str = "options") -> Dict[str, Dict[str, Any]]:
   opts = ast.literal_eval(v) if isinstance(v, str) else dict(v)
   if not isinstance(opts, dict) or not all(isinstance(o, dict) for o in opts.values()):
-    raise ValueError(f"config.options must be {{method: {{option: value}}}}, got {v!r}")
+    raise ValueError(f"config.{what} must be {{method: {{option: value}}}}, got {v!r}")
   return opts
 
 
@@ -61,6 +62,11 @@ def sweep(cfg) -> Dict[str, Any]:
   settings = sweep_lib.settings(_names(cfg.methods, "methods"),
                                 _names(cfg.stages, "stages", ("all", "primary")),
                                 tuple(cfg.budgets))
+  adaptive = _options(cfg.adaptive, "adaptive")
+  if adaptive:
+    more = sweep_lib.adaptive_settings(adaptive, _names(cfg.adaptive_stages, "adaptive_stages",
+                                                        ()), cfg.adaptive_capacity)
+    settings += [s for s in more if s not in settings]
   options = _options(cfg.options)
   unknown = sorted(set(options) - set(METHODS) - set(sweep_lib.SCHEDULES))
   if unknown:
@@ -94,6 +100,7 @@ def sweep(cfg) -> Dict[str, Any]:
   os.makedirs(cfg.out, exist_ok=True)
   plots = report.plots(rows, families, cfg.out)
   text = report.table(rows, families)
+  adaptive_text = report.adaptive_table(rows, families)
   info = {"config": cfg.to_dict(), "devices": [str(d) for d in jax.devices()],
           "mesh": dict(mesh.shape), "seconds": seconds, "cpu_seconds": cpu_seconds,
           "examples": len(examples),
@@ -107,8 +114,11 @@ def sweep(cfg) -> Dict[str, Any]:
             f"({cfg.per_family} per family), {len(settings)} settings, {seconds:.0f} s "
             f"({cpu_seconds:.0f} s of CPU) on {len(jax.devices())} "
             f"{jax.devices()[0].platform} device(s).\n\n{text}\n\n"
+            + (f"## Adaptive budgets against fixed budgets at equal mean tokens\n\n"
+               f"{adaptive_text}\n\n" if adaptive_text else "")
             + "".join(f"![{os.path.basename(p)}]({os.path.basename(p)})\n" for p in plots))
-  return {"rows": rows, "table": text, "plots": plots, "seconds": seconds,
+  return {"rows": rows, "table": text, "adaptive_table": adaptive_text, "plots": plots,
+          "seconds": seconds,
           "cpu_seconds": cpu_seconds, **paths}
 
 
@@ -118,6 +128,9 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   res = sweep(_CONFIG.value)
   print(res["table"])
+  if res["adaptive_table"]:
+    print(f"\nAdaptive budgets against fixed budgets at equal mean tokens:\n\n"
+          f"{res['adaptive_table']}")
   print(f"\n{len(res['rows'])} settings in {res['seconds']:.0f} s ({res['cpu_seconds']:.0f} s "
         f"of CPU). Table: {res['markdown']}, "
         f"rows: {res['json']}; plots:")

@@ -238,3 +238,112 @@ def test_sweep_needs_full_first():
   with pytest.raises(ValueError, match="latency_reps"):
     sweep_lib.run(model, params, tok, [], [FULL],
                   sweep_lib.SweepOptions(latency=True, latency_reps=0))
+
+
+def test_adaptive_settings_and_plans():
+  spec = {"adaptive_mass": {"mass": (0.2, 0.4)}, "adaptive_entropy": {"scale": [0.5]}}
+  got = sweep_lib.adaptive_settings(spec, ("llm", "post_vit"), 32)
+  assert [s.name for s in got] == [
+      "adaptive_mass@post_vit/32[mass=0.2]", "adaptive_mass@post_vit/32[mass=0.4]",
+      "adaptive_mass@llm/32[mass=0.2]", "adaptive_mass@llm/32[mass=0.4]",
+      "adaptive_entropy@post_vit/32[scale=0.5]", "adaptive_entropy@llm/32[scale=0.5]"]
+  assert got[0].family == "sampling" and got[0] != Setting("adaptive_mass", "post_vit", 32)
+  kw = dict(n_tokens=256, frames=1, vit_depth=3, vit_layer=1, llm_layer=1)
+  # The setting's own option wins over the sweep's options of the method.
+  assert sweep_lib.plan_for(got[2], options={"mass": 0.9, "min_tokens": 2}, **kw) == (
+      ("llm", {"method": "adaptive_mass", "layer": 1, "budget": 32, "mass": 0.2,
+               "min_tokens": 2}),)
+  for bad, match in (({"topk": {"mass": (0.2,)}}, "unknown adaptive policy"),
+                     ({"adaptive_mass": {"scale": (1.0,)}}, "no option 'scale'"),
+                     ({"adaptive_mass": {"mass": 0.2}}, "sequence"),
+                     ({"adaptive_mass": {"mass": ()}}, "sequence")):
+    with pytest.raises(ValueError, match=match):
+      sweep_lib.adaptive_settings(bad, ("post_vit",), 32)
+  with pytest.raises(ValueError, match="unknown stage"):
+    sweep_lib.adaptive_settings(spec, ("decoder",), 32)
+  with pytest.raises(ValueError, match="capacity"):
+    sweep_lib.adaptive_settings(spec, ("llm",), 0)
+
+
+def _row(setting, method, stage, budget, per_family, kept=None):
+  row = {"setting": setting, "method": method, "stage": stage, "budget": budget,
+         "per_family": per_family, "accuracy": 0.5}
+  if kept is not None:
+    row.update(kept_per_family=kept, kept_tokens=sum(kept.values()) / len(kept))
+  return row
+
+
+def test_adaptive_against_fixed_hand_worked():
+  # topk at post_vit: count 0.2 @ 8, 0.6 @ 32; binding 0.5 @ 8, 0.5 @ 32. At 16 tokens (half
+  # way in log2 between 8 and 32) the fixed curve is 0.4 on count.
+  assert report.at_tokens([(32.0, 0.6), (8.0, 0.2)], 16.0) == pytest.approx(0.4)
+  assert report.at_tokens([(32.0, 0.6), (8.0, 0.2)], 32.0) == 0.6
+  assert report.at_tokens([(32.0, 0.6), (8.0, 0.2)], 4.0) is None
+  assert report.at_tokens([], 4.0) is None
+  rows = [_row("full", "full", "-", None, {"count": 0.7, "binding": 0.6}),
+          _row("topk@post_vit/32", "topk", "post_vit", 32, {"count": 0.6, "binding": 0.5}),
+          _row("topk@post_vit/8", "topk", "post_vit", 8, {"count": 0.2, "binding": 0.5}),
+          _row("topk@llm/8", "topk", "llm", 8, {"count": 0.9, "binding": 0.9}),
+          _row("adaptive_mass@post_vit/32[mass=0.3]", "adaptive_mass", "post_vit", 32,
+               {"count": 0.5, "binding": 0.25}, {"count": 16.0, "binding": 40.0}),
+          _row("adaptive_mass@llm/32[mass=0.3]", "adaptive_mass", "llm", 32,
+               {"count": 0.9, "binding": 0.1}, {"count": 8.0, "binding": 8.0})]
+  text = report.adaptive_table(rows, ["count", "binding"])
+  lines = text.splitlines()
+  assert lines[0] == "| setting | capacity | kept tokens | count | binding |"
+  assert lines[2] == ("| adaptive_mass@post_vit/32[mass=0.3] | 32 | 28.0 | 0.50 vs 0.40 @ 16.0 | "
+                      "0.25 vs - @ 40.0 |")  # 40 tokens: past the largest fixed budget
+  assert lines[3] == "| adaptive_mass@llm/32[mass=0.3] | 32 | 8.0 | 0.90 vs 0.90 @ 8.0 | " \
+                     "0.10 vs 0.90 @ 8.0 |"
+  assert lines[-1].endswith("above the fixed budget at equal mean tokens in 1 (setting, family) "
+                            "cells, equal in 1, below in 1.")
+  assert report.adaptive_table(rows[:4], ["count"]) == ""
+
+
+@pytest.mark.slow
+def test_tiny_sweep_with_adaptive_policies(tmp_path):
+  """Adaptive rows report the tokens each example kept: after the ViT, the NumPy mass rule on
+  the ViT's scores; in the decoder, on the attention row the model's hook scored with. (About 40 CPU-s, measured: the bundled
+  model's decoders compiled for each image-token count and llm-stage plan.)"""
+  cfg = get_config("tiny")
+  cfg.out = str(tmp_path / "out")
+  cfg.methods, cfg.stages, cfg.budgets = "topk", "post_vit,llm", (32, 4)
+  cfg.families, cfg.per_family = ("count",), 4
+  cfg.adaptive, cfg.adaptive_capacity = '{"adaptive_mass": {"mass": (0.3,)}}', 32
+  res = sweep_cli.sweep(cfg)
+  rows = {r["setting"]: r for r in res["rows"]}
+  assert list(rows)[-2:] == ["adaptive_mass@post_vit/32[mass=0.3]",
+                             "adaptive_mass@llm/32[mass=0.3]"]
+  assert os.path.getsize(tmp_path / "out" / "adaptive_vs_fixed.png") > 0
+  assert res["adaptive_table"] in (tmp_path / "out" / "sweep.md").read_text()
+
+  model, params, tok = bundled.load()
+  exs = [testbed.example("count", "test", 0, i) for i in range(4)]
+  image = np.stack([e["image"] for e in exs])
+  prompt = tok.batch([e["prefix"] for e in exs], max_len=cfg.max_len)
+  enc = jax.jit(lambda p, i: model.apply({"params": p}, i, signal_layer=-2,
+                                         method=model.encode_image))(params, image)
+  llm = model.with_plan((("llm", {"method": "adaptive_mass", "layer": 1, "budget": 32,
+                                  "mass": 0.3}),))
+  _, _, aux = jax.jit(lambda p, i, t, m: llm.apply({"params": p}, i, t, None, m,
+                                                   method=llm.prefill))(
+      params, image, prompt["text"], prompt["mask_input"].astype(bool))
+  rows_attn = np.asarray(aux["llm_attn"][0])
+  last = prompt["mask_input"].sum(-1) - 1
+  for stage, scores in (("post_vit", np.asarray(enc.signals["scores"])),
+                        ("llm", rows_attn[np.arange(4), last])):
+    counts = []
+    for s in scores.astype(np.float64):
+      desc = np.sort(np.maximum(s, 0))[::-1]
+      counts.append(min(int(np.searchsorted(np.cumsum(desc), 0.3 * desc.sum())) + 1, 32))
+    r = rows[f"adaptive_mass@{stage}/32[mass=0.3]"]
+    assert r["kept_per_family"] == {"count": pytest.approx(np.mean(counts))}, stage
+    assert r["kept_tokens"] == pytest.approx(np.mean(counts))
+    assert "kept_tokens" not in rows[f"topk@{stage}/32"]
+    fixed = report.at_tokens([(32.0, rows[f"topk@{stage}/32"]["per_family"]["count"]),
+                              (4.0, rows[f"topk@{stage}/4"]["per_family"]["count"])],
+                             np.mean(counts))
+    line = next(l for l in res["adaptive_table"].splitlines() if f"@{stage}/" in l)
+    # Outside the fixed budgets' range (here 4..32 tokens) the table shows "-".
+    fixed = "-" if fixed is None else f"{fixed:.2f}"
+    assert f"{r['per_family']['count']:.2f} vs {fixed} @ {np.mean(counts):.1f}" in line

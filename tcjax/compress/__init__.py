@@ -8,6 +8,7 @@ from tcjax.compress.registry import METHODS, Method, apply, register
 from tcjax.compress.primitives import to_grid, unmerge
 
 # Methods, one file each. Keep this list sorted.
+from tcjax.compress.adaptive import adaptive_entropy, adaptive_mass
 from tcjax.compress.cdpruner import cdpruner
 from tcjax.compress.dart import dart
 from tcjax.compress.divprune import divprune

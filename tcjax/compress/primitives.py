@@ -194,6 +194,38 @@ def select_top(tokens: Tokens, scores: jax.Array, budget: int) -> Tokens:
   return gather(tokens, top_indices(rank_key(scores, tokens.mask), budget))
 
 
+def select_top_count(tokens: Tokens, scores: jax.Array, budget: int, count: jax.Array) -> Tokens:
+  """Keep the `count[b]` highest-scoring tokens of each example in `budget` slots (a fixed
+  capacity with a data-dependent number of valid tokens).
+
+  Args:
+    tokens: N tokens in.
+    scores: float[B, N] ranking (see `rank_key`: NaN and padding last, ties to the lower index).
+    budget: static capacity K.
+    count: int[B] tokens to keep per example, in [0, K]; the caller keeps it at most the
+      example's valid tokens, so that input padding is never kept.
+
+  Returns:
+    K tokens: the kept ones first, in their original order (the same set as
+    `select_top(tokens, scores, count[b])` on example b alone), then padding slots (mask
+    False, size 0, zero x and pos, no patch in `src` points at them).
+  """
+  key = rank_key(scores, tokens.mask)
+  idx = top_indices(key, budget)  # int32[B, K] the K best, ascending position
+  # Rank of each of the K among themselves (0 = best; ties: lower position first, as top_k).
+  order = jnp.argsort(-jnp.take_along_axis(unshard_axis(key, 1), idx, 1), axis=-1, stable=True)
+  rank = jnp.argsort(order, axis=-1)
+  keep = rank < count[:, None]
+  # Kept slots first, each part still in ascending position.
+  idx = jnp.take_along_axis(idx, jnp.argsort(~keep, axis=-1, stable=True), 1)
+  out = gather(tokens, idx)
+  valid = jnp.arange(budget)[None] < count[:, None]  # bool[B, K]
+  return out.replace(x=jnp.where(valid[..., None], out.x, 0).astype(out.x.dtype),
+                     pos=jnp.where(valid[..., None], out.pos, 0),
+                     size=jnp.where(valid, out.size, 0.0), mask=valid & out.mask,
+                     src=jnp.where(out.src >= count[:, None], -1, out.src))
+
+
 def merge(tokens: Tokens, assign: jax.Array, rep: jax.Array) -> Tokens:
   """Size-weighted scatter-merge of tokens into K slots.
 

@@ -4,12 +4,19 @@ Rows are `tcjax.eval.sweep.run`'s. Plots (Agg backend, PNG):
   accuracy_vs_tokens.png   accuracy per family against image tokens per decoder layer
   accuracy_vs_flops.png    accuracy against prefill FLOPs, with the Pareto frontier
   loyalty_vs_tokens.png    loyalty to the uncompressed model per family against tokens
+  adaptive_vs_fixed.png    (with adaptive-policy rows) per family, each policy's accuracy at the
+                           tokens it kept on average, beside the fixed-budget curve of `topk`
+                           (the same scores, a fixed count) at the same stage
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+# The fixed-budget twin of the adaptive policies: the same ranking (`scores`), a fixed count.
+TWIN = "topk"
 
 
 def pareto(points: Sequence[Tuple[float, float]]) -> List[int]:
@@ -182,11 +189,127 @@ def _flops_plot(rows, path: str):
 
 
 def plots(rows: Sequence[Dict[str, Any]], families: Sequence[str], out_dir: str) -> List[str]:
-  """Writes the three plots into `out_dir`; returns their paths."""
+  """Writes the three plots (and adaptive_vs_fixed.png when adaptive policies ran) into
+  `out_dir`; returns their paths."""
   os.makedirs(out_dir, exist_ok=True)
   paths = [os.path.join(out_dir, n) for n in ("accuracy_vs_tokens.png", "accuracy_vs_flops.png",
                                                "loyalty_vs_tokens.png")]
   _per_family_plot(rows, families, "per_family", "accuracy", paths[0])
   _flops_plot(rows, paths[1])
   _per_family_plot(rows, families, "loyalty_per_family", "loyalty", paths[2])
+  if _adaptive_rows(rows):
+    paths.append(os.path.join(out_dir, "adaptive_vs_fixed.png"))
+    _adaptive_plot(rows, families, paths[-1])
   return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Adaptive budgets against fixed budgets at equal mean tokens.
+# ---------------------------------------------------------------------------------------------
+
+
+def at_tokens(points: Sequence[Tuple[float, float]], tokens: float) -> Optional[float]:
+  """The value of a fixed-budget curve [(tokens, value)] at `tokens`, linear in log2(tokens)
+  between the two nearest budgets around it (exact at a budget); None outside the budgets."""
+  pts = sorted(points)
+  for (x0, y0), (x1, y1) in zip(pts, pts[1:] + pts[-1:]):
+    if x0 <= tokens <= x1:
+      if x1 == x0:
+        return y0
+      t = (math.log2(tokens) - math.log2(x0)) / (math.log2(x1) - math.log2(x0))
+      return y0 + t * (y1 - y0)
+  return None
+
+
+def _adaptive_rows(rows):
+  return [r for r in rows if r.get("kept_per_family") and r["accuracy"] is not None]
+
+
+def _twin_curves(rows, family: str) -> Dict[str, List[Tuple[float, float]]]:
+  """{stage: [(budget, accuracy on `family`)]} of the fixed-budget twin's rows."""
+  out: Dict[str, List[Tuple[float, float]]] = {}
+  for r in rows:
+    if (r["method"] == TWIN and r["budget"] is not None and "[" not in r["setting"]
+        and family in r.get("per_family", {})):
+      out.setdefault(r["stage"], []).append((float(r["budget"]), r["per_family"][family]))
+  return out
+
+
+def adaptive_table(rows: Sequence[Dict[str, Any]], families: Sequence[str]) -> str:
+  """Markdown: one line per adaptive-policy row; per family "acc vs fixed @ tokens": the
+  policy's accuracy, the accuracy of `topk` at the same stage with a fixed budget equal to the
+  tokens the policy kept on average on that family (interpolated between the two nearest budgets
+  the sweep ran, linear in log2 tokens; "-" outside them), and those mean tokens. Then how many
+  (setting, family) cells the policy is above, equal to and below the fixed budget. "" without
+  adaptive rows."""
+  adaptive = _adaptive_rows(rows)
+  if not adaptive:
+    return ""
+  head = ["setting", "capacity", "kept tokens"] + list(families)
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  tally = [0, 0, 0]  # above, equal, below
+  for r in adaptive:
+    cells = [r["setting"], str(r["budget"]), f"{r['kept_tokens']:.1f}"]
+    for f in families:
+      kept = r["kept_per_family"].get(f)
+      if kept is None or f not in r["per_family"]:
+        cells.append("-")
+        continue
+      fixed = at_tokens(_twin_curves(rows, f).get(r["stage"], []), kept)
+      acc = r["per_family"][f]
+      cells.append(f"{acc:.2f} vs {_fmt(fixed, '.2f')} @ {kept:.1f}")
+      if fixed is not None:
+        tally[0 if acc > fixed + 1e-9 else 2 if acc < fixed - 1e-9 else 1] += 1
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Adaptive above the fixed budget at equal mean tokens in {tally[0]} (setting, "
+            f"family) cells, equal in {tally[1]}, below in {tally[2]}."]
+  return "\n".join(lines)
+
+
+def _adaptive_plot(rows, families, path: str):
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  adaptive = _adaptive_rows(rows)
+  stages = sorted({r["stage"] for r in adaptive}, key=list(_STAGE_STYLE).index)
+  color = {s: plt.get_cmap("tab10")(i) for i, s in enumerate(stages)}
+  policies = sorted({r["method"] for r in adaptive})
+  marker = {m: "os^D"[i % 4] for i, m in enumerate(policies)}
+  ncols = min(4, len(families))
+  nrows = -(-len(families) // ncols)
+  fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows), squeeze=False)
+  for ax, fam in zip(axes.flat, families):
+    for st, pts in _twin_curves(rows, fam).items():
+      if st in color:
+        xs, ys = zip(*sorted(pts))
+        ax.plot(xs, ys, _STAGE_STYLE[st], color=color[st], lw=1.2,
+                label=f"{TWIN} ({st}), fixed budget")
+    for m in policies:
+      for st in stages:
+        pts = [(r["kept_per_family"][fam], r["per_family"][fam]) for r in adaptive
+               if r["method"] == m and r["stage"] == st and fam in r["kept_per_family"]
+               and fam in r["per_family"]]
+        if pts:
+          xs, ys = zip(*sorted(pts))
+          ax.plot(xs, ys, linestyle="none", marker=marker[m], ms=5, mfc="none",
+                  color=color[st], label=f"{m} ({st}), mean kept")
+    full = rows[0]
+    if fam in full.get("per_family", {}):
+      ax.axhline(full["per_family"][fam], color="k", lw=1, ls="--", label="uncompressed")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-0.03, 1.03)
+    ax.set_title(fam)
+    ax.set_xlabel("image tokens kept per example (mean)")
+    ax.set_ylabel("accuracy")
+    ax.grid(alpha=0.3)
+  for ax in list(axes.flat)[len(families):]:
+    ax.axis("off")
+  legend = {}  # every series once, whichever family has it
+  for ax in axes.flat:
+    for h, label in zip(*ax.get_legend_handles_labels()):
+      legend.setdefault(label, h)
+  fig.legend(list(legend.values()), list(legend), loc="center left", bbox_to_anchor=(1.0, 0.5),
+             fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110, bbox_inches="tight")
+  plt.close(fig)

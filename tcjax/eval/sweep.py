@@ -8,7 +8,8 @@ first (loyalty and relative accuracy are measured against it). `plan_for` turns 
 a plan entry for one input shape: `budget` is always the number of image tokens per example
 that reach the decoder (for a clip at the vit stage, where the ViT sees frames one at a time,
 that is `budget // frames` per frame), and at the llm stage the number kept from decoder layer
-`llm_layer` on.
+`llm_layer` on. For an adaptive policy (`adaptive_settings`) `budget` is the capacity and the
+row reports how many tokens each example kept.
 
 Sharing (so that the sweep costs little more than its decoders):
   - the ViT runs once per batch (`PaliGemma.encode_image`, with the signals of ViT layer
@@ -44,6 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tcjax.compress.adaptive import POLICIES
 from tcjax.compress.registry import METHODS, STAGES
 from tcjax.eval import cost as cost_lib
 from tcjax.eval import runner
@@ -56,15 +58,21 @@ SCHEDULES = {"pyramiddrop": ("llm",), "sparsevlm": ("llm",)}
 
 @dataclasses.dataclass(frozen=True)
 class Setting:
-  """One cell of the sweep: `method` at `stage` down to `budget` image tokens (FULL: none)."""
+  """One cell of the sweep: `method` at `stage` down to `budget` image tokens (FULL: none);
+  `options`: ((option, value), ...) of this cell's plan entry (an adaptive policy's threshold,
+  its budget being the capacity), over the sweep's options of the method."""
 
   method: str
   stage: str
   budget: Optional[int]
+  options: Tuple[Tuple[str, Any], ...] = ()
 
   @property
   def name(self) -> str:
-    return "full" if self.budget is None else f"{self.method}@{self.stage}/{self.budget}"
+    if self.budget is None:
+      return "full"
+    opts = ",".join(f"{k}={v}" for k, v in self.options)
+    return f"{self.method}@{self.stage}/{self.budget}" + (f"[{opts}]" if opts else "")
 
   @property
   def family(self) -> str:
@@ -122,6 +130,33 @@ def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
   return out
 
 
+def adaptive_settings(spec: Mapping[str, Mapping[str, Sequence[Any]]], stages: Sequence[str],
+                      capacity: int) -> List[Setting]:
+  """One setting per adaptive policy x option value x stage: `spec` is {policy: {option:
+  values}} (policies from `tcjax.compress.adaptive.POLICIES`, e.g. {"adaptive_mass": {"mass":
+  (0.2, 0.4)}}), each run at every stage of `stages` where it acts, with `capacity` as its
+  budget (the most tokens it may keep). Unknown policies, options or stages raise ValueError."""
+  if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+    raise ValueError(f"adaptive capacity must be a positive int, got {capacity!r}")
+  stages = tuple(_names(stages, "stages"))
+  bad = [s for s in stages if s not in STAGES]
+  if bad:
+    raise ValueError(f"unknown stage(s) {bad}; stages: {STAGES}")
+  out = []
+  for m, opts in spec.items():
+    if m not in POLICIES:
+      raise ValueError(f"unknown adaptive policy {m!r}; policies: {list(POLICIES)}")
+    for key, values in dict(opts).items():
+      if key not in METHODS[m].options:
+        raise ValueError(f"{m} has no option {key!r}; options: {sorted(METHODS[m].options)}")
+      if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not values:
+        raise ValueError(f"{m}: {key} needs a non-empty sequence of values, got {values!r}")
+      for s in STAGES:
+        if s in stages and s in stages_of(m):
+          out += [Setting(m, s, capacity, ((key, v),)) for v in values]
+  return out
+
+
 def _names(v, what: str) -> Tuple[str, ...]:
   if isinstance(v, str):
     raise ValueError(f"{what} must be 'all' or a sequence of names, got {v!r}")
@@ -159,7 +194,7 @@ def plan_for(setting: Setting, *, n_tokens: int, frames: int, vit_depth: int,
   if setting.budget is None:
     return ()
   m, stage, b = setting.method, setting.stage, setting.budget
-  opts = dict(options or {})
+  opts = {**(options or {}), **dict(setting.options)}
   if stage == "vit":
     if b % frames:
       raise ValueError(f"{m}: the ViT sees frames one at a time; budget {b} does not split "
@@ -240,9 +275,13 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   ("flops", "kv_bytes", "image_tokens", "mean_llm_tokens", "mean_llm_image_tokens",
   "image_tokens_valid"; per family also "llm_tokens_per_layer"), answers, and seconds (wall time
   of the setting, compilation and its latency measurement included, alongside `workers - 1`
-  other settings; FULL's include the shared ViT runs). With `opts.latency`, also "prefill_seconds" and "decode_seconds" (one
-  batch of "latency_batch" examples; decode: one generated token), "peak_bytes" and, per family,
-  "programs" (each program's seconds and bytes); "latency_error" where the measurement failed.
+  other settings; FULL's include the shared ViT runs). With `opts.latency`, also
+  "prefill_seconds" and "decode_seconds" (one batch of "latency_batch" examples; decode: one
+  generated token), "peak_bytes" and, per family, "programs" (each program's seconds and
+  bytes); "latency_error" where the measurement failed. Rows of adaptive policies
+  (`tcjax.compress.adaptive.POLICIES`) add "kept_tokens" and "kept_per_family": the mean number
+  of image tokens the policy kept per example (valid tokens after it; at the llm stage, read
+  from the decoder's hook by one more prefill).
   """
   if not sweep_settings or sweep_settings[0] != FULL:
     raise ValueError("the settings must start with FULL (the baseline of loyalty)")
@@ -264,6 +303,7 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   plans: List[Dict[str, str]] = [{} for _ in range(n_set)]
   costs: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_set)]
   valid_tokens: List[Dict[str, List[float]]] = [{} for _ in range(n_set)]
+  kept_tokens: List[Dict[str, List[float]]] = [{} for _ in range(n_set)]  # adaptive policies
   seconds = [0.0] * n_set
   total = sum(len(_batches(g.idx, g.size)) for g in groups) * n_set
   bar = progress(total) if progress else None
@@ -297,7 +337,7 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
     Returns its jitted compression (None for FULL and the llm stage), kept for timing."""
     st, gname = sweep_settings[si], _shape_name(g)
     t0 = time.perf_counter()
-    fn = None
+    fn = kept_fn = None
     n_done = 0
     with _mesh_context(opts.mesh):
       if plan is not None:
@@ -305,6 +345,10 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
           if st.stage in ("vit", "post_vit", "post_proj"):
             fn = embed_fn(plan, st.stage != "vit")
           dec = llm_model(plan)
+          if st.stage == "llm" and st.method in POLICIES:  # how many the decoder's hook kept
+            kept_fn = jax.jit(lambda v, toks, text, mask, dec=dec: dec.apply(
+                v, None, text, None, mask, image_tokens=toks, method=dec.prefill
+            )[2]["image_tokens_kept"])
           for chunk, image, text, mask, enc, full_toks in batches:
             if st.stage in ("vit", "post_vit", "post_proj"):
               toks = fn(variables, image if st.stage == "vit" else enc, text, mask)
@@ -318,10 +362,13 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
               costs[si][gname] = _cost(cfg, dec, variables, text, mask, toks, llm_counts,
                                        param_bytes, vit, merged, g.frames, opts.max_len)
             valid = np.asarray(toks.mask.sum(-1))
-            for r, a, nv in zip(chunk, out, valid):
+            kept = valid if kept_fn is None else np.asarray(kept_fn(variables, toks, text, mask))
+            for r, a, nv, nk in zip(chunk, out, valid, kept):
               answers[si][g.idx[r]] = a
               fam = examples[g.idx[r]]["family"]
               valid_tokens[si].setdefault(fam, []).append(float(nv))
+              if st.method in POLICIES:
+                kept_tokens[si].setdefault(fam, []).append(float(nk))
             n_done += 1
             if bar is not None:
               bar.set_postfix_str(f"{gname} {st.name}", refresh=False)
@@ -332,8 +379,11 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
             answers[si][i] = None
           for fam in g.families:
             valid_tokens[si].pop(fam, None)
+            kept_tokens[si].pop(fam, None)
     # A setting's compression is compiled code nobody else uses: release it now (hundreds of
-    # live executables exhaust the process's memory mappings), or once it is timed.
+    # live executables exhaust the process's memory mappings); its compression once it is timed.
+    if kept_fn is not None:
+      kept_fn.clear_cache()
     if fn is not None and not opts.latency:
       fn.clear_cache()
     seconds[si] += time.perf_counter() - t0
@@ -421,7 +471,8 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
     bar.close()
   if errors[0]:
     raise RuntimeError(f"the uncompressed model failed, nothing to compare: {errors[0]}")
-  return _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds,
+  return _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, kept_tokens,
+               seconds,
                groups)
 
 
@@ -562,7 +613,8 @@ class _Timer:
             "latency_batch": int(self.text.shape[0]), "programs": programs}
 
 
-def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, seconds,
+def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, kept_tokens,
+          seconds,
           groups) -> List[Dict[str, Any]]:
   fam_shape = {f: _shape_name(g) for g in groups for f in g.families}
   out = []
@@ -594,6 +646,9 @@ def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens,
                 "image_tokens_valid") + _LATENCY_KEYS:
         if all(k in row["cost_per_family"][f] for f in fams):  # latency: when measured
           row[k] = float(np.mean([row["cost_per_family"][f][k] for f in fams]))
+      if kept_tokens[si]:  # an adaptive policy: the image tokens it kept, per example
+        row["kept_per_family"] = {f: float(np.mean(v)) for f, v in kept_tokens[si].items()}
+        row["kept_tokens"] = float(np.mean(sum(kept_tokens[si].values(), [])))
       row["answers"] = {str(i): a for i, a in zip(done, ans)}
       row["complete"] = not row["errors"]
       if baseline is None:
