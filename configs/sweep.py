@@ -52,7 +52,7 @@ def get_config(arg: str = ""):
   c.stages = "primary"
   c.budgets = (64, 32, 16)
   c.families = FAMILIES
-  c.per_family = 16
+  c.per_family = 200
   c.split = "test"
   c.seed = 0
   c.vit_layer = 1
@@ -75,7 +75,6 @@ def get_config(arg: str = ""):
   if arg == "full":
     c.stages = "all"
     c.budgets = (128, 64, 32, 16)
-    c.per_family = 200
   elif arg == "adaptive":
     # Adaptive budgets against fixed ones: the two policies after the ViT and in the decoder,
     # capacity 64, thresholds giving ~4-64 tokens on the bundled model; their fixed twin topk at

@@ -32,6 +32,7 @@ import time  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from configs.sharding import PALIGEMMA_RULES  # noqa: E402
 from experiments._results import write_section  # noqa: E402
@@ -108,7 +109,6 @@ def main():
   args = ap.parse_args()
   cap = int(args.cap_gib * 2 ** 30)
   counts = [int(n) for n in args.devices.split(",")]
-  quiet = lambda s: print(s, flush=True)
   lines = []
 
   def out(s=""):
@@ -117,15 +117,22 @@ def main():
 
   found = {}
   t0 = time.time()
+  # One search per (plan, device count), each compiling the prefill at several frame counts.
+  bar = tqdm(total=len(PLANS) * len(counts), desc="bench_video", unit="search",
+             dynamic_ncols=True)
+  quiet = bar.write
   for name, plan in PLANS.items():
     model = PaliGemma(PaliGemmaConfig(img=IMG, llm=LLM, plan=plan))
     start = 4
     for n in counts:
+      bar.set_postfix_str(f"{name}, {n} devices")
       mesh = make_mesh((("data", 1), ("seq", n)), axis_types="auto", devices=jax.devices()[:n])
       f = longest(model, mesh, cap, start, quiet)
       found[name, n] = f
       quiet(f"  {name}, {n} devices: {f} frames ({time.time() - t0:.0f} s)")
       start = max(4, f * 2)
+      bar.update(1)
+  bar.close()
 
   out("## bench_video\n")
   out(f"`python -m experiments.bench_video --cap-gib {args.cap_gib}`: per-device cap "
