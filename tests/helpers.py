@@ -9,6 +9,8 @@ from tcjax.compress import METHODS
 
 # Per-method test geometry where the default (one 8x8 image, budget 16) does not fit.
 CASES = {
+    "fastvid": dict(frames=4, grid=(4, 4), budget=40),
+    "framefusion": dict(frames=4, grid=(4, 4), budget=40),
     "temporal_merge": dict(frames=4, grid=(4, 4), budget=40),
     "slowfast": dict(frames=4, grid=(4, 4), budget=28),
 }

@@ -15,6 +15,8 @@ from tcjax.compress.divprune import divprune
 from tcjax.compress.dpc_knn import dpc_knn
 from tcjax.compress.fastervlm import fastervlm
 from tcjax.compress.fastv import fastv
+from tcjax.compress.fastvid import fastvid
+from tcjax.compress.framefusion import framefusion
 from tcjax.compress.keynorm import keynorm
 from tcjax.compress.pool import pool
 from tcjax.compress.prumerge import prumerge, prumerge_plus

@@ -42,8 +42,16 @@ def pairwise_distance(x: jax.Array) -> jax.Array:
   return jnp.sqrt(d2) / jnp.sqrt(jnp.float32(d))
 
 
-def dpc_centres(dist: jax.Array, valid: jax.Array, budget: int, k: int, noise=None):
-  """Centres (int32[K], score order) of one example from `dist: float32[N, N]`."""
+def dpc_scores(dist: jax.Array, valid: jax.Array, k: int, noise=None) -> jax.Array:
+  """float32[N] density-peak score rho * delta of one example (-inf for invalid tokens).
+
+  Args:
+    dist: float32[N, N] pairwise distances (`pairwise_distance`).
+    valid: bool[N] tokens that take part (never neighbours or denser tokens otherwise).
+    k: neighbours in the density, self included (k <= N).
+    noise: optional float[N] added to the density (the official tie-breaking noise); None
+      breaks density ties by index (the lower index counts as denser).
+  """
   n = dist.shape[0]
   big = jnp.float32(3e38)
   both = valid[:, None] & valid[None, :]
@@ -57,8 +65,12 @@ def dpc_centres(dist: jax.Array, valid: jax.Array, budget: int, k: int, noise=No
                                            & (idx[None, :] < idx[:, None]))
   dmax = jnp.max(jnp.where(both, dist, 0.0))
   delta = jnp.min(jnp.where(denser & both, dist, dmax), -1)
-  score = jnp.where(valid, rho * delta, -jnp.inf)
-  _, centres = jax.lax.top_k(score, budget)
+  return jnp.where(valid, rho * delta, -jnp.inf)
+
+
+def dpc_centres(dist: jax.Array, valid: jax.Array, budget: int, k: int, noise=None):
+  """Centres (int32[K], score order) of one example from `dist: float32[N, N]`."""
+  _, centres = jax.lax.top_k(dpc_scores(dist, valid, k, noise), budget)
   return centres.astype(jnp.int32)
 
 
