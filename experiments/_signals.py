@@ -31,12 +31,18 @@ def make_signals(name, tokens, *, seed=0, num_queries=1, key_dim=72, text_len=16
       logits = (jnp.broadcast_to(attn_logits[:, None], (b, num_queries, n))
                 if attn_logits is not None else 3 * jax.random.normal(ks[1], (b, num_queries, n)))
       out[s] = jax.nn.softmax(logits, -1)
+    elif s == "attn_heads":  # per-head rows (two heads), the decoder's prompt-row attention
+      logits = (jnp.broadcast_to(attn_logits[:, None, None], (b, 2, num_queries, n))
+                if attn_logits is not None
+                else 3 * jax.random.normal(ks[1], (b, 2, num_queries, n)))
+      out[s] = jax.nn.softmax(logits, -1)
     elif s == "keys":
       out[s] = jax.random.normal(ks[2], (b, n, key_dim))
     elif s == "text":
       out[s] = text if text is not None else jax.random.normal(ks[3], (b, text_len, d))
     elif s == "text_mask":
-      t = out["text"].shape[1] if "text" in out else text_len
+      t = (out["text"].shape[1] if "text" in out
+           else num_queries if "attn_heads" in out else text_len)
       out[s] = jnp.ones((b, t), bool)
     elif s == "rng":
       out[s] = ks[5]

@@ -13,6 +13,9 @@ CASES = {
     "framefusion": dict(frames=4, grid=(4, 4), budget=40),
     "temporal_merge": dict(frames=4, grid=(4, 4), budget=40),
     "slowfast": dict(frames=4, grid=(4, 4), budget=28),
+    "prunevid": dict(frames=4, grid=(4, 4), budget=24),
+    "prunevid_llm": dict(frames=4, grid=(4, 4), budget=16),
+    "holitom": dict(frames=4, grid=(4, 4), budget=16),
 }
 DEFAULT_CASE = dict(frames=1, grid=(8, 8), budget=16)
 
@@ -39,13 +42,16 @@ def make_signals(name, tokens, seed=0, num_queries=3, text_len=5):
       out[s] = jax.random.normal(keys[0], (b, n))
     elif s == "attn":
       out[s] = jax.nn.softmax(3 * jax.random.normal(keys[1], (b, num_queries, n)), -1)
+    elif s == "attn_heads":
+      out[s] = jax.nn.softmax(3 * jax.random.normal(keys[1], (b, 2, num_queries, n)), -1)
     elif s == "keys":
       out[s] = jax.random.normal(keys[2], (b, n, 6))
     elif s == "text":
       out[s] = jax.random.normal(keys[3], (b, text_len, d))
     elif s == "text_mask":
-      lengths = jnp.arange(b) % (text_len - 1) + 2
-      out[s] = jnp.arange(text_len)[None] < lengths[:, None]
+      rows = num_queries if "attn_heads" in METHODS[name].needs else text_len
+      lengths = jnp.arange(b) % (rows - 1) + 2
+      out[s] = jnp.arange(rows)[None] < lengths[:, None]
     elif s == "rng":
       out[s] = keys[5]
   return out

@@ -63,12 +63,17 @@ def image_embed(p, cfg, image):
   return x @ p["img/head/kernel"] + p["img/head/bias"]
 
 
-def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=()):
+def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, hide=None):
   """NumPy float64 Gemma over embeddings x [B, S, E] with mask_ar `ar` [B, S] (image tokens 0).
 
   pos: RoPE positions [B, S] (default 0..S-1). prune: {layer K: keep bool[B, S_K]}, the tokens
   entering layer K that stay (the same count in every example); pruned tokens keep their
-  positions. attn_layers: layers whose full attention probabilities [B, H, S, S] to return.
+  positions. attn_layers: layers whose full attention probabilities [B, H, S, S] to return
+  (also, under ("raw", layer), their queries and keys before RoPE: q [B, S, H, h], k [B, S, K, h]).
+  at_layer: {layer K: fn(x, pos, ar, attentions so far) -> (x, pos, ar)}, applied to the tokens
+  entering layer K after `prune` (e.g. a merge). hide: (positions [B, P], start): query rows at
+  RoPE position >= start never attend to keys at those positions, in any layer (tokens dropped
+  from every layer's KV cache after prefill).
   Returns (logits of every final token [B, S', V], {layer: attention}, final positions).
   """
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
@@ -87,6 +92,8 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=()):
       x = np.stack([x[b, sel[b]] for b in range(B)])
       pos = np.stack([pos[b, sel[b]] for b in range(B)])
       ar = np.stack([ar[b, sel[b]] for b in range(B)])
+    if at_layer and l in at_layer:
+      x, pos, ar = at_layer[l](x, pos, ar, attns)
     cum = np.cumsum(ar, 1)
     allowed = cum[:, None, :] <= cum[:, :, None]  # [B, q, k] prefix-LM (big_vision make_attn_mask)
     prefix = ar == 0
@@ -97,8 +104,11 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=()):
       wq, wk, wv = w[0], w[1], w[2]
     else:
       wq, wk, wv = p[L + "attn/q_einsum/w"][l], p[L + "attn/kv_einsum/w"][l][0], p[L + "attn/kv_einsum/w"][l][1]
-    q = _rope(np.einsum("btd,hdk->bthk", y, wq), pos, g.rope_base)
-    k = _rope(np.einsum("btd,hdk->bthk", y, wk), pos, g.rope_base)
+    q0, k0 = np.einsum("btd,hdk->bthk", y, wq), np.einsum("btd,hdk->bthk", y, wk)
+    if l in attn_layers:
+      attns[("raw", l)] = (q0, k0)
+    q = _rope(q0, pos, g.rope_base)
+    k = _rope(k0, pos, g.rope_base)
     vv = np.einsum("btd,hdk->bthk", y, wv)
     q = q * (g.query_pre_attn_scalar or hd) ** -0.5
     k = np.repeat(k, H // K, axis=2)
@@ -110,6 +120,10 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=()):
     if g.version == 2 and g.sliding_window and l % 2 == 0:
       near = (pos[:, :, None] - pos[:, None, :]) < g.sliding_window
       m = (m & near) | both_prefix
+    if hide is not None:
+      hidden_pos, start = hide
+      hidden = (pos[:, :, None] == np.asarray(hidden_pos)[:, None, :]).any(-1)  # [B, keys]
+      m = m & ~((pos[:, :, None] >= start) & hidden[:, None, :])
     logit = np.where(m[:, None], logit, -1e30)
     a = _softmax(logit)
     if l in attn_layers:

@@ -16,7 +16,7 @@ from tcjax.nn import plan as plan_lib
 
 from helpers import inputs, make_tokens
 
-LAYER_SIGNALS = {"attn", "keys", "scores", "text_keys"}
+LAYER_SIGNALS = {"attn", "attn_heads", "keys", "scores", "text_keys"}
 # Every key the plan itself reads somewhere, with a valid value.
 PLAN_KEYS = {"layer": 1, "seed": 3, "signal_layer": 1, "attn_from": "next", "signals": (),
              "r": 2, "layers": (1, 2), "prop_attn": False, "ratios": (0.5, 0.25),
@@ -33,8 +33,7 @@ SCHEDULE_KEYS = {("vit", "tome"): {"r", "layers", "prop_attn"},
 
 def _method_cases():
   return [(stage, name) for name in sorted(METHODS) for stage in METHODS[name].stages
-          if not (stage == "llm" and METHODS[name].family == "merging")
-          and not plan_lib.is_schedule(stage, name)]
+          if not plan_lib.is_schedule(stage, name)]
 
 
 def _entry(stage, name, **extra):

@@ -17,9 +17,11 @@ from tcjax.compress.fastervlm import fastervlm
 from tcjax.compress.fastv import fastv
 from tcjax.compress.fastvid import fastvid
 from tcjax.compress.framefusion import framefusion
+from tcjax.compress.holitom import holitom, holitom_llm
 from tcjax.compress.keynorm import keynorm
 from tcjax.compress.pool import pool
 from tcjax.compress.prumerge import prumerge, prumerge_plus
+from tcjax.compress.prunevid import prunevid, prunevid_llm
 from tcjax.compress.pyramid import pyramid
 from tcjax.compress.random import random
 from tcjax.compress.resize import resize

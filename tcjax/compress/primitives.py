@@ -4,7 +4,9 @@ Axis legend: B batch, N tokens in, K tokens out, M original patches, D features.
 
 Methods are compositions of: input checks, a ranking key, `select_top` / `gather` (keep tokens in
 order, with `src` bookkeeping), `merge` (size-weighted scatter-merge into K slots), `pool_grid`
-(k x k pooling on the grid) and `sort_by_position`.
+(k x k pooling on the grid) and `sort_by_position`. Data-dependent counts in a fixed capacity:
+`rank_in_group` (a runtime number per group), `select_where`, `merge_into` (features the method
+computes); density-peak clustering of a group: `density_peaks`, `nearest_centre`.
 """
 
 from __future__ import annotations
@@ -137,6 +139,24 @@ def top_indices(key: jax.Array, k: int) -> jax.Array:
     return jnp.sort(idx, axis=-1).astype(jnp.int32)
   _, idx = jax.lax.top_k(unshard_axis(key, -1), k)
   return jnp.sort(idx, axis=-1).astype(jnp.int32)
+
+
+def rank_in_group(key: jax.Array, group: Optional[jax.Array] = None) -> jax.Array:
+  """int32[..., N]: the rank of each entry of `key: float[..., N]` among the entries of its group
+  (`group: int[..., N]`; None: one group), highest key first, ties to the lower index, NaN last:
+  `lax.top_k`'s order within each group. `rank < k_g` keeps a runtime number k_g of a group."""
+  k = key.astype(jnp.float32)
+  k = jnp.where(jnp.isnan(k), -jnp.inf, k)
+  by_key = jnp.argsort(-k, axis=-1, stable=True)
+  if group is None:
+    return jnp.argsort(by_key, axis=-1).astype(jnp.int32)
+  order = jnp.take_along_axis(
+      by_key, jnp.argsort(jnp.take_along_axis(group, by_key, -1), axis=-1, stable=True), -1)
+  g = jnp.take_along_axis(group, order, -1)  # sorted by (group, -key, index)
+  pos = jnp.broadcast_to(jnp.arange(g.shape[-1], dtype=jnp.int32), g.shape)
+  first = jnp.concatenate([jnp.ones_like(g[..., :1], bool), g[..., 1:] != g[..., :-1]], -1)
+  rank = pos - jax.lax.cummax(jnp.where(first, pos, 0), axis=g.ndim - 1)
+  return jnp.take_along_axis(rank, jnp.argsort(order, axis=-1), -1).astype(jnp.int32)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,6 +352,68 @@ def sort_by_position(tokens: Tokens) -> Tokens:
   return gather(tokens, order)
 
 
+def gather_valid(tokens: Tokens, idx: jax.Array, valid: jax.Array) -> Tokens:
+  """`gather(tokens, idx)` where `valid: bool[B, K]`; the other slots become padding (mask False,
+  size 0, zero features and position, carrying no patch). Valid slots must come first."""
+  out = gather(tokens, idx)
+  ok = valid & out.mask
+  carried = jnp.take_along_axis(ok, jnp.maximum(out.src, 0), axis=1)
+  return out.replace(x=jnp.where(ok[..., None], out.x, 0).astype(out.x.dtype),
+                     pos=jnp.where(ok[..., None], out.pos, 0), size=jnp.where(ok, out.size, 0.0),
+                     mask=ok, src=jnp.where((out.src >= 0) & carried, out.src, -1))
+
+
+def select_where(tokens: Tokens, keep: jax.Array, key: jax.Array, budget: int) -> Tokens:
+  """The tokens where `keep: bool[B, N]` (a data-dependent count), at most `budget` of them (the
+  highest `key: float[B, N]` first when there are more), in raster order, then padding."""
+  keep = keep & tokens.mask
+  rank = rank_in_group(key, jnp.where(keep, 0, 1))
+  keep = keep & (rank < budget)
+  lin = tokens.linear_pos()
+  order = jnp.argsort(jnp.where(keep, lin, tokens.num_patches), axis=-1, stable=True)
+  idx = order[:, :budget].astype(jnp.int32)
+  return gather_valid(tokens, idx, jnp.take_along_axis(keep, idx, axis=1))
+
+
+def merge_into(tokens: Tokens, rep_of: jax.Array, x_rep: Optional[jax.Array], budget: int,
+               priority: jax.Array) -> Tokens:
+  """Every token joins a representative token; each representative becomes one output token.
+
+  For merges whose features are not the size-weighted mean (`merge`): the caller computes them.
+
+  Args:
+    tokens: N tokens.
+    rep_of: int32[B, N] the input index of each token's representative (a representative is its
+      own), -1 to drop the token.
+    x_rep: float[B, N, D] the output features, read at the representatives; None: the
+      size-weighted mean of the members (`merge`).
+    budget: output capacity.
+    priority: float32[B, N] which representatives stay when there are more than `budget`
+      (highest first, ties to the lower index); the others are dropped with their members.
+
+  Returns:
+    `budget` tokens in raster order of their representatives, padding last; each takes its
+    representative's `pos`, `size` = patches carried, `src` follows.
+  """
+  b, n, _ = tokens.x.shape
+  idx = jnp.arange(n, dtype=jnp.int32)
+  valid = tokens.mask & (rep_of >= 0)
+  is_rep = valid & (rep_of == idx)
+  keep = is_rep & (rank_in_group(priority, jnp.where(is_rep, 0, 1)) < budget)
+  order = jnp.argsort(jnp.where(keep, tokens.linear_pos(), tokens.num_patches), axis=-1,
+                      stable=True)
+  slots = order[:, :budget].astype(jnp.int32)  # representative of each output slot
+  slot_ok = jnp.take_along_axis(keep, slots, axis=1)
+  slot_of = jax.vmap(lambda s, ok: jnp.full((n,), -1, jnp.int32).at[s].set(
+      jnp.where(ok, jnp.arange(budget, dtype=jnp.int32), -1)))(slots, slot_ok)
+  assign = jnp.where(valid, jnp.take_along_axis(slot_of, jnp.maximum(rep_of, 0), axis=1), -1)
+  out = merge(tokens, assign, slots)
+  if x_rep is None:
+    return out
+  x = jnp.where(out.mask[..., None], _take(x_rep, slots), 0)
+  return out.replace(x=x.astype(tokens.x.dtype))
+
+
 # ---------------------------------------------------------------------------------------------
 # Grid pooling.
 # ---------------------------------------------------------------------------------------------
@@ -435,6 +517,70 @@ def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
     if i != j:
       full = jax.lax.dynamic_update_slice(full, tile.T, (j * size, i * size))
   return full[:n, :n]
+
+
+def lookup(table, idx: jax.Array) -> jax.Array:
+  """`table[idx]` for a static table (a NumPy array, [L]) and traced ints `idx` in [0, L), as a
+  comparison with every entry: unlike an indexed gather, it needs no output sharding when `idx`
+  is batch-sharded over an Explicit mesh axis. For small L (a count's table)."""
+  table = np.asarray(table)
+  hit = idx[..., None] == jnp.arange(table.shape[0], dtype=idx.dtype)
+  return jnp.sum(jnp.where(hit, jnp.asarray(table), 0), axis=-1).astype(table.dtype)
+
+
+def scores_per_token(tokens: Tokens, scores, method: str, name: str = "scores") -> jax.Array:
+  """float32[B, N] token scores from `scores` given per token (float[B, N]) or per original patch
+  (float[B, M], e.g. ViT attention before a pooling): then each token gets the mean over the
+  patches it carries, as an attention map pooled like the features."""
+  b, n, _ = tokens.x.shape
+  s = check_array(scores, name, method, (b, None)).astype(jnp.float32)
+  if s.shape[1] == n:
+    return s
+  if s.shape[1] != tokens.num_patches:
+    raise ValueError(f"{method}: `{name}` must have shape [{b}, N={n}] or one score per patch "
+                     f"[{b}, M={tokens.num_patches}], got {s.shape}")
+  total = slot_sum(jnp.where(tokens.src >= 0, s, 0.0), tokens.src, n)
+  return total / jnp.maximum(slot_sum(jnp.ones_like(s), tokens.src, n), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Density-peak clustering (DPC-kNN) of one group of tokens.
+# ---------------------------------------------------------------------------------------------
+
+
+def density_peaks(dist: jax.Array, valid: jax.Array, k) -> jax.Array:
+  """float32[N] DPC-kNN centre scores rho * delta of one group (`cluster_dpc_knn` of Chat-UniVi,
+  as PruneVid and HoliTom call it); -inf for tokens outside the group.
+
+  rho_i = exp(-mean of the k smallest squared distances, self included); delta_i = the distance
+  to the nearest denser token, or the group's largest distance. The official code breaks density
+  ties with U(0, 1) * 1e-6 noise; here the lower index counts as denser.
+
+  Args:
+    dist: float32[N, N] distances (`dpc_knn.pairwise_distance`).
+    valid: bool[N] the group's tokens.
+    k: neighbours in the density, a static or traced int in [1, group size].
+  """
+  n = dist.shape[0]
+  both = valid[:, None] & valid[None, :]
+  near = jnp.sort(jnp.where(both, dist, jnp.inf), axis=-1)
+  total = jnp.take(jnp.cumsum(near * near, axis=-1), jnp.asarray(k, jnp.int32) - 1, axis=-1)
+  rho = jnp.where(valid, jnp.exp(-total / jnp.asarray(k, jnp.float32)), 0.0)
+  idx = jnp.arange(n)
+  denser = (rho[None, :] > rho[:, None]) | ((rho[None, :] == rho[:, None])
+                                           & (idx[None, :] < idx[:, None]))
+  dmax = jnp.max(jnp.where(both, dist, 0.0))
+  delta = jnp.min(jnp.where(denser & both, dist, dmax), axis=-1)
+  return jnp.where(valid, rho * delta, -jnp.inf)
+
+
+def nearest_centre(dist: jax.Array, is_centre: jax.Array, tie: jax.Array) -> jax.Array:
+  """int32[N]: the index of each token's nearest centre (a centre is its own); between
+  equidistant centres the lowest `tie: float[N]` wins. dist: float32[N, N]; is_centre: bool[N]."""
+  d = jnp.where(is_centre[None, :], dist, jnp.inf)
+  near = d == d.min(-1, keepdims=True)
+  pick = jnp.argmin(jnp.where(near & is_centre[None, :], tie[None, :], jnp.inf), axis=-1)
+  return jnp.where(is_centre, jnp.arange(dist.shape[0]), pick).astype(jnp.int32)
 
 
 def to_grid(tokens: Tokens, values: jax.Array, fill=0) -> jax.Array:

@@ -11,7 +11,15 @@ import chex
 
 FAMILIES = ("sampling", "merging", "pooling", "cross_modal")
 STAGES = ("vit", "post_vit", "post_proj", "llm")
-SIGNALS = ("scores", "attn", "keys", "text", "text_mask", "text_keys", "rng")
+SIGNALS = ("scores", "attn", "attn_heads", "keys", "text", "text_mask", "text_keys", "rng")
+# How the decoder serves an llm-stage method (`register(llm_attn=, llm_kv=)`):
+#   llm_attn  "model": attention signals are the layer's own softmax (RoPE, prefix-LM mask);
+#             "raw": softmax of q k^T before RoPE over every valid token, no mask (PruneVid).
+#   llm_kv    "after": the layers from K on cache only the kept tokens (FastV);
+#             "all": the pruned tokens also leave the caches of layers < K (PruneVid), so
+#             decoding attends to the kept tokens only, in every layer.
+LLM_ATTN = ("model", "raw")
+LLM_KV = ("after", "all")
 
 # Options that take one of a few fixed values, per method. `tcjax.nn.plan.normalize` checks them
 # when a plan is built, long before the method is traced (each method checks again when called).
@@ -23,6 +31,7 @@ CHOICES: Dict[str, Dict[str, Tuple[Any, ...]]] = {
     "dpc_knn": {"weighting": ("plain", "size")},
     "fastervlm": {"reduce": ("mean", "cls")},
     "fastv": {"query": ("last", "mean")},
+    "holitom_llm": {"merge": ("official", "mean")},
     "keynorm": {"order": ("smallest", "largest"), "norm": ("l2", "l1")},
     "text_relevance": {"similarity": ("cosine", "dot"), "raters": ("all", "sparsevlm")},
     "visionzip": {"merge": ("official", "mean")},
@@ -45,6 +54,7 @@ class Method:
     token_sharded: runs exactly on a token axis sharded over an Explicit mesh axis (top-k
       selection through the two-stage `tcjax.parallel.topk`); the others need each example's
       whole token axis and say so with a ValueError instead of gathering it silently.
+    llm_attn, llm_kv: how the decoder serves the method at the llm stage (LLM_ATTN, LLM_KV).
   """
 
   name: str
@@ -55,6 +65,8 @@ class Method:
   options: Dict[str, Any]
   paper: str
   token_sharded: bool = False
+  llm_attn: str = "model"
+  llm_kv: str = "after"
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
@@ -86,8 +98,12 @@ METHODS: Dict[str, Method] = {}
 
 
 def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[str, ...] = (),
-             paper: str = "", token_sharded: bool = False):
+             paper: str = "", token_sharded: bool = False, llm_attn: str = "model",
+             llm_kv: str = "after"):
   """Decorator adding a method function to METHODS."""
+  if llm_attn not in LLM_ATTN or llm_kv not in LLM_KV:
+    raise ValueError(f"llm_attn must be one of {LLM_ATTN} and llm_kv one of {LLM_KV}, got "
+                     f"{llm_attn!r}, {llm_kv!r}")
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   if not set(stages) <= set(STAGES):
@@ -109,7 +125,7 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
       return out
 
     METHODS[name] = Method(name, checked, family, tuple(stages), tuple(needs), options, paper,
-                           token_sharded)
+                           token_sharded, llm_attn, llm_kv)
     return checked
 
   return wrap

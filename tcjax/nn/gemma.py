@@ -13,8 +13,11 @@ rule (image + prefix bidirectional, suffix causal) over valid tokens.
 
 In-LLM pruning (`plan.LLMHook`) splits the layers into segments of fixed sequence length; each
 segment runs as one `lax.scan` over its stacked parameters and owns its slice of the KV cache,
-so layers after a pruning step cache only the retained tokens. Retained tokens keep their
-original RoPE positions; decoding continues from the last position + 1.
+so layers after a pruning step cache only the retained tokens (and, for a method registered with
+`llm_kv="all"`, the earlier segments mask the pruned image entries out of their caches too).
+Retained tokens keep their original RoPE positions; decoding continues from the last position
++ 1. A merging method's output hidden states replace the image tokens' (each at its
+representative's position).
 """
 
 from __future__ import annotations
@@ -106,6 +109,12 @@ def logits(p, x, cfg: GemmaConfig):
 
 def _project(p, x, pos, cfg: GemmaConfig):
   """q [B, T, H, h], k / v [B, T, K, h] with RoPE on q and k."""
+  q, k, v = _qkv(p, x, cfg)
+  return nl.rope(q, pos, cfg.rope_base), nl.rope(k, pos, cfg.rope_base), v
+
+
+def _qkv(p, x, cfg: GemmaConfig):
+  """q [B, T, H, h], k / v [B, T, K, h] before RoPE."""
   a = p["attn"]
   y = nl.rms_norm(x, p["pre_attention_norm"]["scale"], cfg.norm_eps)
   if "qkv_einsum" in a:
@@ -115,7 +124,7 @@ def _project(p, x, pos, cfg: GemmaConfig):
     q = jnp.einsum("btd,hdk->bthk", y, a["q_einsum"]["w"])
     w = a["kv_einsum"]["w"]
     k, v = (jnp.einsum("btd,hdk->bthk", y, w[i]) for i in range(2))
-  return nl.rope(q, pos, cfg.rope_base), nl.rope(k, pos, cfg.rope_base), v
+  return q, k, v
 
 
 def _finish(p, x, o, cfg: GemmaConfig):
@@ -232,6 +241,7 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     raters = _sparsevlm_raters(seq)
   n_initial = seq.n_img
   segments, counts, valid_counts, kept_pos, rows = [], [], [], [], []
+  seg_img = []  # image tokens at the head of each segment's cache
   lo = 0
   for stop in sorted(at) + [depth]:
     seq = seq.replace(x=constrain(seq.x, "data", "seq"))
@@ -246,13 +256,15 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     prev = None
     if need_prev:  # layer stop-1 on its own: its q and k are the hook's signals
       pl = nl.layer_params(layers, hi)
-      q, k, v = _project(pl, x, seq.pos, cfg)
+      q0, k0, v = _qkv(pl, x, cfg)
+      q, k = nl.rope(q0, seq.pos, cfg.rope_base), nl.rope(k0, seq.pos, cfg.rope_base)
       x = _finish(pl, x, self_attention(q, k, v, seq, hi, cfg, masks), cfg)
       ks, vs = ks + [k[None]], vs + [v[None]]
-      prev = (q, k, hi)
+      prev = (q, k, hi, q0, k0)
     seq = seq.replace(x=x)
     if stop > lo:
       segments.append(_segment(ks, vs, seq, lo, cache_size))
+      seg_img.append(seq.n_img)
       counts += [seq.x.shape[1]] * (stop - lo)
       valid_counts += [seq.valid.sum(-1)] * (stop - lo)
     if stop == depth:
@@ -260,10 +272,14 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     hook = at[stop]
     if prev is None:  # attn_from "next": layer `stop`'s own projections of its input
       pl = nl.layer_params(layers, stop)
-      q, k, _ = _project(pl, seq.x, seq.pos, cfg)
-      prev = (q, k, stop)
+      q0, k0, _ = _qkv(pl, seq.x, cfg)
+      prev = (nl.rope(q0, seq.pos, cfg.rope_base), nl.rope(k0, seq.pos, cfg.rope_base), stop,
+              q0, k0)
     seq, img, attn = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
     kept_pos.append(jnp.where(img.mask, seq.pos[:, :seq.n_img], -1))
+    if hook.kv == "all":  # the earlier layers' caches drop the pruned image tokens too
+      segments = [_keep_image_entries(sg, n_sg, kept_pos[-1])
+                  for sg, n_sg in zip(segments, seg_img)]
     rows.append(attn)
     lo = stop
   last = _last_valid(seq.valid)
@@ -273,6 +289,13 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
          "image_tokens_kept": img.count(), "llm_kept_pos": tuple(kept_pos),
          "llm_attn": tuple(rows)}
   return x, seq, cache, aux
+
+
+def _keep_image_entries(seg: Segment, n_img: int, kept_pos) -> Segment:
+  """The segment with its first `n_img` (image) cache entries valid only where their RoPE
+  position is one of `kept_pos: int32[B, K]` (-1: none); positions are unique per example."""
+  kept = (seg.pos[:, :n_img, None] == kept_pos[:, None, :]).any(-1)
+  return seg.replace(valid=seg.valid.at[:, :n_img].set(seg.valid[:, :n_img] & kept))
 
 
 def _last_valid(valid):
@@ -313,7 +336,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   # `seq` shards that axis is gathered here, once per pruning step, on purpose (the next
   # segment shards the shorter sequence again). Auto axes leave it to XLA.
   seq = jax.tree.map(lambda a: unshard_axis(a, 1), seq)
-  q, k, layer = prev
+  q, k, layer = prev[:3]  # post-RoPE; prev[3:] the same before RoPE
   q, k = unshard_axis(q, 1), unshard_axis(k, 1)
   text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)  # prompt rows score; suffix never
   if raters is not None and hook.raters:
@@ -325,10 +348,20 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   signals = {"text": x_txt, "text_mask": text_ok,
              "rng": jax.random.fold_in(jax.random.key(hook.seed), hook.layer)}
   rows = None
-  if {"attn", "scores"} & want:
-    rows = nl.attention_rows(q[:, n:], k, mask=mask_rows(seq, n, cfg, is_local(cfg, layer)),
-                             scale=scale(cfg), cap=cfg.attn_logits_softcap)[..., :n]  # [B, T, N]
-    signals["attn"] = rows
+  if {"attn", "scores", "attn_heads"} & want:
+    qa, ka = q, k
+    if hook.attn == "raw":  # before RoPE, every valid token a key, no prefix-LM structure
+      qa, ka = unshard_axis(prev[3], 1), unshard_axis(prev[4], 1)
+      mask = jnp.broadcast_to(seq.valid[:, None, :], (q.shape[0], q.shape[1] - n, q.shape[1]))
+    else:
+      mask = mask_rows(seq, n, cfg, is_local(cfg, layer))
+    per_head = "attn_heads" in want
+    rows = nl.attention_rows(qa[:, n:], ka, mask=mask, scale=scale(cfg),
+                             cap=cfg.attn_logits_softcap, per_head=per_head)[..., :n]
+    if per_head:  # [B, H, T, N]
+      signals["attn_heads"] = rows
+      rows = rows.mean(1)
+    signals["attn"] = rows  # [B, T, N]
     last = _last_valid(text_ok)
     signals["scores"] = jnp.take_along_axis(rows, last[:, None, None], 1)[:, 0]
   flat = lambda a: batch_reshape(a, a.shape[:2] + (a.shape[2] * a.shape[3],))  # heads x dims
@@ -340,15 +373,30 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   kw.update(dict(hook.options))
   before = img.replace(x=x_img)
   after = compress.apply(hook.method, before, budget, **kw)
-  idx = kept_indices(before, after)
-  take = lambda a: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), 1)
+  take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), 1)
+  if compress.METHODS[hook.method].family == "merging":
+    # A merge: the image hidden states are the method's merged ones, at their representatives'
+    # positions.
+    idx = representatives(before, after)
+    x_new = after.x.astype(seq.x.dtype)
+  else:
+    idx = kept_indices(before, after)
+    x_new = take(seq.x[:, :n], idx)
   new_valid = jnp.concatenate([after.mask, seq.valid[:, n:]], 1)
-  seq = Seq(x=jnp.concatenate([take(seq.x[:, :n]), seq.x[:, n:]], 1),
-            pos=jnp.concatenate([take(seq.pos[:, :n]), seq.pos[:, n:]], 1),
+  seq = Seq(x=jnp.concatenate([x_new, seq.x[:, n:]], 1),
+            pos=jnp.concatenate([take(seq.pos[:, :n], idx), seq.pos[:, n:]], 1),
             valid=new_valid,
-            mask_ar=jnp.concatenate([take(seq.mask_ar[:, :n]), seq.mask_ar[:, n:]], 1),
+            mask_ar=jnp.concatenate([take(seq.mask_ar[:, :n], idx), seq.mask_ar[:, n:]], 1),
             n_img=budget)
   return seq, after.replace(x=seq.x[:, :budget]), rows
+
+
+def representatives(before: Tokens, after: Tokens) -> jax.Array:
+  """int32[B, K]: for each output token of a merge (or a selection), the input token whose
+  position it took, its representative (matched on `pos`, unique among valid tokens). An output
+  slot of padding points at input 0; its mask is False."""
+  hit = (after.linear_pos()[:, :, None] == before.linear_pos()[:, None, :]) & before.mask[:, None]
+  return jnp.argmax(hit, axis=-1).astype(jnp.int32)
 
 
 def kept_indices(before: Tokens, after: Tokens) -> jax.Array:

@@ -19,10 +19,12 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   attention).
   post_vit/proj:  signal_layer (-2: the ViT layer whose attention / keys are the signals, as
                   VisionZip and FasterVLM use the penultimate layer), for methods that use them.
-  llm:            layer K (the hidden states entering decoder layer K are pruned; original RoPE
-                  positions are kept), attn_from ("prev": attention / keys of layer K-1, the
-                  official signal of FastV and DART; "next": layer K's own projections,
-                  PyramidDrop's lookahead), for methods that use a layer's attention or keys.
+  llm:            layer K (the hidden states entering decoder layer K are pruned, or merged by
+                  a merging method; original RoPE positions are kept), attn_from ("prev":
+                  attention / keys of layer K-1, the official signal of FastV and DART; "next":
+                  layer K's own projections, PyramidDrop's lookahead), for methods that use a
+                  layer's attention or keys. How the attention is computed and which KV caches
+                  drop the pruned tokens the method declares (`register(llm_attn=, llm_kv=)`).
 Schedules (plan-level, not single methods):
   vit "tome":     r (int, (r, inflect) or per-layer list), layers ("all" or indices), prop_attn
                   (True); ToMe between attention and MLP of those ViT blocks.
@@ -64,13 +66,13 @@ STAGE_SIGNALS = {
     "vit": ("scores", "attn", "keys", "rng"),
     "post_vit": ("scores", "attn", "keys", "rng"),
     "post_proj": ("scores", "attn", "keys", "text", "text_mask", "rng"),
-    "llm": ("scores", "attn", "keys", "text", "text_mask", "text_keys", "rng"),
+    "llm": ("scores", "attn", "attn_heads", "keys", "text", "text_mask", "text_keys", "rng"),
 }
 # Optional signals an entry passes unless its "signals" says otherwise: those the official method
 # uses. Any other optional signal is a variant, passed only when the entry names it.
 DEFAULT_SIGNALS = {"dart": ("text", "text_mask", "text_keys"), "fastv": ("text_mask",)}
 # Signals that come from a layer's attention (the ViT signal layer, decoder layer K-1 or K).
-_LAYER_SIGNALS = ("scores", "attn", "keys", "text_keys")
+_LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "text_keys")
 # Keys the plan reads in entries of `tcjax.compress` methods; the others go to the method.
 _PLAN_KEYS = ("method", "budget", "keep", "signals", "seed", "layer", "signal_layer", "attn_from")
 # Plan-level schedules that are not single `tcjax.compress` methods, and the keys each reads.
@@ -146,8 +148,6 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   m = METHODS[method]
   if stage not in m.stages:
     raise ValueError(f"{where}: method {method!r} acts at stages {m.stages}, not {stage!r}")
-  if stage == "llm" and m.family == "merging":
-    raise ValueError(f"{where}: merging method {method!r} cannot prune inside the LLM")
   missing = [s for s in m.needs if s not in STAGE_SIGNALS[stage]]
   if missing:
     raise ValueError(f"{where}: needs signal(s) {missing}, which stage {stage!r} cannot provide")
@@ -319,7 +319,9 @@ class LLMHook:
   method: a `tcjax.compress` method; size: ("budget", n) / ("keep", f) of the current image
   tokens / ("of_initial", f) of the image tokens entering the LLM; attn_from: "prev" / "next";
   raters: SparseVLM rater selection; options: the method's own options (e.g. fastv's `query`:
-  which prompt rows score); signals: the signals it gets (`entry_signals`); seed: for `rng`.
+  which prompt rows score); signals: the signals it gets (`entry_signals`); seed: for `rng`;
+  attn, kv: how the decoder computes its attention signals and which caches drop the pruned
+  tokens (the method's `llm_attn` / `llm_kv`, `compress.registry.LLM_ATTN` / `LLM_KV`).
   """
 
   layer: int
@@ -330,6 +332,8 @@ class LLMHook:
   options: Tuple[Tuple[str, Any], ...] = ()
   signals: Tuple[str, ...] = ()
   seed: int = 0
+  attn: str = "model"
+  kv: str = "after"
 
 
 def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
@@ -354,7 +358,8 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
     hooks.append(LLMHook(resolve_layer(opts["layer"], depth, where), method, size,
                          attn_from or "prev",
                          options=tuple(sorted(method_options(opts).items())),
-                         signals=must + maybe, seed=opts.get("seed", 0)))
+                         signals=must + maybe, seed=opts.get("seed", 0),
+                         attn=METHODS[method].llm_attn, kv=METHODS[method].llm_kv))
   hooks.sort(key=lambda h: h.layer)  # stable: plan order within a layer
   for h in hooks:
     if h.attn_from == "prev" and h.layer == 0 and set(h.signals) & set(_LAYER_SIGNALS):
