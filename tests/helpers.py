@@ -97,3 +97,23 @@ def check_contract(out, budget, batch):
     np.testing.assert_array_equal(src[lin[b, :count]], np.arange(count),
                                   err_msg="a token's origin patch must be one it carries")
     assert np.all(np.isfinite(o.x[b, :count]))
+
+
+def scene_clip(seed, batch=2, scenes=(3, 5), grid=(6, 6), dim=8, calm=0.6):
+  """Clips of scenes in which a `calm` share of positions barely change (static) and the rest
+  do: (x float32[batch, frames * h * w, dim], Tokens, the generator, for further draws)."""
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tcjax  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(seed)
+  p = grid[0] * grid[1]
+  xs = []
+  for _ in range(batch):
+    parts = []
+    for length in scenes:
+      base = rng.normal(size=(p, dim))
+      scale = np.where(rng.random(p) < calm, 0.05, 1.5)[:, None]
+      parts.append(base + scale * rng.normal(size=(length, p, dim)))
+    xs.append(np.concatenate(parts).reshape(-1, dim))
+  x = np.stack(xs).astype(np.float32)
+  return x, tcjax.Tokens.from_video(jnp.asarray(x), frames=sum(scenes), grid=grid), rng

@@ -14,7 +14,7 @@ import pytest
 import tcjax
 from tcjax import compress
 
-from helpers import check_contract
+from helpers import check_contract, scene_clip
 
 pv = importlib.import_module("tcjax.compress.prunevid")  # the module (the package's `prunevid` is the function)
 
@@ -164,18 +164,8 @@ def official_stage2(score, static_sizes, dynamic_sizes, window_sizes, alpha=0.4)
 
 
 def clip(seed, batch=2, scenes=(3, 5), grid=(6, 6), dim=8, calm=0.6):
-  rng = np.random.default_rng(seed)
-  p = grid[0] * grid[1]
-  xs = []
-  for _ in range(batch):
-    parts = []
-    for length in scenes:
-      base = rng.normal(size=(p, dim))
-      scale = np.where(rng.random(p) < calm, 0.05, 1.5)[:, None]
-      parts.append(base + scale * rng.normal(size=(length, p, dim)))
-    xs.append(np.concatenate(parts).reshape(-1, dim))
-  x = np.stack(xs).astype(np.float32)
-  return x, tcjax.Tokens.from_video(jnp.asarray(x), frames=sum(scenes), grid=grid)
+  x, tokens, _ = scene_clip(seed, batch, scenes, grid, dim, calm)
+  return x, tokens
 
 
 @functools.lru_cache(maxsize=None)
