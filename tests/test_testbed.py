@@ -89,6 +89,25 @@ def test_digit_in_box_is_the_answer():
     assert str(sk_label("test", inside[0]["image"])) == ex["suffix"], i
 
 
+def test_glyph_is_the_one_digit_drawn():
+  """Exactly one glyph's worth of lit pixels, on the 4-px grid, carrying scikit-learn's label;
+  the pixels are the set's own 8 x 8 image (scaled to [0, 1])."""
+  d_all = load_digits()
+  for i in range(N):
+    ex = tb.example("glyph", "test", 0, i)
+    (d,) = ex["scene"]["digits"]
+    assert d["y"] % 4 == 0 and d["x"] % 4 == 0 and ex["prefix"] == "read the digit"
+    img = pixels(ex)[..., 0]
+    patch = img[d["y"]:d["y"] + 8, d["x"]:d["x"] + 8]
+    expect = d_all.images[2 * d["image"] + 1] / 16.0
+    lit = expect > 0.12
+    np.testing.assert_allclose(patch[lit], expect[lit], atol=1e-6)
+    outside = img.copy()
+    outside[d["y"]:d["y"] + 8, d["x"]:d["x"] + 8] = 0
+    assert outside.max() <= 0.12 + 1e-6, i  # the background's noise only
+    assert ex["suffix"] == str(sk_label("test", d["image"])), i
+
+
 def test_number_reads_left_to_right():
   for i in range(N):
     ex = tb.example("number", "train", 0, i)

@@ -26,6 +26,8 @@ Training-only (`AUX_FAMILIES`, never evaluated):
            blue 1"), or every object's box and name / every digit's box and label in reading
            order. Many supervised tokens per image, to ground the towers faster than the
            questions' 1-4 answer tokens do.
+  glyph    "read the digit" -> "7": one digit alone, anywhere on the 4-px grid. Teaches the
+           towers the ten glyphs before they must also find the boxed one among others.
 
 Digits are scikit-learn's bundled 8x8 handwritten digits (UCI optdigits), at their native
 8 px (`DIGIT_PX`) and placed on a 4-px grid (`DIGIT_GRID`); the
@@ -60,7 +62,7 @@ LOC_BINS = 1024
 IMAGE_FAMILIES = ("count", "binding", "digit", "number", "locate")
 FAMILIES = IMAGE_FAMILIES + ("video", "audio")
 # Training-only families: dense supervision that is not a question the evaluation asks.
-AUX_FAMILIES = ("describe",)
+AUX_FAMILIES = ("describe", "glyph")
 ALL_FAMILIES = FAMILIES + AUX_FAMILIES
 SPLITS = ("train", "val", "test")
 
@@ -394,8 +396,20 @@ def _describe(rng, split):
   return img, "describe", dict(scene, kind=kind)
 
 
+def _glyph(rng, split):
+  """One digit, nothing else, at a random position on the DIGIT_GRID grid."""
+  i, label = _pick_digit(rng, split)
+  cells = (IMAGE_SIZE - DIGIT_PX) // DIGIT_GRID + 1
+  d = {"image": i, "label": label, "y": DIGIT_GRID * int(rng.integers(cells)),
+       "x": DIGIT_GRID * int(rng.integers(cells))}
+  img = _canvas(rng)
+  _draw_digit(img, split, d)
+  return img, "read the digit", {"digits": [d]}
+
+
 _MAKERS = {"count": _count, "binding": _binding, "digit": _digit, "number": _number,
-           "locate": _locate, "video": _video, "audio": _audio, "describe": _describe}
+           "locate": _locate, "video": _video, "audio": _audio, "describe": _describe,
+           "glyph": _glyph}
 
 
 def _reading_order(items, size_of):
@@ -450,6 +464,8 @@ def answer(family: str, scene: Dict[str, Any]) -> str:
     return "yes" if tones[-1]["pitch"] > tones[0]["pitch"] else "no"
   if family == "describe":
     return describe(scene)
+  if family == "glyph":
+    return str(scene["digits"][0]["label"])
   raise ValueError(f"unknown testbed family {family!r}; families: {ALL_FAMILIES}")
 
 
@@ -480,7 +496,7 @@ def example(family: str, split: str, seed: int, index: int) -> Dict[str, Any]:
 def corpus() -> List[str]:
   """Every word and answer the testbed can produce (for training its tokenizer)."""
   lines = [f"count {c}" for c in COLORS] + [f"color of the {s}" for s in SHAPES]
-  lines += ["digit in the box", "read the number", "when does the square appear",
+  lines += ["digit in the box", "read the number", "read the digit", "when does the square appear",
             "how many times does the circle blink", "how many tones",
             "is the last tone higher than the first", "yes", "no"]
   lines += [f"detect {d}" for d in range(10)] + list(COLORS)
