@@ -32,6 +32,8 @@ Fields:
     time outside the accuracy loop) and peak memory (`compiled.memory_analysis()`); off in
     :tiny (tests), on otherwise.
   mesh, axis_types: the device mesh (batch on "data"; -1 = every device).
+  pictures: images per image family on which every vit / post_vit / post_proj setting's
+    retained patches are drawn (retained_<budget>.png; 0: none).
   out: directory for sweep.json, sweep.md and the plots; progress: show the progress bar.
 
 Time: the default is sized for about 5 minutes on a 2-core CPU (experiments/RESULTS.md has the
@@ -68,6 +70,7 @@ def get_config(arg: str = ""):
   c.workers = 2
   c.latency = True
   c.latency_reps = 3
+  c.pictures = 1
   c.mesh = (("data", -1),)
   c.axis_types = "auto"
   c.out = "experiments/out/sweep"
