@@ -228,6 +228,12 @@ def test_cli_refuses_bad_config(tmp_path):
   with pytest.raises(ValueError, match="latency_reps"):
     sweep_cli.sweep(bad)
   assert get_config("")["latency"] and not get_config("tiny")["latency"]
+  # The default: the testbed's image families at >= 200 examples each, >= 3 budgets; :full and
+  # :modalities add the clips.
+  assert tuple(get_config("").families) == testbed.IMAGE_FAMILIES
+  assert get_config("").per_family >= 200 and len(get_config("").budgets) >= 3
+  for arg in ("full", "modalities"):
+    assert tuple(get_config(arg).families) == testbed.FAMILIES
 
 
 def test_table_marks_partial_rows():
