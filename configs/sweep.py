@@ -1,7 +1,8 @@
 """The sweep on the bundled model: every method x stage x budget x testbed family.
 
   python -m experiments.sweep                                    # default (see below)
-  python -m experiments.sweep --config configs/sweep.py:full     # every stage, more examples
+  python -m experiments.sweep --config configs/sweep.py:full     # every family and stage
+  python -m experiments.sweep --config configs/sweep.py:modalities  # image, video, audio
   python -m experiments.sweep --config.per_family=64 --config.methods=pool,fastv
   python -m experiments.sweep --config configs/sweep.py:adaptive   # adaptive vs fixed budgets
 
@@ -32,26 +33,32 @@ Fields:
     time outside the accuracy loop) and peak memory (`compiled.memory_analysis()`); off in
     :tiny (tests), on otherwise.
   mesh, axis_types: the device mesh (batch on "data"; -1 = every device).
+  pictures: images per image family on which every vit / post_vit / post_proj setting's
+    retained patches are drawn (retained_<budget>.png; 0: none).
   out: directory for sweep.json, sweep.md and the plots; progress: show the progress bar.
 
 Time: the default is sized for about 5 minutes on a 2-core CPU (experiments/RESULTS.md has the
-measured time); the cost is mostly compilation (each setting's compression once per input
-shape), then ~N examples x settings decoder passes.
+measured time): the five image families at 200 examples each. The clip families cost far more
+per example (a `video` clip is 2048 ViT tokens, an `audio` spectrogram 1024, against 256 for an
+image; on this CPU the clips alone took over 10 minutes at 200 each), so they run in `:full` and
+`:modalities`. The cost is mostly compilation (each setting's compression once per input shape),
+then ~N examples x settings decoder passes.
 """
 
 import ml_collections
 
-FAMILIES = ("count", "binding", "digit", "number", "locate", "video", "audio")
+IMAGE_FAMILIES = ("count", "binding", "digit", "number", "locate")
+FAMILIES = IMAGE_FAMILIES + ("video", "audio")
 
 
 def get_config(arg: str = ""):
   c = ml_collections.ConfigDict()
-  # Default: every method once (its primary stage), three budgets; `full`: every method at
-  # every stage where it applies, budget 128 too, more examples.
+  # Default: every method once (its primary stage), three budgets, the image families; `full`:
+  # every family, every method at every stage where it applies, budget 128 too.
   c.methods = "all"
   c.stages = "primary"
   c.budgets = (64, 32, 16)
-  c.families = FAMILIES
+  c.families = IMAGE_FAMILIES
   c.per_family = 200
   c.split = "test"
   c.seed = 0
@@ -68,13 +75,23 @@ def get_config(arg: str = ""):
   c.workers = 2
   c.latency = True
   c.latency_reps = 3
+  c.pictures = 1
   c.mesh = (("data", -1),)
   c.axis_types = "auto"
   c.out = "experiments/out/sweep"
   c.progress = True
   if arg == "full":
+    c.families = FAMILIES
     c.stages = "all"
     c.budgets = (128, 64, 32, 16)
+  elif arg == "modalities":
+    # The same methods on images, clips and spectrograms side by side (the survey's third open
+    # question): every family, each method at its primary stage, two budgets, 64 examples each.
+    c.families = FAMILIES
+    c.budgets = (64, 16)
+    c.per_family = 64
+    c.latency = False
+    c.out = "experiments/out/sweep_modalities"
   elif arg == "adaptive":
     # Adaptive budgets against fixed ones: the two policies after the ViT and in the decoder,
     # capacity 64, thresholds giving ~4-64 tokens on the bundled model; their fixed twin topk at
@@ -99,5 +116,6 @@ def get_config(arg: str = ""):
     c.progress = False
     c.latency = False
   elif arg:
-    raise ValueError(f"configs/sweep.py takes '', 'full', 'adaptive' or 'tiny', got {arg!r}")
+    raise ValueError(f"configs/sweep.py takes '', 'full', 'modalities', 'adaptive' or 'tiny', "
+                     f"got {arg!r}")
   return c

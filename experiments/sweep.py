@@ -7,7 +7,9 @@ devices present (batch on the mesh's `data` axis), with a progress bar, then wri
 `config.out`: sweep.json (config, rows with answers, errors and cost per family: analytic FLOPs,
 KV-cache bytes, tokens per decoder layer and, with `config.latency`, prefill / decode latency
 and peak memory), sweep.md (the table) and the plots accuracy_vs_tokens.png,
-accuracy_vs_flops.png (Pareto frontier) and loyalty_vs_tokens.png; with adaptive policies
+accuracy_vs_flops.png (Pareto frontier), loyalty_vs_tokens.png and retained_<budget>.png (each
+vision-side setting's kept / merged patches on the first `config.pictures` images of every
+image family); with adaptive policies
 (`config.adaptive`) also the table of adaptive against fixed budgets at equal mean tokens (in
 sweep.md) and adaptive_vs_fixed.png. Prints the tables and where the plots are.
 """
@@ -88,7 +90,8 @@ def sweep(cfg) -> Dict[str, Any]:
                                 max_new_tokens=cfg.max_new_tokens, signal_layer=cfg.signal_layer,
                                 vit_layer=cfg.vit_layer, llm_layer=cfg.llm_layer,
                                 options=options, mesh=mesh, workers=cfg.workers,
-                                latency=bool(cfg.latency), latency_reps=cfg.latency_reps)
+                                latency=bool(cfg.latency), latency_reps=cfg.latency_reps,
+                                pictures=cfg.pictures)
   progress = None
   if cfg.progress:
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -99,6 +102,9 @@ def sweep(cfg) -> Dict[str, Any]:
 
   os.makedirs(cfg.out, exist_ok=True)
   plots = report.plots(rows, families, cfg.out)
+  plots += report.retained_pictures(rows, examples, cfg.out, model.config.img.patch_size)
+  # The pictures' patch maps stay out of sweep.json (one int per patch per setting).
+  rows = [{k: v for k, v in r.items() if k != "retained"} for r in rows]
   text = report.table(rows, families)
   adaptive_text = report.adaptive_table(rows, families)
   info = {"config": cfg.to_dict(), "devices": [str(d) for d in jax.devices()],

@@ -29,7 +29,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
   res = sweep_cli.sweep(cfg)
 
   names = ["sweep.json", "sweep.md", "accuracy_vs_tokens.png", "accuracy_vs_flops.png",
-           "loyalty_vs_tokens.png"]
+           "loyalty_vs_tokens.png", "retained_64.png", "retained_16.png"]
   for n in names:
     assert os.path.getsize(tmp_path / "out" / n) > 0, n
   # Strict JSON (no NaN), one row per method x budget after the uncompressed model.
@@ -123,6 +123,8 @@ def test_summary_hand_worked():
   s = runner.summarize(runner.score_answers(fams, pred, refs), pred, b)
   assert b["accuracy"] == 0.75 and b["loyalty"] == 1.0 and b["relative_accuracy"] == 1.0
   assert s["per_family"] == {"count": 2 / 3, "locate": 1.0}  # IoU 0.5 counts (>= 0.5)
+  # Both boxes span rows 0..512 and columns 0..256 of 0..512: IoU 1/2; only locate has one.
+  assert s["iou_per_family"] == {"locate": 0.5} and b["iou_per_family"] == {"locate": 1.0}
   assert s["accuracy"] == 0.75
   assert s["loyalty"] == 0.25  # only "3" agrees with the baseline
   assert s["loyalty_per_family"] == {"count": 1 / 3, "locate": 0.0}
@@ -133,6 +135,34 @@ def test_summary_hand_worked():
                                      zero)["relative_accuracy"])
   with pytest.raises(ValueError, match="predictions"):
     runner.summarize(runner.score_answers(["count"], ["1"], ["1"]), ["1"], b)
+
+
+def test_retained_picture_hand_worked():
+  """2 x 2 patches of 2 px: patch 0 kept alone, patch 1 dropped, patches 2 and 3 one token."""
+  img01 = np.zeros((4, 4, 3), np.float32)
+  img01[:2, :2] = 0.8                     # patch 0
+  img01[:2, 2:] = 0.4                     # patch 1
+  img01[2:, :2] = [1.0, 0.0, 0.0]         # patch 2
+  img01[2:, 2:] = [0.0, 0.0, 1.0]         # patch 3
+  out = report.retained_picture(img01 * 2 - 1, [0, -1, 1, 1], patch=2)
+  np.testing.assert_allclose(out[:2, :2], 0.8, atol=1e-6)
+  np.testing.assert_allclose(out[:2, 2:], 0.25 * 0.4 + 0.1, atol=1e-6)
+  np.testing.assert_allclose(out[2:], np.broadcast_to([0.5, 0.0, 0.5], (2, 4, 3)), atol=1e-6)
+  with pytest.raises(ValueError, match="one entry per patch"):
+    report.retained_picture(img01, [0, 1, 2], patch=2)
+
+
+def test_sweep_records_which_token_carries_each_patch():
+  """pool at 64 tokens on a 16 x 16 patch grid: 2 x 2 windows in raster order, so patch (i, j)
+  is carried by token (i // 2) * 8 + j // 2; one picture per family (the first example)."""
+  model, params, tok = bundled.load()
+  exs = [testbed.example(f, "test", 0, i) for f in ("count", "digit") for i in range(2)]
+  opts = sweep_lib.SweepOptions(batch_size=4, pictures=1)
+  rows = sweep_lib.run(model, params, tok, exs, [FULL, Setting("pool", "post_vit", 64)], opts)
+  assert "retained" not in rows[0]  # nothing is cut in the uncompressed model
+  i, j = np.divmod(np.arange(256), 16)
+  expect = ((i // 2) * 8 + j // 2).tolist()
+  assert rows[1]["retained"] == {"0": expect, "2": expect}
 
 
 def test_pareto_hand_worked():
@@ -198,6 +228,12 @@ def test_cli_refuses_bad_config(tmp_path):
   with pytest.raises(ValueError, match="latency_reps"):
     sweep_cli.sweep(bad)
   assert get_config("")["latency"] and not get_config("tiny")["latency"]
+  # The default: the testbed's image families at >= 200 examples each, >= 3 budgets; :full and
+  # :modalities add the clips.
+  assert tuple(get_config("").families) == testbed.IMAGE_FAMILIES
+  assert get_config("").per_family >= 200 and len(get_config("").budgets) >= 3
+  for arg in ("full", "modalities"):
+    assert tuple(get_config(arg).families) == testbed.FAMILIES
 
 
 def test_table_marks_partial_rows():

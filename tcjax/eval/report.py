@@ -7,6 +7,8 @@ Rows are `tcjax.eval.sweep.run`'s. Plots (Agg backend, PNG):
   adaptive_vs_fixed.png    (with adaptive-policy rows) per family, each policy's accuracy at the
                            tokens it kept on average, beside the fixed-budget curve of `topk`
                            (the same scores, a fixed count) at the same stage
+  retained_<budget>.png    (with the sweep's `pictures`) each vision-side setting's kept,
+                           dropped and merged patches on the sweep's own images
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import math
 import os
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
 
 # The fixed-budget twin of the adaptive policies: the same ranking (`scores`), a fixed count.
 TWIN = "topk"
@@ -313,3 +317,73 @@ def _adaptive_plot(rows, families, path: str):
   fig.tight_layout()
   fig.savefig(path, dpi=110, bbox_inches="tight")
   plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retained patches on the sweep's own images.
+# ---------------------------------------------------------------------------------------------
+
+
+def retained_picture(image: np.ndarray, src: Sequence[int], patch: int) -> np.ndarray:
+  """What a compressed token set keeps of one image: float[H, W, 3] in [0, 1].
+
+  image: float[H, W, 3] in [-1, 1] (the model's input); src: int[(H/patch) * (W/patch)], the
+  token carrying each patch in raster order (-1: dropped). A patch carried alone keeps its
+  pixels, a dropped one is dimmed, and the patches merged into one token are painted in their
+  mean colour (what the decoder gets is one vector for all of them).
+  """
+  img = (np.asarray(image, np.float32) + 1.0) / 2.0
+  h, w = img.shape[0] // patch, img.shape[1] // patch
+  src = np.asarray(src, np.int64)
+  if src.shape != (h * w,):
+    raise ValueError(f"src must have one entry per patch ({h * w}), got shape {src.shape}")
+  colour = img.reshape(h, patch, w, patch, 3).mean((1, 3)).reshape(-1, 3)
+  carried = src >= 0
+  n = int(src.max()) + 1 if carried.any() else 0
+  count = np.bincount(src[carried], minlength=n)
+  mean = np.zeros((n, 3))
+  np.add.at(mean, src[carried], colour[carried])
+  mean /= np.maximum(count, 1)[:, None]
+  merged = carried & (count[np.maximum(src, 0)] > 1)
+  up = lambda a: np.repeat(np.repeat(a.reshape(h, w, *a.shape[1:]), patch, 0), patch, 1)
+  out = np.where(up(carried)[..., None], img, 0.25 * img + 0.1)
+  return np.where(up(merged)[..., None], up(mean[np.maximum(src, 0)]), out)
+
+
+def retained_pictures(rows: Sequence[Dict[str, Any]], examples: Sequence[Dict[str, Any]],
+                      out_dir: str, patch: int) -> List[str]:
+  """One PNG per budget, retained_<budget>.png: a row per vision-side setting that recorded
+  pictures ("retained", from `sweep.run` with `pictures`), a column per recorded example (its
+  family and question above it), the input image first. Returns the paths."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  with_pics = [r for r in rows if r.get("retained")]
+  paths = []
+  for budget in sorted({r["budget"] for r in with_pics}, reverse=True):
+    rs = [r for r in with_pics if r["budget"] == budget]
+    cols = sorted({int(i) for r in rs for i in r["retained"]})
+    fig, axes = plt.subplots(len(rs) + 1, len(cols), figsize=(1.3 * len(cols), 1.3 * (len(rs) + 1)),
+                             squeeze=False)
+    for c, i in enumerate(cols):
+      axes[0, c].imshow((examples[i]["image"] + 1.0) / 2.0, interpolation="nearest")
+      axes[0, c].set_title(f"{examples[i]['family']}: {examples[i]['prefix']}", fontsize=5)
+      for k, r in enumerate(rs, 1):
+        src = r["retained"].get(str(i))
+        if src is not None:
+          axes[k, c].imshow(retained_picture(examples[i]["image"], src, patch),
+                            interpolation="nearest")
+    for k, r in enumerate([None] + rs):
+      axes[k, 0].set_ylabel("input" if r is None else f"{r['method']}\n({r['stage']})",
+                            fontsize=5, rotation=0, ha="right", va="center")
+    for ax in axes.flat:
+      ax.set_xticks([])
+      ax.set_yticks([])
+    fig.suptitle(f"retained patches at {budget} image tokens (dimmed: dropped; flat colour: "
+                 "merged into one token)", fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"retained_{budget}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    paths.append(path)
+  return paths

@@ -56,12 +56,17 @@ def summarize(scores: Sequence[Dict[str, Any]], answers: Sequence[str],
   examples, the uncompressed model's, holding its "answers"): loyalty and relative accuracy,
   overall and per family. Without a baseline the summary is its own (loyalty 1, relative 1).
 
-  Returns {"accuracy", "per_family": {family: accuracy}, "loyalty", "loyalty_per_family",
-  "relative_accuracy", "relative_per_family", "answers"}.
+  Returns {"accuracy", "per_family": {family: accuracy}, "iou_per_family": {family: mean IoU}
+  (families scored by IoU only), "loyalty", "loyalty_per_family", "relative_accuracy",
+  "relative_per_family", "answers"}.
   """
   acc = qa.mean_by(scores, "correct")
   out = {"accuracy": acc[None], "per_family": {k: v for k, v in acc.items() if k is not None},
          "answers": list(answers)}
+  # Mean IoU of the box families (locate): how far below the threshold a miss lands.
+  with_iou = [s for s in scores if "iou" in s]
+  out["iou_per_family"] = {k: v for k, v in qa.mean_by(with_iou, "iou").items()
+                           if k is not None} if with_iou else {}
   base = out if baseline is None else baseline
   fams = [s["family"] for s in scores]
   same = [{"family": f, "same": qa.exact_match(a, b)}

@@ -233,6 +233,7 @@ class SweepOptions:
   workers: int = 1  # settings run (compiled) at once, in threads
   latency: bool = False  # time prefill / decoding and read peak memory, per setting and shape
   latency_reps: int = 5  # timed calls per program (median), after one warm-up call
+  pictures: int = 0  # examples per image family whose retained patches each setting records
 
 
 def _error_text(e: BaseException) -> str:
@@ -259,6 +260,14 @@ class _Group:
     if longest > opts.max_len:
       raise ValueError(f"max_len={opts.max_len} cuts prompts of {longest} tokens")
     self.prompts = tok.batch([exs[i]["prefix"] for i in idx], max_len=opts.max_len)
+    # The first `opts.pictures` examples of each family (images only): retained-patch pictures.
+    firsts: Dict[str, List[int]] = {}
+    if self.frames == 1:
+      for i in idx:
+        f = firsts.setdefault(exs[i]["family"], [])
+        if len(f) < opts.pictures:
+          f.append(i)
+    self.picture_idx = {i for f in firsts.values() for i in f}
 
 
 def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
@@ -281,7 +290,11 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   bytes); "latency_error" where the measurement failed. Rows of adaptive policies
   (`tcjax.compress.adaptive.POLICIES`) add "kept_tokens" and "kept_per_family": the mean number
   of image tokens the policy kept per example (valid tokens after it; at the llm stage, read
-  from the decoder's hook by one more prefill).
+  from the decoder's hook by one more prefill). "iou_per_family": mean IoU of the box families
+  (`locate`). With `opts.pictures`, rows of vit / post_vit / post_proj settings add
+  "retained": {example index: int[N] the token carrying each ViT patch of that image, -1
+  dropped} for the first `opts.pictures` examples of each image family
+  (`report.retained_pictures` draws them).
   """
   if not sweep_settings or sweep_settings[0] != FULL:
     raise ValueError("the settings must start with FULL (the baseline of loyalty)")
@@ -304,6 +317,7 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   costs: List[Dict[str, Dict[str, float]]] = [{} for _ in range(n_set)]
   valid_tokens: List[Dict[str, List[float]]] = [{} for _ in range(n_set)]
   kept_tokens: List[Dict[str, List[float]]] = [{} for _ in range(n_set)]  # adaptive policies
+  retained: List[Dict[str, List[int]]] = [{} for _ in range(n_set)]  # pictures: src per example
   seconds = [0.0] * n_set
   total = sum(len(_batches(g.idx, g.size)) for g in groups) * n_set
   bar = progress(total) if progress else None
@@ -339,6 +353,9 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
     t0 = time.perf_counter()
     fn = kept_fn = None
     n_done = 0
+    # Pictures of vision-side settings on images (at the llm stage nothing is cut before the
+    # decoder; a clip's picture would be one per frame).
+    keep_src = bool(g.picture_idx) and st.stage in ("vit", "post_vit", "post_proj")
     with _mesh_context(opts.mesh):
       if plan is not None:
         try:
@@ -361,6 +378,12 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
               merged = plan_lib.tome_schedule(plan, cfg.img.depth)[0]  # ToMe: before the MLP
               costs[si][gname] = _cost(cfg, dec, variables, text, mask, toks, llm_counts,
                                        param_bytes, vit, merged, g.frames, opts.max_len)
+            if keep_src:  # the picture examples in this batch: which token carries each patch
+              src = None
+              for r in chunk:
+                if g.idx[r] in g.picture_idx:
+                  src = np.asarray(toks.src) if src is None else src
+                  retained[si][str(g.idx[r])] = src[r - chunk[0]].tolist()
             valid = np.asarray(toks.mask.sum(-1))
             kept = valid if kept_fn is None else np.asarray(kept_fn(variables, toks, text, mask))
             for r, a, nv, nk in zip(chunk, out, valid, kept):
@@ -377,6 +400,8 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
           _fail(errors[si], g, e)
           for i in g.idx:  # no partial results for a shape that failed
             answers[si][i] = None
+          for i in g.picture_idx:
+            retained[si].pop(str(i), None)
           for fam in g.families:
             valid_tokens[si].pop(fam, None)
             kept_tokens[si].pop(fam, None)
@@ -471,9 +496,12 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
     bar.close()
   if errors[0]:
     raise RuntimeError(f"the uncompressed model failed, nothing to compare: {errors[0]}")
-  return _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, kept_tokens,
-               seconds,
-               groups)
+  rows = _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens, kept_tokens,
+               seconds, groups)
+  for row, ret in zip(rows, retained):
+    if ret:
+      row["retained"] = ret
+  return rows
 
 
 def _mesh_context(mesh):
@@ -635,7 +663,7 @@ def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens,
                 "per_family": baseline["per_family"],
                 "answers": [baseline["answers_by_index"][i] for i in done]}
       summary = runner.summarize(scores, ans, base)
-      row.update({k: summary[k] for k in ("accuracy", "per_family", "loyalty",
+      row.update({k: summary[k] for k in ("accuracy", "per_family", "iou_per_family", "loyalty",
                                           "loyalty_per_family", "relative_accuracy",
                                           "relative_per_family")})
       fams = [e["family"] for e in ex]
@@ -654,7 +682,7 @@ def _rows(examples, sweep_settings, answers, errors, plans, costs, valid_tokens,
       if baseline is None:
         baseline = dict(row, answers_by_index=answers[si])
     else:
-      row.update({"accuracy": None, "per_family": {}, "loyalty": None,
+      row.update({"accuracy": None, "per_family": {}, "iou_per_family": {}, "loyalty": None,
                   "loyalty_per_family": {}, "relative_accuracy": None,
                   "relative_per_family": {}, "cost_per_family": {}, "answers": {},
                   "complete": False})
