@@ -1,7 +1,8 @@
 """The tables of experiments/REPORT.md, from sweep outputs.
 
   python -m experiments.report experiments/out/sweep/sweep.json \
-      [--adaptive experiments/out/sweep_adaptive/sweep.json]
+      [--adaptive experiments/out/sweep_adaptive/sweep.json] \
+      [--modalities experiments/out/sweep_modalities/sweep.json]
 
 Prints markdown: the published findings checked on the testbed (random and pooling baselines at
 moderate budgets; text-agnostic selection before the decoder against pruning inside it; diversity
@@ -182,7 +183,9 @@ def modality_table(rows) -> str:
   return "\n".join(lines)
 
 
-def report(rows, adaptive_rows=None) -> str:
+def report(rows, adaptive_rows=None, modality_rows=None) -> str:
+  """Every table; the modality table from `modality_rows` when given (a sweep with clips),
+  otherwise from `rows`."""
   from tcjax.eval import report as report_lib  # pylint: disable=g-import-not-at-top
   parts = [
       ("Random and pooling baselines (image accuracy, rank among all settings)",
@@ -191,7 +194,8 @@ def report(rows, adaptive_rows=None) -> str:
       ("Diversity against attention (image accuracy)", diversity_table(rows)),
       ("Merging against pruning on counting (count accuracy)", counting_table(rows)),
       ("Localization: mean IoU on locate (share with IoU >= 0.5)", locate_table(rows)),
-      ("Image, video and audio (relative accuracy)", modality_table(rows)),
+      ("Image, video and audio (relative accuracy)",
+       modality_table(rows if modality_rows is None else modality_rows)),
   ]
   if adaptive_rows is not None:
     fams = sorted({f for r in adaptive_rows for f in r["per_family"]})
@@ -204,14 +208,17 @@ def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("sweep", help="sweep.json of experiments.sweep")
   ap.add_argument("--adaptive", default=None, help="sweep.json of configs/sweep.py:adaptive")
+  ap.add_argument("--modalities", default=None,
+                  help="sweep.json of configs/sweep.py:modalities (image, video, audio)")
   a = ap.parse_args(argv)
-  with open(a.sweep) as f:
-    rows = json.load(f)["rows"]
-  adaptive_rows = None
-  if a.adaptive:
-    with open(a.adaptive) as f:
-      adaptive_rows = json.load(f)["rows"]
-  print(report(rows, adaptive_rows))
+
+  def rows_of(path):
+    if path is None:
+      return None
+    with open(path) as f:
+      return json.load(f)["rows"]
+
+  print(report(rows_of(a.sweep), rows_of(a.adaptive), rows_of(a.modalities)))
 
 
 if __name__ == "__main__":

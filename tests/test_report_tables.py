@@ -64,3 +64,14 @@ def test_diversity_against_attention():
   t = report.diversity_table(ROWS)
   assert "| cdpruner (post_proj) | 0.20 |" in t and "| fastv (llm) | 0.50 |" in t
   assert "tome" not in t and "random" not in t
+
+
+def test_cli_prints_every_table(tmp_path, capsys):
+  import json
+  main, mods = tmp_path / "main.json", tmp_path / "mods.json"
+  main.write_text(json.dumps({"rows": ROWS[:3]}))
+  mods.write_text(json.dumps({"rows": ROWS}))
+  report.main([str(main), "--modalities", str(mods)])
+  out = capsys.readouterr().out
+  assert out.count("### ") == 6 and "| fastv (llm) |" in out  # fastv: only in the modality rows
+  assert "| random (post_vit) | 0.40 | 0.50 | 1.00 |" in out  # 0.3/0.75, 0.4/0.8, 0.5/0.5
