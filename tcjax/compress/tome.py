@@ -212,15 +212,19 @@ def _apply(tokens: Tokens, plan, keys=None, sort: bool = False):
   w_base = jnp.take_along_axis(w, base, axis=1)
   m_base = jnp.take_along_axis(tokens.mask, base, axis=1)
   m_src = jnp.take_along_axis(tokens.mask, src, axis=1)
-  denom = jnp.maximum(size, 1e-30)[..., None]
+  # Each member's share of its slot, w / sum(w): applied before the sum, so that the scatter-add
+  # writes the final average (no pass over the output to divide it); an unmerged token's share
+  # is exactly 1.
+  denom = jnp.maximum(size, 1e-30)
+  f_base = w_base / denom
+  f_src = w_src / jnp.take_along_axis(denom, src_slot, axis=1)
 
   def average(v):
     v = v.astype(jnp.float32)
     # Padding contributes nothing, not even its NaNs (`primitives.merge` drops it).
-    own = jnp.where(m_base[..., None], _take_rows(v, base) * w_base[..., None], 0.0)
-    add = jnp.where(m_src[..., None], _take_rows(v, src) * w_src[..., None], 0.0)
-    total = jax.vmap(lambda o, s, u: o.at[s].add(u, mode="promise_in_bounds"))(own, src_slot, add)
-    return total / denom
+    own = jnp.where(m_base[..., None], _take_rows(v, base) * f_base[..., None], 0.0)
+    add = jnp.where(m_src[..., None], _take_rows(v, src) * f_src[..., None], 0.0)
+    return jax.vmap(lambda o, s, u: o.at[s].add(u, mode="promise_in_bounds"))(own, src_slot, add)
 
   old_to_new = jnp.where(tokens.mask, assign, -1).astype(jnp.int32)
   out = Tokens(x=average(tokens.x).astype(tokens.x.dtype), pos=pos, size=size, mask=mask,
