@@ -29,6 +29,7 @@ import numpy as np
 
 from tcjax.compress import primitives as P
 from tcjax.compress.registry import register
+from tcjax.parallel.mesh import batch_shards, map_batch
 
 # Largest N for which the N x N cosine matrix is kept by default (4 N^2 bytes per example).
 GRAM_MAX_TOKENS = 4096
@@ -82,32 +83,38 @@ def maxmin_select(xn: jax.Array, valid: jax.Array, budget: int,
   """
   n = xn.shape[0]
   if cache_gram:
-    gram = P.gram(xn)
-    # Nearest other valid token: the largest similarity off the diagonal, as a distance.
-    other = valid[None, :] & ~jnp.eye(n, dtype=bool)
-    nn = 1.0 - jnp.where(other, gram, -jnp.inf).max(-1)
+    # Invalid tokens' features are zeroed (finite) and the diagonal set to -inf, so that the
+    # nearest other valid token is a max of `gram + column bias`, with no compare-and-select
+    # over the N x N matrix (XLA's CPU loops run those several times slower than a max). The
+    # rows read by the steps differ from the plain Gram only where that cannot change a pick:
+    # a token's own entry (it is taken when its row is read) and invalid tokens' entries (their
+    # key stays `_INVALID`, and an invalid token is picked only after every valid one).
+    idx = jnp.arange(n)
+    gram = P.gram(jnp.where(valid[:, None], xn, 0.0)).at[idx, idx].set(-jnp.inf)
+    bias = jnp.where(valid, 0.0, -jnp.inf)
+    nn = 1.0 - jnp.max(gram + bias[None, :], -1)
     row = lambda j: gram[j]
   else:
     nn = nearest_distance(xn, valid)
     row = lambda j: jnp.einsum("nd,d->n", xn, xn[j], preferred_element_type=jnp.float32)
   first = jnp.argmax(jnp.where(valid & ~jnp.isnan(nn), nn, _INVALID))
 
+  # key: the running minimum distance to the picks for valid tokens, `_INVALID` for invalid ones,
+  # -inf once taken; `fmin` with a row of distances (>= ~0 > _INVALID) keeps the last two.
   def add(state, j, i):
-    mind, taken, picks = state
-    dist = 1.0 - row(j)
+    key, picks = state
     # fmin: a non-finite pick (only after all valid ones) does not poison the running minimum.
-    return jnp.fmin(mind, dist), taken.at[j].set(True), picks.at[i].set(j)
+    key = jnp.fmin(key, 1.0 - row(j))
+    return key.at[j].set(-jnp.inf), picks.at[i].set(j)
 
-  state = (jnp.full((n,), jnp.inf, jnp.float32), jnp.zeros((n,), bool),
+  state = (jnp.where(valid, jnp.inf, _INVALID).astype(jnp.float32),
            jnp.zeros((budget,), jnp.int32))
   state = add(state, first.astype(jnp.int32), 0)
 
   def body(i, state):
-    mind, taken, _ = state
-    key = jnp.where(taken, -jnp.inf, jnp.where(valid, mind, _INVALID))
-    return add(state, jnp.argmax(key).astype(jnp.int32), i)
+    return add(state, jnp.argmax(state[0]).astype(jnp.int32), i)
 
-  return jax.lax.fori_loop(1, budget, body, state)[2]
+  return jax.lax.fori_loop(1, budget, body, state)[1]
 
 
 @register("divprune", family="sampling", stages=("post_vit", "post_proj", "llm"),
@@ -136,5 +143,12 @@ def divprune(tokens, budget, *, keys=None, cache_gram=None):
   valid = tokens.mask & jnp.all(jnp.isfinite(xn), -1)
   if cache_gram is None:
     cache_gram = n <= GRAM_MAX_TOKENS
-  idx = jax.vmap(lambda x, v: maxmin_select(x, v, budget, bool(cache_gram)))(xn, valid)
+  select = jax.vmap(lambda x, v: maxmin_select(x, v, budget, bool(cache_gram)))
+  chunks = 1
+  if jax.default_backend() == "cpu" and cache_gram:
+    # One example's N x N Gram at a time on CPU: its buffer is reused from the allocator instead
+    # of B of them faulted in afresh on every call.
+    shards = batch_shards(valid)
+    chunks = b // shards if b % shards == 0 else 1
+  idx = map_batch(select, (xn, valid), chunks)
   return P.gather(tokens, jnp.sort(idx, axis=-1))

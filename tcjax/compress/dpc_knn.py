@@ -29,6 +29,8 @@ import jax.numpy as jnp
 
 from tcjax.compress import primitives as P
 from tcjax.compress.registry import register
+from tcjax.parallel.mesh import batch_shards, map_batch
+from tcjax.tokens import Tokens
 
 
 def pairwise_distance(x: jax.Array) -> jax.Array:
@@ -103,20 +105,101 @@ def dpc_knn(tokens, budget, *, rng=None, k=5, weighting="plain"):
   noise = None if rng is None else jax.random.uniform(rng, (b, n)) * 1e-6
 
   def plan(x, valid, nz):
-    dist = pairwise_distance(x)
-    centres = dpc_centres(dist, valid, budget, kk, nz)
-    dc = jnp.where(valid[centres][:, None], dist[centres], jnp.inf)  # [K, N]
-    assign = jnp.argmin(dc, 0).astype(jnp.int32)
-    own = jnp.full((n,), -1, jnp.int32).at[centres].set(jnp.arange(budget, dtype=jnp.int32))
-    assign = jnp.where(own >= 0, own, assign)
-    return jnp.where(valid, assign, -1), centres
+    return _plan(x, valid, budget, kk, nz)
 
-  if noise is None:
-    assign, rep = jax.vmap(lambda x, v: plan(x, v, None))(tokens.x, tokens.mask)
-  else:
-    assign, rep = jax.vmap(plan)(tokens.x, tokens.mask, noise)
-  out = P.merge(tokens, assign, rep)
-  if weighting == "plain":
-    ones = tokens.replace(size=jnp.where(tokens.mask, 1.0, 0.0))
-    out = out.replace(x=P.merge(ones, assign, rep).x)
-  return P.sort_by_position(out)
+  args = (tokens.x, tokens.mask) + (() if noise is None else (noise,))
+  step = plan if noise is not None else (lambda x, v: plan(x, v, None))
+  chunks = 1
+  if jax.default_backend() == "cpu":  # one example's N x N temporaries at a time (reused)
+    shards = batch_shards(tokens.mask)
+    chunks = b // shards if b % shards == 0 else 1
+  assign, centres = map_batch(jax.vmap(step), args, chunks)
+  return _merge_sorted(tokens, assign, centres, weighting)
+
+
+# Added to a squared distance to exclude it from a min (finite: 0 * _EXCLUDE is 0).
+_EXCLUDE = 3e38
+
+
+def _plan(x: jax.Array, valid: jax.Array, budget: int, k: int, noise=None):
+  """(assign int32[N], centres int32[K]) of one example: `dpc_centres(pairwise_distance(x), ...)`
+  and the nearest centre of every token, computed from the symmetric Gram matrix.
+
+  `pairwise_distance` is f(d2) = sqrt(d2) / sqrt(D) of d2 = max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0)
+  (0 on the diagonal), non-decreasing in d2: the k smallest, the min and the max are taken on d2
+  and mapped through f, which gives the same values; the nearest centre is an argmin of f(d2)
+  itself (two squared distances may round to one distance, and ties go to the first centre).
+  Every N x N pass is written without comparisons (XLA's CPU loops run a compare-and-select
+  several times slower than a min, max or add): padding is +inf through its squared norm, and
+  "j is denser than i" is rank_j < rank_i in the stable descending order of rho, i.e.
+  max(1 - rank_i + rank_j, 0) == 0.
+  """
+  n, d = x.shape
+  x = jnp.where(valid[:, None], x.astype(jnp.float32), 0.0)  # padding never reaches the Gram
+  sq = jnp.sum(x * x, -1)
+  idx = jnp.arange(n)
+  # The diagonal of the Gram set to |x_i|^2 makes d2_ii = 2|x_i|^2 - 2|x_i|^2 = 0 exactly.
+  g = P.gram(x).at[idx, idx].set(sq)
+  sq_col = jnp.where(valid, sq, jnp.inf)  # padding columns: d2 = +inf, never near or denser
+  sq_max = jnp.where(valid, sq, -jnp.inf)  # padding rows and columns: d2 = max(-inf, 0) = 0
+  dmax2 = jnp.max(jnp.maximum(sq_max[:, None] + sq_max[None, :] - 2.0 * g, 0.0))
+  d2 = jnp.maximum(sq[:, None] + sq_col[None, :] - 2.0 * g, 0.0)  # [N, N]
+  to_dist = lambda v: jnp.sqrt(v) / jnp.sqrt(jnp.float32(d))
+  near = to_dist(_k_smallest(d2, k))  # [N, k], self (0) included
+  rho = jnp.exp(-jnp.mean(near * near, -1))
+  if noise is not None:
+    rho = rho + noise
+  order = jnp.argsort(-rho, stable=True)  # densest first; equal densities: lower index first
+  rank = jnp.zeros((n,), jnp.float32).at[order].set(jnp.arange(n, dtype=jnp.float32))
+  not_denser = jnp.maximum(1.0 - rank[:, None] + rank[None, :], 0.0)  # 0 iff j denser than i
+  delta2 = jnp.minimum(jnp.min(d2 + not_denser * jnp.float32(_EXCLUDE), -1), dmax2)
+  score = jnp.where(valid, rho * to_dist(delta2), -jnp.inf)
+  centres = jax.lax.top_k(score, budget)[1].astype(jnp.int32)
+  dc = jnp.where(valid[centres][:, None], to_dist(d2[centres]), jnp.inf)  # [K, N]
+  assign = jnp.argmin(dc, 0).astype(jnp.int32)  # first centre (score order) on ties
+  own = jnp.full((n,), -1, jnp.int32).at[centres].set(jnp.arange(budget, dtype=jnp.int32))
+  assign = jnp.where(own >= 0, own, assign)
+  return jnp.where(valid, assign, -1), centres
+
+
+def _k_smallest(m: jax.Array, k: int, bin_size: int = 32) -> jax.Array:
+  """float32[N, k] the k smallest values of each row of `m: float32[N, M]` (ascending), the values
+  of `-lax.top_k(-m, k)[0]`: through the minima of bins of `bin_size` columns, as in
+  `primitives.top_k_by_bins` (the k bins with the smallest minima hold the k smallest values)."""
+  rows, cols = m.shape
+  if k * bin_size * 2 > cols:
+    return -jax.lax.top_k(-m, k)[0]
+  bins = -(-cols // bin_size)
+  mb = jnp.pad(m, ((0, 0), (0, bins * bin_size - cols)), constant_values=jnp.inf)
+  mb = mb.reshape(rows, bins, bin_size)
+  _, top = jax.lax.top_k(-mb.min(-1), k)
+  cand = jnp.take_along_axis(mb, top[..., None], axis=1).reshape(rows, k * bin_size)
+  return -jax.lax.top_k(-cand, k)[0]
+
+
+def _merge_sorted(tokens, assign, centres, weighting):
+  """`primitives.merge` of the clusters, then `sort_by_position`, with the features moved once:
+  the slots are put in raster order of their centres before the scatter.
+
+  x: the plain mean of the members ("plain", weight 1 each) or the size-weighted one; size: the
+  patches carried; pos: the centre's; empty slots (padding centres) are padding, last."""
+  k = centres.shape[1]
+  keep = (assign >= 0) & tokens.mask
+  slot = jnp.where(keep, assign, -1)
+  size = P.slot_sum(jnp.where(keep, tokens.size, 0.0), slot, k)
+  w = jnp.where(keep, 1.0 if weighting == "plain" else tokens.size, 0.0)
+  total = size if weighting == "size" else P.slot_sum(w, slot, k)
+  mask = size > 0
+  pos = jnp.where(mask[..., None], jax.vmap(lambda p, c: p[c])(tokens.pos, centres), 0)
+  _, h, wd = tokens.grid
+  lin = (pos[..., 0] * h + pos[..., 1]) * wd + pos[..., 2]
+  big = jnp.iinfo(jnp.int32).max
+  order = jnp.argsort(jnp.where(mask, lin, big), axis=-1, stable=True).astype(jnp.int32)
+  inv = jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(jnp.arange(k, dtype=jnp.int32)))(order)
+  slot = jnp.where(keep, jnp.take_along_axis(inv, jnp.maximum(assign, 0), axis=1), -1)
+  take = lambda a: jnp.take_along_axis(a, order, axis=1)
+  size, total, mask = take(size), take(total), take(mask)
+  x = P.slot_sum(tokens.x.astype(jnp.float32) * w[..., None], slot, k)
+  x = (x / jnp.maximum(total, 1e-30)[..., None]).astype(tokens.x.dtype)
+  return Tokens(x=x, pos=jax.vmap(lambda p, o: p[o])(pos, order).astype(jnp.int32), size=size,
+                mask=mask, src=P.remap_src(tokens.src, slot), grid=tokens.grid)

@@ -39,6 +39,7 @@ import numpy as np
 
 from tcjax.compress import primitives as P
 from tcjax.compress.registry import register
+from tcjax.parallel.mesh import batch_shards, map_batch
 from tcjax.tokens import Tokens
 
 # Ranks of A tokens in the source sort (cosines are in [-1, 1]): padding first, unmatched last.
@@ -115,21 +116,47 @@ def attention_bias(tokens: Tokens) -> jax.Array:
   return jnp.where(tokens.mask, jnp.log(size), NEG_BIAS)
 
 
+# Per-example score matrices above this many bytes (Na * Nb * 4) are built one example at a time
+# on CPU (`map_batch`): a [B, Na, Nb] float32 matrix is written once and read twice (max, argmax),
+# and one example's at a time is reused from the allocator rather than faulted in afresh.
+_CPU_SCORES_BYTES = 1 << 20
+
+
+def _best_match(metric_a, metric_b, vb):
+  """(best float32[B, Na], dst int32[B, Na]): each A token's best cosine to a valid B token and
+  the first B index that reaches it (-inf and 0 when there is none)."""
+  def match(a, b, vb):
+    scores = jnp.einsum("bid,bjd->bij", a, b, preferred_element_type=jnp.float32)  # [B, Na, Nb]
+    scores = jnp.where(jnp.isnan(scores) | ~vb[:, None, :], -jnp.inf, scores)
+    return scores.max(-1), jnp.argmax(scores, -1).astype(jnp.int32)  # first max on ties
+
+  b, na, _ = metric_a.shape
+  chunks = 1
+  if jax.default_backend() == "cpu" and 4 * na * metric_b.shape[1] > _CPU_SCORES_BYTES:
+    shards = batch_shards(vb)
+    chunks = b // shards if b % shards == 0 else 1
+  return map_batch(match, (metric_a, metric_b, vb), chunks)
+
+
 def _plan(keys: jax.Array, mask: jax.Array, r: int, class_token: bool):
-  """Matching of one round: (assign int32[B, N], rep int32[B, N - r]) for `primitives.merge`."""
+  """Matching of one round, as int32 index arrays (K = N - r output slots, official order):
+
+    assign [B, N]: the slot of every token;
+    base [B, K]: the token that owns each slot (an unmerged A token, or the B token);
+    rep [B, K]: the token whose `pos` the slot takes (the base, except a padding B slot that
+      must take a valid source: then that source);
+    src [B, r], src_slot [B, r]: the merged A tokens and the slot each goes into.
+  """
   b, n, _ = keys.shape
   na, nb = (n + 1) // 2, n // 2
   metric = P.l2_normalize(keys)
   va, vb = mask[:, ::2], mask[:, 1::2]
-  scores = jnp.einsum("bid,bjd->bij", metric[:, ::2], metric[:, 1::2],
-                      preferred_element_type=jnp.float32)  # [B, Na, Nb]
-  scores = jnp.where(jnp.isnan(scores) | ~vb[:, None, :], -jnp.inf, scores)
-  best = scores.max(-1)
-  dst = jnp.argmax(scores, -1).astype(jnp.int32)  # first max on ties
+  best, dst = _best_match(metric[:, ::2], metric[:, 1::2], vb)
   rank = jnp.where(va, jnp.where(best == -jnp.inf, _UNMATCHED_RANK, best), _PAD_RANK)
   if class_token:
     rank = rank.at[:, 0].set(-jnp.inf)  # never a source
-  order = jnp.argsort(-rank, axis=-1, stable=True).astype(jnp.int32)  # [B, Na]
+  # Stable descending order: ascending on -rank (finite, never NaN), ties to the lower index.
+  order = P.argsort(-rank)  # [B, Na]
   src, unm = order[:, :r], order[:, r:]
   if class_token:
     unm = jnp.sort(unm, axis=-1)
@@ -147,20 +174,70 @@ def _plan(keys: jax.Array, mask: jax.Array, r: int, class_token: bool):
     # Interleave back to token order: A at even positions, B (slots after A's) at odd ones.
     assign = jnp.stack([slot_a[:nb], keep + (own - 1) // 2], -1).reshape(2 * nb)
     assign = jnp.concatenate([assign, slot_a[nb:]])
-    return assign, jnp.concatenate([2 * unm, rep_b])
+    return (assign, jnp.concatenate([2 * unm, own]), jnp.concatenate([2 * unm, rep_b]),
+            2 * src, keep + dst_src)
 
   return jax.vmap(one)(unm, src, dst_src, va, vb)
 
 
-def _round(tokens: Tokens, keys: jax.Array, r: int, class_token: bool, carry_keys: bool):
-  """One official ToMe round; also merges `keys` (size-weighted) when `carry_keys`."""
-  assign, rep = _plan(keys, tokens.mask, r, class_token)
-  if not carry_keys:
-    return P.merge(tokens, assign, rep), None
-  d = tokens.x.shape[-1]
-  both = jnp.concatenate([tokens.x.astype(jnp.float32), keys.astype(jnp.float32)], -1)
-  out = P.merge(tokens.replace(x=both), assign, rep)
-  return out.replace(x=out.x[..., :d].astype(tokens.x.dtype)), out.x[..., d:]
+def _take_rows(a: jax.Array, idx: jax.Array) -> jax.Array:
+  """a: [B, N, ...], idx: int[B, K] -> [B, K, ...] (rows of each example)."""
+  return jax.vmap(lambda v, i: v[i])(a, idx)
+
+
+def _apply(tokens: Tokens, plan, keys=None, sort: bool = False):
+  """The round's size-weighted merge (`primitives.merge` with the plan's slots), computed as one
+  gather of the K slot owners and a scatter-add of the r sources only, instead of a scatter of
+  all N tokens; with `sort`, the slots are put in raster order (`primitives.sort_by_position`)
+  before the features are read, so the features are moved once. Returns (tokens, merged keys
+  or None)."""
+  assign, base, rep, src, src_slot = plan
+  k = base.shape[1]
+  w = jnp.where(tokens.mask, tokens.size, 0.0)
+  w_src = jnp.take_along_axis(w, src, axis=1)
+  size = jnp.take_along_axis(w, base, axis=1) + P.slot_sum(w_src, src_slot, k)
+  mask = size > 0
+  pos = jnp.where(mask[..., None], _take_rows(tokens.pos, rep), 0).astype(jnp.int32)
+  if sort:
+    big = jnp.iinfo(jnp.int32).max
+    frames, h, w_grid = tokens.grid
+    lin = (pos[..., 0] * h + pos[..., 1]) * w_grid + pos[..., 2]
+    order = jnp.argsort(jnp.where(mask, lin, big), axis=-1, stable=True).astype(jnp.int32)
+    inv = jax.vmap(lambda o: jnp.zeros_like(o).at[o].set(jnp.arange(k, dtype=jnp.int32)))(order)
+    base = jnp.take_along_axis(base, order, axis=1)
+    size, mask = jnp.take_along_axis(size, order, axis=1), jnp.take_along_axis(mask, order, 1)
+    pos = _take_rows(pos, order)
+    src_slot = jnp.take_along_axis(inv, src_slot, axis=1)
+    assign = jnp.take_along_axis(inv, assign, axis=1)
+  w_base = jnp.take_along_axis(w, base, axis=1)
+  m_base = jnp.take_along_axis(tokens.mask, base, axis=1)
+  m_src = jnp.take_along_axis(tokens.mask, src, axis=1)
+  # Each member's share of its slot, w / sum(w): applied before the sum, so that the scatter-add
+  # writes the final average (no pass over the output to divide it); an unmerged token's share
+  # is exactly 1.
+  denom = jnp.maximum(size, 1e-30)
+  f_base = w_base / denom
+  f_src = w_src / jnp.take_along_axis(denom, src_slot, axis=1)
+
+  def average(v):
+    v = v.astype(jnp.float32)
+    # Padding contributes nothing, not even its NaNs (`primitives.merge` drops it).
+    own = jnp.where(m_base[..., None], _take_rows(v, base) * f_base[..., None], 0.0)
+    add = jnp.where(m_src[..., None], _take_rows(v, src) * f_src[..., None], 0.0)
+    return jax.vmap(lambda o, s, u: o.at[s].add(u, mode="promise_in_bounds"))(own, src_slot, add)
+
+  old_to_new = jnp.where(tokens.mask, assign, -1).astype(jnp.int32)
+  out = Tokens(x=average(tokens.x).astype(tokens.x.dtype), pos=pos, size=size, mask=mask,
+               src=P.remap_src(tokens.src, old_to_new), grid=tokens.grid)
+  return out, (None if keys is None else average(keys))
+
+
+def _round(tokens: Tokens, keys: jax.Array, r: int, class_token: bool, carry_keys: bool,
+           sort: bool = False):
+  """One official ToMe round (raster-sorted if `sort`); also merges `keys` (size-weighted) when
+  `carry_keys`."""
+  plan = _plan(keys, tokens.mask, r, class_token)
+  return _apply(tokens, plan, keys if carry_keys else None, sort)
 
 
 def _check_keys(tokens: Tokens, keys, name: str) -> jax.Array:
@@ -195,8 +272,8 @@ def bipartite_merge(tokens: Tokens, r: int, *, keys=None, sort: bool = False,
   r = min(int(r), (tokens.num_tokens - int(bool(class_token))) // 2)
   if r == 0:
     return P.sort_by_position(tokens) if sort else tokens
-  out, _ = _round(tokens, keys, r, bool(class_token), carry_keys=False)
-  return P.sort_by_position(out) if sort else out
+  out, _ = _round(tokens, keys, r, bool(class_token), carry_keys=False, sort=sort)
+  return out
 
 
 @register("tome", family="merging", stages=("vit", "post_vit"), needs=("keys",),
@@ -225,9 +302,12 @@ def tome(tokens, budget, *, keys=None, class_token=False):
   budget = P.check_budget(tokens, budget, name)
   keys = _check_keys(tokens, keys, name)
   rounds = merge_rounds(tokens.num_tokens, budget, class_token)
+  if not rounds:
+    return P.sort_by_position(tokens)
   for i, r in enumerate(rounds):
-    tokens, keys = _round(tokens, keys, r, bool(class_token), carry_keys=i + 1 < len(rounds))
-  return P.sort_by_position(tokens)
+    last = i + 1 == len(rounds)
+    tokens, keys = _round(tokens, keys, r, bool(class_token), carry_keys=not last, sort=last)
+  return tokens
 
 
 # `tcjax.compress.tome` is this function (the registry's contract); the round-level API hangs
