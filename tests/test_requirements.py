@@ -64,3 +64,13 @@ def test_quickstart_and_ci_install_through_the_lock():
   # CI runs exactly the README's test command
   test_cmd = re.search(r"python -m pytest[^\n`]*", quick)[0].strip()
   assert test_cmd in ci.splitlines(), test_cmd
+
+
+def test_every_slow_entry_names_a_test():
+  """conftest.SLOW lists test functions by id; a renamed or deleted test must leave it."""
+  from conftest import SLOW  # pylint: disable=g-import-not-at-top
+  for nodeid in SLOW:
+    path, *names = nodeid.split("::")
+    text = (ROOT / path).read_text()
+    func = names[-1].split("(")[0].rstrip("_")
+    assert f"def {func}" in text or f"def {func.split('_(')[0]}" in text, nodeid
