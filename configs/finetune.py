@@ -27,6 +27,7 @@ def get_config(arg: str = ""):
   c.ckpt_every = 32
   c.trainable = r"llm/layers/attn/.*"
   c.compute_dtype = None
+  c.loss_norm = "example"      # big_vision's per-example mean; "token" (tcjax.train.loss_fn)
   c.mesh = (("data", -1),)
   c.param_rules = PALIGEMMA_RULES
   c.model.plan = ()

@@ -5,6 +5,7 @@
   python -m experiments.train --config configs/testbed.py:stage3 --workdir DIR   # stage 3
   python -m experiments.train --config configs/testbed.py:stage4 --workdir DIR   # stage 4
   python -m experiments.train --config configs/testbed.py:stage5 --workdir DIR   # stage 5
+  python -m experiments.train --config configs/testbed.py:stage6 --workdir DIR   # stage 6
   python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
 
 The bundled model is trained in two stages: stage 1 from scratch on the seven question
@@ -20,7 +21,10 @@ Stage 4 starts from stage 3 (`experiments/bundled_run3/checkpoint.npz`) and trai
 training-only `glyph` family alone (one digit, "read the digit"), because stage 3 still read no
 digit: mixed in with the other families (two slots in nine) glyphs stayed at chance for 900
 steps, alone they were learned within 100 (experiments/RESULTS.md). Stage 5 starts from stage 4
-and brings every family back, glyph kept in the mix so the reading is not forgotten.
+and brings every family back, glyph kept in the mix so the reading is not forgotten. Stages 1-5
+averaged the loss over every answer token of a batch, so one `describe` answer (~20 tokens)
+outweighed a dozen one-token `count` or `digit` answers; stage 6 starts from stage 5 with
+big_vision's per-example mean (`loss_norm="example"`), bfloat16 compute, and locate drawn twice.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -35,13 +39,15 @@ STAGE1 = "experiments/bundled_run/checkpoint.npz"  # stage 1's final parameters
 STAGE2 = "experiments/bundled_run2/checkpoint.npz"  # stage 2's
 STAGE3 = "experiments/bundled_run3/checkpoint.npz"  # stage 3's
 STAGE4 = "experiments/bundled_run4/checkpoint.npz"  # stage 4's
+STAGE5 = "experiments/bundled_run5/checkpoint.npz"  # stage 5's
+STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6")
 
 
 def get_config(arg: str = ""):
-  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage5" (its later stages), or
+  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage6" (its later stages), or
   "smoke" (a tiny model, a few steps, for tests)."""
-  if arg not in ("", "stage2", "stage3", "stage4", "stage5", "smoke"):
-    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage5' or 'smoke'")
+  if arg not in STAGES + ("smoke",):
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage6' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -54,6 +60,9 @@ def get_config(arg: str = ""):
   c.grad_accum = 1
   c.trainable = ".*"           # regex over "img/..." / "llm/..." paths; the rest is frozen
   c.compute_dtype = None       # e.g. "bfloat16": bf16 forward, f32 parameters and update
+  # "token": one mean over the batch's answer tokens (stages 1-5); "example": big_vision's
+  # per-example mean (tcjax.train.loss_fn)
+  c.loss_norm = "token"
   c.mesh = (("data", -1),)
   c.param_rules = ((r".*", "replicate"),)
 
@@ -125,5 +134,16 @@ def get_config(arg: str = ""):
     c.eval.every = 300
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "describe", "video", "audio")
+    c.data.max_len = 32
+  if arg == "stage6":
+    c.init = STAGE5
+    c.total_steps = 2400
+    c.loss_norm = "example"
+    c.compute_dtype = "bfloat16"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 50
+    c.eval.every = 600
+    c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
+                       "locate", "locate", "describe")
     c.data.max_len = 32
   return c

@@ -30,17 +30,47 @@ def _f64(tree):
                       if np.issubdtype(np.asarray(a).dtype, np.floating) else a, tree)
 
 
-def test_loss_matches_numpy_reference():
-  model, params, flat = make_params(CONFIGS[2])
-  b = batch(seed=1)
-  loss, metrics = jax.jit(lambda p, b: loss_fn(model, p, b))(params, b)
+def _numpy_nll(flat, b):
   logits = ref.paligemma_logits(flat, CONFIGS[2], b["image"], b["text"], b["mask_ar"])
   logits = logits - logits.max(-1, keepdims=True)
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-  nll = -np.take_along_axis(logp[:, :-1], b["text"][:, 1:, None], -1)[..., 0]
+  return -np.take_along_axis(logp[:, :-1], b["text"][:, 1:, None], -1)[..., 0]
+
+
+def _uneven(b):
+  """The batch with answers of different lengths: example 0 keeps one loss token, example 1
+  none (it must count for nothing), the others keep theirs."""
+  ml = np.array(b["mask_loss"])
+  first = np.argmax(ml[0] > 0)
+  ml[0] = 0
+  ml[0, first] = 1
+  ml[1] = 0
+  return dict(b, mask_loss=ml)
+
+
+def test_loss_matches_numpy_reference():
+  """Default: big_vision's per-example mean (each example's mean over its own loss tokens, then
+  the mean over the examples that have one); "token": one mean over all loss tokens."""
+  model, params, flat = make_params(CONFIGS[2])
+  b = _uneven(batch(seed=1))
+  nll = _numpy_nll(flat, b)
   w = b["mask_loss"][:, 1:]
-  np.testing.assert_allclose(float(loss), (nll * w).sum() / w.sum(), rtol=1e-5)
+  assert len(set(w.sum(1).tolist())) > 2  # the two norms differ on this batch
+  loss, metrics = jax.jit(lambda p, b: loss_fn(model, p, b))(params, b)
+  rows = [(nll[i] * w[i]).sum() / w[i].sum() for i in range(len(w)) if w[i].sum() > 0]
+  np.testing.assert_allclose(float(loss), np.mean(rows), rtol=1e-5)
   assert int(metrics["tokens"]) == w.sum()
+  token, _ = jax.jit(lambda p, b: loss_fn(model, p, b, loss_norm="token"))(params, b)
+  np.testing.assert_allclose(float(token), (nll * w).sum() / w.sum(), rtol=1e-5)
+  assert abs(float(token) - float(loss)) > 1e-3
+
+
+def test_unknown_loss_norm_is_refused():
+  model, params, _ = make_params(CONFIGS[2])
+  with pytest.raises(ValueError, match="loss_norm"):
+    loss_fn(model, params, batch(), loss_norm="sequence")
+  with pytest.raises(ValueError, match="loss_norm"):
+    make_train_step(model, loss_norm="mean")
 
 
 def test_gradient_matches_finite_differences():

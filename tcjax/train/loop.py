@@ -260,6 +260,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
     # own layouts for some outputs (e.g. MultiSteps' gradient sums), and the next call, seeing
     # new input shardings, would compile the step again.
     step_fn = jax.jit(make_train_step(model, compute_dtype=cfg.get("compute_dtype"),
+                                      loss_norm=cfg.get("loss_norm", "example"),
                                       trainable=trainable_mask(params, cfg.trainable)),
                       donate_argnums=0,
                       out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))

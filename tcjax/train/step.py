@@ -23,16 +23,25 @@ from tcjax.nn.paligemma import PaliGemma
 TrainState = train_state.TrainState
 
 
+LOSS_NORMS = ("example", "token")
+
+
 def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array], *,
-            compute_dtype=None) -> Tuple[jax.Array, Dict]:
-  """Mean next-token cross-entropy over the tokens `mask_loss` marks: (loss, metrics).
+            compute_dtype=None, loss_norm: str = "example") -> Tuple[jax.Array, Dict]:
+  """Next-token cross-entropy over the tokens `mask_loss` marks: (loss, metrics).
 
   Logits at position t predict text[t + 1] (big_vision: logits[:, :-1] vs text[:, 1:] weighted by
   mask_loss[:, 1:]). Examples with no loss token contribute nothing.
+  loss_norm: "example" (default, big_vision's PaliGemma trainer): each example's mean over its
+    own loss tokens, then the mean over the batch, so a one-token answer weighs as much as a
+    thirty-token one. "token": one mean over every loss token of the batch, so long answers
+    dominate the gradient (the bundled model's stages 1-5 were trained so; RESULTS.md).
   compute_dtype: e.g. "bfloat16": the forward runs on parameters and image cast to it (the
   parameters themselves, and so the gradients and the update, stay float32); the loss is
   float32 either way.
   """
+  if loss_norm not in LOSS_NORMS:
+    raise ValueError(f"unknown loss_norm {loss_norm!r}; use one of {LOSS_NORMS}")
   text = batch["text"]
   image = batch["image"]
   if compute_dtype is not None:
@@ -47,22 +56,32 @@ def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array], *,
   nll = -jnp.take_along_axis(logp, text[:, 1:, None], axis=-1)[..., 0]
   weight = batch["mask_loss"][:, 1:].astype(nll.dtype)
   count = weight.sum()
-  loss = (nll * weight).sum() / jnp.maximum(count, 1.0)
+  if loss_norm == "token":
+    loss = (nll * weight).sum() / jnp.maximum(count, 1.0)
+  else:
+    per_example = weight.sum(axis=1)
+    has_loss = (per_example > 0).astype(nll.dtype)
+    example_loss = (nll * weight).sum(axis=1) / jnp.maximum(per_example, 1.0)
+    loss = example_loss.sum() / jnp.maximum(has_loss.sum(), 1.0)
   return loss, {"loss": loss, "tokens": count, "image_tokens_kept": aux.get("image_tokens_kept")}
 
 
-def make_train_step(model: PaliGemma, *, compute_dtype=None, trainable=None
+def make_train_step(model: PaliGemma, *, compute_dtype=None, trainable=None,
+                    loss_norm: str = "example"
                     ) -> Callable[[TrainState, Dict[str, jax.Array]], Tuple[TrainState, Dict]]:
   """`step(state, batch) -> (state, metrics)` for a `TrainState` (flax) holding the optimizer,
   pure: wrap it in `jax.jit` with shardings from `tcjax.parallel.param_shardings` (and
   `donate_argnums=0`) for data / FSDP parallel training.
 
   metrics: loss, tokens (loss tokens), grad_norm (over the trainable parameters).
-  compute_dtype: see `loss_fn`.
+  compute_dtype, loss_norm: see `loss_fn`.
   trainable: optional pytree of bools shaped like the parameters (`loop.trainable_mask`):
     gradients flow only into True leaves. The frozen ones get a zero gradient through
     `stop_gradient`, so their backward pass (e.g. a whole frozen ViT) is never computed; the
     optimizer must leave them unchanged too (`loop.make_optimizer` does)."""
+
+  if loss_norm not in LOSS_NORMS:
+    raise ValueError(f"unknown loss_norm {loss_norm!r}; use one of {LOSS_NORMS}")
 
   def frozen_cut(params):
     if trainable is None:
@@ -71,7 +90,8 @@ def make_train_step(model: PaliGemma, *, compute_dtype=None, trainable=None
 
   def step(state: TrainState, batch):
     (_, metrics), grads = jax.value_and_grad(
-        lambda p: loss_fn(model, frozen_cut(p), batch, compute_dtype=compute_dtype),
+        lambda p: loss_fn(model, frozen_cut(p), batch, compute_dtype=compute_dtype,
+                          loss_norm=loss_norm),
         has_aux=True)(state.params)
     metrics = dict(metrics, grad_norm=optax.global_norm(grads))
     return state.apply_gradients(grads=grads), metrics
