@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -44,16 +45,38 @@ def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, pl
                    float(temperature), eos_id, pad_id, image_tokens)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 9))
 def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, temperature,
               eos_id, pad_id, image_tokens=None):
+  """Prefill (image, plan, prompt) then the decoding loop, as two programs: the loop depends on
+  the decoder and the cache's shapes only, so plans that leave the same cache (e.g. every
+  decoder-side method at one budget, or every vision-side one) share one compiled loop; one
+  program per plan compiled the loop again for each (~half of a sweep's compile time)."""
+  logits, cache = _prefill(config, params, image, prefix, prefix_mask, max_new_tokens,
+                           image_tokens)
+  decoder_only = dataclasses.replace(config, plan=(), frame_chunks=1)
+  return _decode(decoder_only, params, logits, cache, rng, max_new_tokens, temperature, eos_id,
+                 pad_id)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _prefill(config, params, image, prefix, prefix_mask, max_new_tokens, image_tokens=None):
+  """-> (logits float[B, V] of the last prompt token, the KV cache with room for
+  max_new_tokens)."""
   model = PaliGemma(config)
-  variables = {"params": params}
   prefix = jnp.asarray(prefix)
   mask_ar = jnp.zeros(prefix.shape, jnp.int32)
-  logits, cache, _ = model.apply(variables, image, prefix, mask_ar, prefix_mask,
+  logits, cache, _ = model.apply({"params": params}, image, prefix, mask_ar, prefix_mask,
                                  cache_size=max_new_tokens, image_tokens=image_tokens,
                                  method=model.prefill)
+  return logits, cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
+def _decode(config, params, logits, cache, rng, max_new_tokens, temperature, eos_id, pad_id):
+  """max_new_tokens greedy / sampled steps from the prefill's logits and cache:
+  int32[B, max_new_tokens]."""
+  model = PaliGemma(config)
+  variables = {"params": params}
 
   def step(carry, key):
     logits, cache, done = carry
@@ -66,12 +89,14 @@ def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, t
     logits, cache = model.apply(variables, token, cache, method=model.decode_step)
     return (logits, cache, done), token
 
-  done = like_batch(jnp.zeros(prefix.shape[:1], bool), logits)
+  done = like_batch(jnp.zeros(logits.shape[:1], bool), logits)
   _, tokens = jax.lax.scan(step, (logits, cache, done), jax.random.split(rng, max_new_tokens))
   return tokens.T
 
 
 def clear_cache() -> None:
-  """Drops `generate`'s compiled executables (one per model config, plan and shape): a sweep over
-  many plans releases each plan's once it is done, keeping the process's memory bounded."""
-  _generate.clear_cache()
+  """Drops `generate`'s compiled executables (one prefill per model config, plan and shape, one
+  decoding loop per decoder and cache shape): a sweep over many plans releases each plan's once
+  it is done, keeping the process's memory bounded."""
+  _prefill.clear_cache()
+  _decode.clear_cache()
