@@ -177,6 +177,9 @@ def test_settings_and_plans():
       Setting("pool", "post_proj", 8)]
   assert sweep_lib.settings(["tome"], ["vit"], (64, 32))[1:] == [
       Setting("tome", "vit", 64), Setting("tome", "vit", 32)]
+  # VTW keeps no token at any budget: once, at the smallest budget.
+  assert sweep_lib.settings(["fastv", "vtw"], "all", (64, 16)) == [
+      FULL, Setting("fastv", "llm", 64), Setting("fastv", "llm", 16), Setting("vtw", "llm", 16)]
   # "primary": each method once, after the ViT where it can act there.
   assert sweep_lib.settings(["dart", "keynorm", "text_relevance"], "primary", (8,)) == [
       FULL, Setting("dart", "post_vit", 8), Setting("keynorm", "llm", 8),

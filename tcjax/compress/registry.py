@@ -55,6 +55,8 @@ class Method:
       selection through the two-stage `tcjax.parallel.topk`); the others need each example's
       whole token axis and say so with a ValueError instead of gathering it silently.
     llm_attn, llm_kv: how the decoder serves the method at the llm stage (LLM_ATTN, LLM_KV).
+    keeps_none: the method keeps no token at any budget (the budget only sizes the padding), so
+      its answers do not depend on the budget: a sweep runs it at one budget.
   """
 
   name: str
@@ -67,6 +69,7 @@ class Method:
   token_sharded: bool = False
   llm_attn: str = "model"
   llm_kv: str = "after"
+  keeps_none: bool = False
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
@@ -99,8 +102,8 @@ METHODS: Dict[str, Method] = {}
 
 def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[str, ...] = (),
              paper: str = "", token_sharded: bool = False, llm_attn: str = "model",
-             llm_kv: str = "after"):
-  """Decorator adding a method function to METHODS."""
+             llm_kv: str = "after", keeps_none: bool = False):
+  """Decorator adding a method function to METHODS (see `Method` for the fields)."""
   if llm_attn not in LLM_ATTN or llm_kv not in LLM_KV:
     raise ValueError(f"llm_attn must be one of {LLM_ATTN} and llm_kv one of {LLM_KV}, got "
                      f"{llm_attn!r}, {llm_kv!r}")
@@ -125,7 +128,7 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
       return out
 
     METHODS[name] = Method(name, checked, family, tuple(stages), tuple(needs), options, paper,
-                           token_sharded, llm_attn, llm_kv)
+                           token_sharded, llm_attn, llm_kv, bool(keeps_none))
     return checked
 
   return wrap

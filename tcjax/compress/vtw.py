@@ -54,7 +54,8 @@ from tcjax.parallel.mesh import like_batch
 
 
 @register("vtw", family="sampling", stages=("llm",),
-          paper="VTW, Lin et al., arXiv 2405.05803 (AAAI 2025)", token_sharded=True)
+          paper="VTW, Lin et al., arXiv 2405.05803 (AAAI 2025)", token_sharded=True,
+          keeps_none=True)
 def vtw(tokens, budget):
   """Withdraw every visual token: `budget` padding slots, no token kept.
 

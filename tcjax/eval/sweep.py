@@ -26,7 +26,8 @@ not handle) is recorded with its error for the families of that input shape; the
 Latency and memory (`SweepOptions.latency`): outside the accuracy loop, one setting at a time
 (no other setting compiling beside it), on the first batch of each input shape: the prefill as
 the setting runs it (ViT, compression + projector, decoder prefill filling the KV cache) and one
-decoding step, each program's median over `latency_reps` calls after a warm-up call, and peak
+decoding step (the decoding loop's time / max_new_tokens), each program's median over
+`latency_reps` calls after a warm-up call, and peak
 memory as the largest `program_bytes` (`compiled.memory_analysis()`) of those programs. Programs
 several settings share (the ViT, the projector, the decoder of one image-token count, a decoding
 step over one cache layout) are measured once per input shape.
@@ -102,7 +103,7 @@ PRIMARY = ("post_vit", "post_proj", "llm", "vit")
 def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
              ) -> List[Setting]:
   """FULL, then every method (sorted by name) at every stage of `stages` where it applies, at
-  every budget. methods: "all" or a sequence of names; stages: "all", "primary" (each method at
+  every budget (a method that keeps no token, `Method.keeps_none`, at the smallest only). methods: "all" or a sequence of names; stages: "all", "primary" (each method at
   its first stage in PRIMARY order) or a sequence of names. Unknown names raise ValueError.
   """
   known = sorted(METHODS) + sorted(SCHEDULES)
@@ -123,8 +124,10 @@ def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
     where = [s for s in STAGES if s in stages and s in stages_of(m)]  # the model's order
     if primary:
       where = [s for s in PRIMARY if s in where][:1]
+    # A method that keeps no token (VTW) answers alike at every budget: once, at the smallest.
+    bs = [min(budgets)] if m in METHODS and METHODS[m].keeps_none else budgets
     for s in where:
-      out += [Setting(m, s, int(b)) for b in budgets]
+      out += [Setting(m, s, int(b)) for b in bs]
   if len(out) == 1:
     raise ValueError(f"no method of {methods} acts at stages {stages}")
   return out
@@ -470,8 +473,8 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
         enc = encode(variables, image)
         batches.append((chunk, image, text, mask, enc, full_embed(variables, enc, text, mask)))
     seconds[0] += time.perf_counter() - t0
-    timer = _Timer(base, variables, encode, full_embed, batches[0], opts) if opts.latency \
-        else None
+    timer = _Timer(base, variables, encode, full_embed, batches[0], opts, tokenizer.eos_id,
+                   tokenizer.pad_id) if opts.latency else None
     done = [(0, run_setting(g, 0, gplans[0], batches))]
     # With latency, settings go in chunks, each timed alone once its chunk is done, so that a
     # timed call never shares the CPU with another setting's compilation, and at most one
@@ -560,18 +563,22 @@ class _Timer:
   cache's layout).
   """
 
-  def __init__(self, base, variables, encode, full_embed, batch, opts: SweepOptions):
+  def __init__(self, base, variables, encode, full_embed, batch, opts: SweepOptions,
+               eos_id: int, pad_id: int):
     self.base, self.variables, self.encode, self.full_embed = base, variables, encode, full_embed
+    self.eos_id, self.pad_id = eos_id, pad_id
     _, self.image, self.text, self.mask, self.enc, self.full_toks = batch
     self.opts = opts
     self.measured: Dict[Any, Dict[str, Any]] = {}
 
   def _measure(self, fn, *args, out: bool = False) -> Dict[str, Any]:
-    """{"seconds", "bytes"} of `fn(*args)`, and its output ("out") if asked for."""
-    compiled = cost_lib.compile_program(fn, *args)
-    m = {"seconds": cost_lib.median_seconds(compiled, *args, reps=self.opts.latency_reps),
-         "bytes": cost_lib.program_bytes(compiled)}
-    return dict(m, out=compiled(*args)) if out else m
+    """{"seconds", "bytes"} of `fn(*args)` (a jitted function: the call goes through its
+    executable cache, so a program the accuracy pass ran is not compiled again), and its output
+    ("out") if asked for."""
+    fn = fn if hasattr(fn, "lower") else jax.jit(fn)
+    m = {"seconds": cost_lib.median_seconds(fn, *args, reps=self.opts.latency_reps),
+         "bytes": cost_lib.program_bytes(cost_lib.compile_program(fn, *args))}
+    return dict(m, out=fn(*args)) if out else m
 
   def _once(self, key, make: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
     if key not in self.measured:
@@ -587,30 +594,28 @@ class _Timer:
     return self._once("vit", lambda: self._measure(plain, self.variables, self.image))
 
   def _decoder(self, dec, toks) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(prefill, decode step) measurements of decoder `dec` on image tokens `toks`."""
-    text, mask, opts = self.text, self.mask, self.opts
-
-    def prefill(v, text, mask, toks):
-      logits, cache, _ = dec.apply(v, None, text, jnp.zeros(text.shape, jnp.int32), mask,
-                                   cache_size=opts.max_new_tokens, image_tokens=toks,
-                                   method=dec.prefill)
-      return logits, cache
-
-    def step(v, token, cache):
-      return dec.apply(v, token, cache, method=dec.decode_step)
-
-    def make():
-      pre = self._measure(prefill, self.variables, text, mask, toks, out=True)
-      logits, cache = pre.pop("out")
-      token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-      # A decoding step depends on the cache's layout only, not on how the plan pruned it:
-      # llm settings keeping as many tokens at the same layer share one measurement.
+    """(prefill, decode step) measurements of decoder `dec` on image tokens `toks`: the two
+    programs `runner.answer_batch` ran on this batch (`sampling.generate_programs`, called as
+    the accuracy pass calls them, so their executables are reused, not compiled again); the
+    decode step is the decoding loop's time / max_new_tokens."""
+    opts = self.opts
+    key = ("decoder", dec.config.plan, toks.x.shape, self.text.shape)
+    if key not in self.measured:
+      programs = sampling.generate_programs(
+          dec, self.variables["params"], None, self.text, max_new_tokens=opts.max_new_tokens,
+          prefix_mask=np.asarray(self.mask).astype(bool), eos_id=self.eos_id,
+          pad_id=self.pad_id, image_tokens=toks)
+      pre_fn, pre_args = programs["prefill"]
+      dec_fn, dec_args = programs["decode"]
+      pre = self._measure(pre_fn, *pre_args)
+      # The loop depends on the cache's layout only: settings leaving the same cache share it.
+      cache = dec_args[3]
       layout = (jax.tree.structure(cache),
                 tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(cache)))
-      return {"prefill": pre, "step": self._once(("step", layout), lambda: self._measure(
-          step, self.variables, token, cache))}
-
-    m = self._once(("decoder", dec.config.plan, toks.x.shape, text.shape), make)
+      loop = self._once(("decode", layout), lambda: self._measure(dec_fn, *dec_args))
+      step = {"seconds": loop["seconds"] / opts.max_new_tokens, "bytes": loop["bytes"]}
+      self.measured[key] = {"prefill": pre, "step": step}
+    m = self.measured[key]
     return m["prefill"], m["step"]
 
   def measure(self, setting: Setting, plan, fn, dec) -> Dict[str, Any]:

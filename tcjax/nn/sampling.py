@@ -28,6 +28,32 @@ def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, pl
     image_tokens: projected image Tokens (`model.embed_image`'s) to start from instead of
       `image` (pass image=None): the plan's llm stage still acts, its earlier stages are done.
   """
+  config, params, rng = _arguments(model, params, max_new_tokens=max_new_tokens, plan=plan,
+                                   temperature=temperature, rng=rng)
+  return _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens,
+                   float(temperature), eos_id, pad_id, image_tokens)
+
+
+def generate_programs(model: PaliGemma, params, image, prefix, *, max_new_tokens: int,
+                      prefix_mask=None, eos_id: int = 1, pad_id: int = 0, image_tokens=None):
+  """The two programs greedy `generate` runs on these inputs: {"prefill": (fn, args), "decode":
+  (fn, args)}, each `fn(*args)` the jitted call `generate` makes (so timing them, or reading
+  their `fn.lower(*args).compile()`, reuses the executables `generate` compiled instead of
+  compiling others). The decode's args hold the prefill's outputs (the prefill runs once here).
+  The decode program runs all `max_new_tokens` steps (no early exit): its time / max_new_tokens
+  is the per-token decoding time.
+  """
+  config, params, rng = _arguments(model, params, max_new_tokens=max_new_tokens, plan=None,
+                                   temperature=0.0, rng=None)
+  pre_args = (config, params, image, prefix, prefix_mask, max_new_tokens, image_tokens)
+  logits, cache = _prefill(*pre_args)
+  dec_args = (_decoder_only(config), params, logits, cache, rng, max_new_tokens, 0.0, eos_id,
+              pad_id)
+  return {"prefill": (_prefill, pre_args), "decode": (_decode, dec_args)}
+
+
+def _arguments(model, params, *, max_new_tokens, plan, temperature, rng):
+  """(config, bare parameters, rng) of a `generate` call, its arguments checked."""
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
       or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -41,8 +67,12 @@ def generate(model: PaliGemma, params, image, prefix, *, max_new_tokens: int, pl
     params = params["params"]
   if rng is None:
     rng = jax.random.key(0)
-  return _generate(model.config, params, image, prefix, prefix_mask, rng, max_new_tokens,
-                   float(temperature), eos_id, pad_id, image_tokens)
+  return model.config, params, rng
+
+
+def _decoder_only(config):
+  """The config the decoding loop is keyed on: the decoder's, without the plan."""
+  return dataclasses.replace(config, plan=(), frame_chunks=1)
 
 
 def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, temperature,
@@ -53,8 +83,7 @@ def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, t
   program per plan compiled the loop again for each (~half of a sweep's compile time)."""
   logits, cache = _prefill(config, params, image, prefix, prefix_mask, max_new_tokens,
                            image_tokens)
-  decoder_only = dataclasses.replace(config, plan=(), frame_chunks=1)
-  return _decode(decoder_only, params, logits, cache, rng, max_new_tokens, temperature, eos_id,
+  return _decode(_decoder_only(config), params, logits, cache, rng, max_new_tokens, temperature, eos_id,
                  pad_id)
 
 
