@@ -462,7 +462,7 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
 
     # The segment's stacked cache rides in the loop's carry and each layer writes its one new
     # entry in place: as scanned inputs / outputs, every step copied the whole cache several
-    # times (a decoding step of the bundled model at 282 slots: 17.8 -> see RESULTS.md).
+    # times (10 decoding steps of the bundled model, 64 examples at 282 slots: 178 -> 71 ms).
     def body(carry, args, slot=slot, glob=glob, loc=loc, lo=lo):
       x, ks, vs = carry
       pl, l, _ = args
