@@ -6,6 +6,7 @@
   python -m experiments.train --config configs/testbed.py:stage4 --workdir DIR   # stage 4
   python -m experiments.train --config configs/testbed.py:stage5 --workdir DIR   # stage 5
   python -m experiments.train --config configs/testbed.py:stage6 --workdir DIR   # stage 6
+  python -m experiments.train --config configs/testbed.py:stage7 --workdir DIR   # stage 7
   python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
 
 The bundled model is trained in two stages: stage 1 from scratch on the seven question
@@ -24,7 +25,9 @@ steps, alone they were learned within 100 (experiments/RESULTS.md). Stage 5 star
 and brings every family back, glyph kept in the mix so the reading is not forgotten. Stages 1-5
 averaged the loss over every answer token of a batch, so one `describe` answer (~20 tokens)
 outweighed a dozen one-token `count` or `digit` answers; stage 6 starts from stage 5 with
-big_vision's per-example mean (`loss_norm="example"`), bfloat16 compute, and locate drawn twice.
+big_vision's per-example mean (`loss_norm="example"`), bfloat16 compute, and locate drawn twice;
+it had the image families only, and lost the clips and spectrograms it had learned (video and
+audio fell to chance), so stage 7 brings them back in a short run from stage 6.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -40,14 +43,15 @@ STAGE2 = "experiments/bundled_run2/checkpoint.npz"  # stage 2's
 STAGE3 = "experiments/bundled_run3/checkpoint.npz"  # stage 3's
 STAGE4 = "experiments/bundled_run4/checkpoint.npz"  # stage 4's
 STAGE5 = "experiments/bundled_run5/checkpoint.npz"  # stage 5's
-STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6")
+STAGE6 = "experiments/bundled_run6/checkpoint.npz"  # stage 6's
+STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
 
 
 def get_config(arg: str = ""):
-  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage6" (its later stages), or
+  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage7" (its later stages), or
   "smoke" (a tiny model, a few steps, for tests)."""
   if arg not in STAGES + ("smoke",):
-    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage6' or 'smoke'")
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage7' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -145,5 +149,16 @@ def get_config(arg: str = ""):
     c.eval.every = 600
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "locate", "describe")
+    c.data.max_len = 32
+  if arg == "stage7":
+    c.init = STAGE6
+    c.total_steps = 500
+    c.loss_norm = "example"
+    c.compute_dtype = "bfloat16"
+    c.optim.lr = 1e-3
+    c.optim.warmup_steps = 30
+    c.eval.every = 250
+    c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
+                       "locate", "locate", "describe", "video", "audio")
     c.data.max_len = 32
   return c
