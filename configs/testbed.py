@@ -139,26 +139,22 @@ def get_config(arg: str = ""):
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "describe", "video", "audio")
     c.data.max_len = 32
-  if arg == "stage6":
-    c.init = STAGE5
-    c.total_steps = 2400
+  if arg in ("stage6", "stage7"):  # the per-example loss, bf16, locate drawn twice
     c.loss_norm = "example"
     c.compute_dtype = "bfloat16"
     c.optim.lr = 1e-3
-    c.optim.warmup_steps = 50
-    c.eval.every = 600
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "locate", "describe")
     c.data.max_len = 32
-  if arg == "stage7":
+  if arg == "stage6":  # the image families only
+    c.init = STAGE5
+    c.total_steps = 2400
+    c.optim.warmup_steps = 50
+    c.eval.every = 600
+  if arg == "stage7":  # stage 6's images, with the clips and spectrograms back
     c.init = STAGE6
     c.total_steps = 500
-    c.loss_norm = "example"
-    c.compute_dtype = "bfloat16"
-    c.optim.lr = 1e-3
     c.optim.warmup_steps = 30
     c.eval.every = 250
-    c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
-                       "locate", "locate", "describe", "video", "audio")
-    c.data.max_len = 32
+    c.data.families += ("video", "audio")
   return c

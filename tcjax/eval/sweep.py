@@ -27,10 +27,10 @@ Latency and memory (`SweepOptions.latency`): outside the accuracy loop, one sett
 (no other setting compiling beside it), on the first batch of each input shape: the prefill as
 the setting runs it (ViT, compression + projector, decoder prefill filling the KV cache) and one
 decoding step (the decoding loop's time / max_new_tokens), each program's median over
-`latency_reps` calls after a warm-up call, and peak
-memory as the largest `program_bytes` (`compiled.memory_analysis()`) of those programs. Programs
-several settings share (the ViT, the projector, the decoder of one image-token count, a decoding
-step over one cache layout) are measured once per input shape.
+`latency_reps` calls after a warm-up call, and peak memory as the largest `program_bytes`
+(`compiled.memory_analysis()`) of those programs. Programs several settings share (the ViT, the
+projector, the decoder of one image-token count, a decoding loop over one cache layout) are
+measured once per input shape.
 """
 
 from __future__ import annotations
@@ -103,8 +103,9 @@ PRIMARY = ("post_vit", "post_proj", "llm", "vit")
 def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
              ) -> List[Setting]:
   """FULL, then every method (sorted by name) at every stage of `stages` where it applies, at
-  every budget (a method that keeps no token, `Method.keeps_none`, at the smallest only). methods: "all" or a sequence of names; stages: "all", "primary" (each method at
-  its first stage in PRIMARY order) or a sequence of names. Unknown names raise ValueError.
+  every budget (a method that keeps no token, `Method.keeps_none`, at the smallest only).
+  methods: "all" or a sequence of names; stages: "all", "primary" (each method at its first
+  stage in PRIMARY order) or a sequence of names. Unknown names raise ValueError.
   """
   known = sorted(METHODS) + sorted(SCHEDULES)
   methods = known if methods == "all" else list(_names(methods, "methods"))

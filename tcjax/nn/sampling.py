@@ -83,8 +83,8 @@ def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, t
   program per plan compiled the loop again for each (~half of a sweep's compile time)."""
   logits, cache = _prefill(config, params, image, prefix, prefix_mask, max_new_tokens,
                            image_tokens)
-  return _decode(_decoder_only(config), params, logits, cache, rng, max_new_tokens, temperature, eos_id,
-                 pad_id)
+  return _decode(_decoder_only(config), params, logits, cache, rng, max_new_tokens, temperature,
+                 eos_id, pad_id)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))

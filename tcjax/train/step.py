@@ -26,6 +26,11 @@ TrainState = train_state.TrainState
 LOSS_NORMS = ("example", "token")
 
 
+def _check_loss_norm(loss_norm: str) -> None:
+  if loss_norm not in LOSS_NORMS:
+    raise ValueError(f"unknown loss_norm {loss_norm!r}; use one of {LOSS_NORMS}")
+
+
 def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array], *,
             compute_dtype=None, loss_norm: str = "example") -> Tuple[jax.Array, Dict]:
   """Next-token cross-entropy over the tokens `mask_loss` marks: (loss, metrics).
@@ -40,8 +45,7 @@ def loss_fn(model: PaliGemma, params, batch: Dict[str, jax.Array], *,
   parameters themselves, and so the gradients and the update, stay float32); the loss is
   float32 either way.
   """
-  if loss_norm not in LOSS_NORMS:
-    raise ValueError(f"unknown loss_norm {loss_norm!r}; use one of {LOSS_NORMS}")
+  _check_loss_norm(loss_norm)
   text = batch["text"]
   image = batch["image"]
   if compute_dtype is not None:
@@ -80,8 +84,7 @@ def make_train_step(model: PaliGemma, *, compute_dtype=None, trainable=None,
     `stop_gradient`, so their backward pass (e.g. a whole frozen ViT) is never computed; the
     optimizer must leave them unchanged too (`loop.make_optimizer` does)."""
 
-  if loss_norm not in LOSS_NORMS:
-    raise ValueError(f"unknown loss_norm {loss_norm!r}; use one of {LOSS_NORMS}")
+  _check_loss_norm(loss_norm)
 
   def frozen_cut(params):
     if trainable is None:
