@@ -7,6 +7,7 @@
   python -m experiments.train --config configs/testbed.py:stage5 --workdir DIR   # stage 5
   python -m experiments.train --config configs/testbed.py:stage6 --workdir DIR   # stage 6
   python -m experiments.train --config configs/testbed.py:stage7 --workdir DIR   # stage 7
+  python -m experiments.train --config configs/testbed.py:stage8 --workdir DIR   # stage 8
   python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
 
 The bundled model is trained in two stages: stage 1 from scratch on the seven question
@@ -27,7 +28,9 @@ averaged the loss over every answer token of a batch, so one `describe` answer (
 outweighed a dozen one-token `count` or `digit` answers; stage 6 starts from stage 5 with
 big_vision's per-example mean (`loss_norm="example"`), bfloat16 compute, and locate drawn twice;
 it had the image families only, and lost the clips and spectrograms it had learned (video and
-audio fell to chance), so stage 7 brings them back in a short run from stage 6.
+audio fell to chance), so stage 7 brings them back in a short run from stage 6. Stage 8 is a
+long run from stage 7 on every family, with `binding` and `number` (still near a
+question-blind guess and at 0) drawn twice and clips drawn more often.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -44,14 +47,15 @@ STAGE3 = "experiments/bundled_run3/checkpoint.npz"  # stage 3's
 STAGE4 = "experiments/bundled_run4/checkpoint.npz"  # stage 4's
 STAGE5 = "experiments/bundled_run5/checkpoint.npz"  # stage 5's
 STAGE6 = "experiments/bundled_run6/checkpoint.npz"  # stage 6's
-STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7")
+STAGE7 = "experiments/bundled_run7/checkpoint.npz"  # stage 7's
+STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "stage8")
 
 
 def get_config(arg: str = ""):
-  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage7" (its later stages), or
+  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage8" (its later stages), or
   "smoke" (a tiny model, a few steps, for tests)."""
   if arg not in STAGES + ("smoke",):
-    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage7' or 'smoke'")
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage8' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -139,7 +143,7 @@ def get_config(arg: str = ""):
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "describe", "video", "audio")
     c.data.max_len = 32
-  if arg in ("stage6", "stage7"):  # the per-example loss, bf16, locate drawn twice
+  if arg in ("stage6", "stage7", "stage8"):  # the per-example loss, bf16, locate drawn twice
     c.loss_norm = "example"
     c.compute_dtype = "bfloat16"
     c.optim.lr = 1e-3
@@ -157,4 +161,12 @@ def get_config(arg: str = ""):
     c.optim.warmup_steps = 30
     c.eval.every = 250
     c.data.families += ("video", "audio")
+  if arg == "stage8":  # every family, the two weakest drawn twice, clips more often
+    c.init = STAGE7
+    c.total_steps = 2600
+    c.optim.warmup_steps = 50
+    c.eval.every = 650
+    c.data.families = ("count", "binding", "binding", "glyph", "digit", "digit", "number",
+                       "number", "locate", "locate", "describe", "video", "audio")
+    c.data.weights = dict(image=0.75, video=0.15, audio=0.1)
   return c

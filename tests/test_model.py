@@ -266,6 +266,30 @@ def test_eos_stops_an_example():
   assert np.all(out[0, first + 1:] == 0) and out[0, first] == eos
 
 
+def test_decoding_stops_when_every_example_has_ended():
+  # Two copies of one example decode the same greedy tokens; with the second of them as EOS the
+  # loop must stop after that step, and with a token never emitted it runs every step.
+  from tcjax.nn import sampling  # pylint: disable=g-import-not-at-top
+  model, params, _ = make_params(CONFIGS[1])
+  image, text, _ = inputs(seed=9, t_suffix=0)
+  image, text = np.repeat(image[:1], 2, 0), np.repeat(text[:1], 2, 0)
+  greedy = np.asarray(tcjax.generate(model, params, image, text, max_new_tokens=6))
+  eos = int(greedy[0, 1])
+  first = int(np.argmax(greedy[0] == eos))
+  fn, args = sampling.generate_programs(model, params, image, text, max_new_tokens=6,
+                                        eos_id=eos, pad_id=0)["decode"]
+  tokens, steps = fn(*args)
+  assert int(steps) == first + 1
+  np.testing.assert_array_equal(np.asarray(tokens)[:, :first + 1], greedy[:, :first + 1])
+  assert np.all(np.asarray(tokens)[:, first + 1:] == 0)
+  never = int(max(greedy.max() + 1, 2))
+  fn, args = sampling.generate_programs(model, params, image, text, max_new_tokens=6,
+                                        eos_id=never, pad_id=0)["decode"]
+  tokens, steps = fn(*args)
+  assert int(steps) == 6
+  np.testing.assert_array_equal(np.asarray(tokens), greedy)
+
+
 def test_video_frames_are_encoded_independently():
   model, params, _ = make_params(CONFIGS[1])
   rng = np.random.default_rng(10)

@@ -26,11 +26,12 @@ not handle) is recorded with its error for the families of that input shape; the
 Latency and memory (`SweepOptions.latency`): outside the accuracy loop, one setting at a time
 (no other setting compiling beside it), on the first batch of each input shape: the prefill as
 the setting runs it (ViT, compression + projector, decoder prefill filling the KV cache) and one
-decoding step (the decoding loop's time / max_new_tokens), each program's median over
+decoding step (the decoding loop's time / the steps it ran: it stops when every example of the
+batch has emitted EOS), each program's median over
 `latency_reps` calls after a warm-up call, and peak memory as the largest `program_bytes`
 (`compiled.memory_analysis()`) of those programs. Programs several settings share (the ViT, the
-projector, the decoder of one image-token count, a decoding loop over one cache layout) are
-measured once per input shape.
+projector, the decoder of one image-token count) are measured once per input shape; the
+decoding loop once per setting (its steps depend on the setting's answers).
 """
 
 from __future__ import annotations
@@ -598,7 +599,8 @@ class _Timer:
     """(prefill, decode step) measurements of decoder `dec` on image tokens `toks`: the two
     programs `runner.answer_batch` ran on this batch (`sampling.generate_programs`, called as
     the accuracy pass calls them, so their executables are reused, not compiled again); the
-    decode step is the decoding loop's time / max_new_tokens."""
+    decode step is the decoding loop's time / the steps it ran (it stops at the batch's last
+    EOS)."""
     opts = self.opts
     key = ("decoder", dec.config.plan, toks.x.shape, self.text.shape)
     if key not in self.measured:
@@ -613,8 +615,12 @@ class _Timer:
       cache = dec_args[3]
       layout = (jax.tree.structure(cache),
                 tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(cache)))
-      loop = self._once(("decode", layout), lambda: self._measure(dec_fn, *dec_args))
-      step = {"seconds": loop["seconds"] / opts.max_new_tokens, "bytes": loop["bytes"]}
+      # The loop stops when every example has emitted EOS: per token = its time / steps run
+      # (the same data every call, so the same steps).
+      key_loop = ("decode", layout, key)
+      loop = self._once(key_loop, lambda: self._measure(dec_fn, *dec_args, out=True))
+      steps = max(int(loop["out"][1]), 1)
+      step = {"seconds": loop["seconds"] / steps, "bytes": loop["bytes"]}
       self.measured[key] = {"prefill": pre, "step": step}
     m = self.measured[key]
     return m["prefill"], m["step"]

@@ -40,8 +40,8 @@ def generate_programs(model: PaliGemma, params, image, prefix, *, max_new_tokens
   (fn, args)}, each `fn(*args)` the jitted call `generate` makes (so timing them, or reading
   their `fn.lower(*args).compile()`, reuses the executables `generate` compiled instead of
   compiling others). The decode's args hold the prefill's outputs (the prefill runs once here).
-  The decode program runs all `max_new_tokens` steps (no early exit): its time / max_new_tokens
-  is the per-token decoding time.
+  The decode program returns (tokens, steps): it stops once every example has emitted EOS, so
+  its time / steps is the per-token decoding time.
   """
   config, params, rng = _arguments(model, params, max_new_tokens=max_new_tokens, plan=None,
                                    temperature=0.0, rng=None)
@@ -84,7 +84,7 @@ def _generate(config, params, image, prefix, prefix_mask, rng, max_new_tokens, t
   logits, cache = _prefill(config, params, image, prefix, prefix_mask, max_new_tokens,
                            image_tokens)
   return _decode(_decoder_only(config), params, logits, cache, rng, max_new_tokens, temperature,
-                 eos_id, pad_id)
+                 eos_id, pad_id)[0]
 
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
@@ -102,25 +102,40 @@ def _prefill(config, params, image, prefix, prefix_mask, max_new_tokens, image_t
 
 @functools.partial(jax.jit, static_argnums=(0, 5, 6, 7, 8))
 def _decode(config, params, logits, cache, rng, max_new_tokens, temperature, eos_id, pad_id):
-  """max_new_tokens greedy / sampled steps from the prefill's logits and cache:
-  int32[B, max_new_tokens]."""
+  """Up to max_new_tokens greedy / sampled steps from the prefill's logits and cache ->
+  (int32[B, max_new_tokens] tokens, pad_id after each example's EOS; int32[] steps run).
+
+  The loop stops once every example has emitted EOS (a `while_loop` whose condition is
+  computed on the device: no host round trip). Short answers are most of what a sweep decodes
+  (1-5 tokens against max_new_tokens = 10), and a fixed-length `scan` ran every step anyway.
+  The tokens are the same either way: after EOS an example only receives pad_id.
+  """
   model = PaliGemma(config)
   variables = {"params": params}
+  keys = jax.random.split(rng, max_new_tokens)
+  batch = logits.shape[0]
 
-  def step(carry, key):
-    logits, cache, done = carry
+  def running(carry):
+    i, _, _, done, _ = carry
+    return (i < max_new_tokens) & ~jnp.all(done)
+
+  def step(carry):
+    i, logits, cache, done, tokens = carry
     if temperature > 0:
-      token = jax.random.categorical(key, logits.astype(jnp.float32) / temperature, axis=-1)
+      token = jax.random.categorical(keys[i], logits.astype(jnp.float32) / temperature, axis=-1)
     else:
       token = jnp.argmax(logits, axis=-1)
     token = jnp.where(done, pad_id, token).astype(jnp.int32)
     done = done | (token == eos_id)
+    tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], i, axis=1)
     logits, cache = model.apply(variables, token, cache, method=model.decode_step)
-    return (logits, cache, done), token
+    return i + 1, logits, cache, done, tokens
 
-  done = like_batch(jnp.zeros(logits.shape[:1], bool), logits)
-  _, tokens = jax.lax.scan(step, (logits, cache, done), jax.random.split(rng, max_new_tokens))
-  return tokens.T
+  done = like_batch(jnp.zeros((batch,), bool), logits)
+  tokens = like_batch(jnp.full((batch, max_new_tokens), pad_id, jnp.int32), logits)
+  steps, _, _, _, tokens = jax.lax.while_loop(
+      running, step, (jnp.int32(0), logits, cache, done, tokens))
+  return tokens, steps
 
 
 def clear_cache() -> None:
