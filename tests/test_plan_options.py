@@ -91,9 +91,13 @@ def test_method_entry_values(stage, name):
     for v in values:
       plan_lib.normalize(_entry(stage, name, **{key: v}))
     _fails(_entry(stage, name, **{key: "bogus"}), key, "'bogus'", where)
-  for key, default in m.options.items():
+  for key, default in m.options.items():  # typed by the default: bool, int, float
     if isinstance(default, bool):
       _fails(_entry(stage, name, **{key: 1}), key, where)
+    elif isinstance(default, (int, float)):
+      for bad in ("1", True, None) + ((1.5,) if isinstance(default, int) else ()):
+        _fails(_entry(stage, name, **{key: bad}), key, where)
+      plan_lib.normalize(_entry(stage, name, **{key: default + 1}))
   for opts, word in [({"budget": 0}, "budget"), ({"budget": 2.5}, "budget"),
                      ({"budget": True}, "budget"), ({"keep": 0}, "keep"), ({"keep": 1.5}, "keep"),
                      ({"keep": 0.5}, "exactly one"), ({"signals": "keys"}, "signals"),

@@ -45,10 +45,11 @@ STAGE_SIGNALS says what each stage can provide (post_proj has text only when the
 called with text); naming a signal the stage can never provide is an error.
 
 Validation. `normalize` (run whenever a PaliGemmaConfig is built) refuses any key an entry's
-method or schedule does not read, checks the type of every plan option, the value of every
-option with fixed choices (`compress.registry.CHOICES`, boolean method options, attn_from,
-signals) and the shape of schedules. What depends on the model (budget <= tokens present,
-layer < depth, a method's numeric options) is checked when the model runs. Every error is a
+method or schedule does not read, checks the type of every plan option and of every method
+option whose default is a bool, an int or a float, the value of every option with fixed choices
+(`compress.registry.CHOICES`, attn_from, signals) and the shape of schedules. What depends on
+the model (budget <= tokens present, layer < depth) and the range of a method's numeric options
+(and the options whose default is None) are checked when the method runs. Every error is a
 ValueError naming the entry, `plan[i] (stage, method)`, and the option.
 """
 
@@ -186,13 +187,26 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     if key in opts and not _is_int(opts[key]):
       raise ValueError(f"{where}: {key} must be an int, got {opts[key]!r}")
   _check_attn_from(where, opts)
+  _check_method_options(where, m, opts)
+  return opts
+
+
+def _check_method_options(where: str, m, opts) -> None:
+  """The method's own options in `opts`: fixed choices (CHOICES) and the type of the default
+  (bool, int or float; an option whose default is None is the method's to check when called)."""
   for key, values in m.choices.items():
     if key in opts and opts[key] not in values:
       raise ValueError(f"{where}: {key} must be one of {values}, got {opts[key]!r}")
   for key, default in m.options.items():
-    if isinstance(default, bool) and key in opts and not isinstance(opts[key], bool):
-      raise ValueError(f"{where}: {key} must be True or False, got {opts[key]!r}")
-  return opts
+    if key not in opts:
+      continue
+    v = opts[key]
+    if isinstance(default, bool) and not isinstance(v, bool):
+      raise ValueError(f"{where}: {key} must be True or False, got {v!r}")
+    if _is_int(default) and not _is_int(v):
+      raise ValueError(f"{where}: {key} must be an int, got {v!r}")
+    if isinstance(default, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+      raise ValueError(f"{where}: {key} must be a number, got {v!r}")
 
 
 def _check_keys(where: str, opts, allowed) -> None:
