@@ -15,8 +15,9 @@ Fields:
     layer llm_layer on); the uncompressed model ("full") always runs too.
   families, per_family, split, seed: the testbed examples (`tcjax.data.testbed.example`).
   vit_layer: ViT layer after which vit-stage selections act (ToMe merges from it on);
-    signal_layer: ViT layer whose attention / keys post-ViT methods read (default -2, as
-    VisionZip / FasterVLM); llm_layer: decoder layer K of the llm stage.
+    signal_layer: ViT layer whose attention / keys every post-ViT method reads (default unset:
+    each method's own, -2 as VisionZip / FasterVLM, -1 for PruMerge); llm_layer: decoder layer
+    K of the llm stage.
   options: a Python literal {method: {option: value}} added to that method's plan entries,
     e.g. '{"fastv": {"query": "mean"}}'.
   adaptive: a Python literal {policy: {option: values}} of adaptive budgets
@@ -63,7 +64,7 @@ def get_config(arg: str = ""):
   c.split = "test"
   c.seed = 0
   c.vit_layer = 1
-  c.signal_layer = -2
+  c.signal_layer = ml_collections.config_dict.placeholder(int)
   c.llm_layer = 1
   c.options = "{}"
   c.adaptive = "{}"

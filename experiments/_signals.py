@@ -2,7 +2,7 @@
 
 Kept inside experiments/ (scripts never import tests/). Shapes are the realistic ones of a SigLIP /
 PaliGemma setting: attn with Q = 1 (a CLS-like row), keys with Dk = 72 (one So400m head),
-text with T = 16 prompt tokens.
+keys_heads with 16 heads of 72, text with T = 16 prompt tokens.
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def make_signals(name, tokens, *, seed=0, num_queries=1, key_dim=72, text_len=16
       out[s] = jax.nn.softmax(logits, -1)
     elif s == "keys":
       out[s] = jax.random.normal(ks[2], (b, n, key_dim))
+    elif s == "keys_heads":  # 16 heads of key_dim, as So400m
+      out[s] = jax.random.normal(ks[2], (b, n, 16, key_dim))
     elif s == "text":
       out[s] = text if text is not None else jax.random.normal(ks[3], (b, text_len, d))
     elif s == "text_mask":

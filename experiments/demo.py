@@ -116,6 +116,8 @@ def run(budgets=(64, 16), out_dir=OUT, methods=None, reps=5, log=print):
         signals = make_signals(name, tokens, attn_logits=sal / sal.std(), text=text, key_dim=DIM)
         if "keys" in signals:
           signals["keys"] = tokens.x
+        if "keys_heads" in signals:  # one head: the features, as `keys`
+          signals["keys_heads"] = tokens.x[:, :, None]
         b = pick_budget(name, tokens, signals, fraction=want / (GRID * GRID))
         if b is not None:
           err = abs(np.log(b / (want * len(frames_img))))

@@ -32,12 +32,18 @@ def make_tokens(batch, frames, grid, dim=8, seed=0, dtype=jnp.float32):
   return tcjax.Tokens.from_video(x, frames=frames, grid=grid)
 
 
+# Optional signals that some option values need (SparseVLM v2.0): made whenever accepted, so that
+# every option value runs on the same inputs.
+FOR_OPTIONS = ("attn_heads", "rope_logits")
+
+
 def make_signals(name, tokens, seed=0, num_queries=3, text_len=5):
   """Random signals for method `name`, shaped after `tokens`."""
   b, n, d = tokens.x.shape
-  keys = jax.random.split(jax.random.key(seed + 1000), 6)
+  keys = jax.random.split(jax.random.key(seed + 1000), 8)
   out = {}
-  for s in METHODS[name].needs:
+  m = METHODS[name]
+  for s in m.needs + tuple(s for s in FOR_OPTIONS if s in m.optional):
     if s == "scores":
       out[s] = jax.random.normal(keys[0], (b, n))
     elif s == "attn":
@@ -46,6 +52,8 @@ def make_signals(name, tokens, seed=0, num_queries=3, text_len=5):
       out[s] = jax.nn.softmax(3 * jax.random.normal(keys[1], (b, 2, num_queries, n)), -1)
     elif s == "keys":
       out[s] = jax.random.normal(keys[2], (b, n, 6))
+    elif s == "keys_heads":
+      out[s] = jax.random.normal(keys[2], (b, n, 2, 3))
     elif s == "text":
       out[s] = jax.random.normal(keys[3], (b, text_len, d))
     elif s == "text_mask":
@@ -54,6 +62,10 @@ def make_signals(name, tokens, seed=0, num_queries=3, text_len=5):
       out[s] = jnp.arange(rows)[None] < lengths[:, None]
     elif s == "rng":
       out[s] = keys[5]
+    elif s == "attn_heads":  # 2 heads
+      out[s] = jax.nn.softmax(3 * jax.random.normal(keys[6], (b, 2, num_queries, n)), -1)
+    elif s == "rope_logits":  # positive, as near the diagonal of real RoPE logits
+      out[s] = 1 + jax.random.uniform(keys[7], (b, num_queries, n))
   return out
 
 

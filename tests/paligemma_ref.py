@@ -63,7 +63,8 @@ def image_embed(p, cfg, image):
   return x @ p["img/head/kernel"] + p["img/head/bias"]
 
 
-def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, hide=None):
+def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, hide=None,
+            hidden=None, override=None):
   """NumPy float64 Gemma over embeddings x [B, S, E] with mask_ar `ar` [B, S] (image tokens 0).
 
   pos: RoPE positions [B, S] (default 0..S-1). prune: {layer K: keep bool[B, S_K]}, the tokens
@@ -74,6 +75,9 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
   entering layer K after `prune` (e.g. a merge). hide: (positions [B, P], start): query rows at
   RoPE position >= start never attend to keys at those positions, in any layer (tokens dropped
   from every layer's KV cache after prefill).
+  hidden: a dict to fill with {layer: the hidden states [B, S_K, E] entering it}, or None.
+  override: {layer K: x [B, S_K, E]}: the hidden states entering layer K (after its pruning)
+  replaced, e.g. by merged tokens.
   Returns (logits of every final token [B, S', V], {layer: attention}, final positions).
   """
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
@@ -94,6 +98,10 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
       ar = np.stack([ar[b, sel[b]] for b in range(B)])
     if at_layer and l in at_layer:
       x, pos, ar = at_layer[l](x, pos, ar, attns)
+    if override and l in override:
+      x = np.asarray(override[l], np.float64)
+    if hidden is not None:
+      hidden[l] = x
     cum = np.cumsum(ar, 1)
     allowed = cum[:, None, :] <= cum[:, :, None]  # [B, q, k] prefix-LM (big_vision make_attn_mask)
     prefix = ar == 0

@@ -250,8 +250,8 @@ def _prefill(config, params, image, text, mask, image_tokens=None):
 def _vit_scores(params, image):
   """float32[B, N] the post-ViT stages' `scores`: attention received in ViT layer -2."""
   model = PaliGemma(CONFIG)
-  enc = model.apply({"params": params}, image, signal_layer=-2, method=model.encode_image)
-  return enc.signals["scores"]
+  enc = model.apply({"params": params}, image, signal_layers=-2, method=model.encode_image)
+  return enc.signals[CONFIG.img.depth - 2]["scores"]
 
 
 @jax.jit

@@ -141,8 +141,10 @@ def test_wrong_signal_shapes(name):
   for s, v in signals.items():
     if s == "rng":
       continue
-    # attn's (attn_heads') axis 1 is Q (H): any count; cut its token axis instead.
-    cut = v[..., 1:] if s in ("attn", "attn_heads") else (v[:, 1:] if v.ndim >= 2 else v[1:])
+    # attn's axis 1 is Q, attn_heads' the heads (any count), rope_logits' the rows: cut their
+    # token axis instead.
+    cut = (v[..., 1:] if s in ("attn", "attn_heads", "rope_logits")
+           else (v[:, 1:] if v.ndim >= 2 else v[1:]))
     bad = {**signals, s: cut}
     with pytest.raises(ValueError, match=s):
       run(name, tokens, budget, bad)

@@ -82,3 +82,35 @@ def test_size_weighting_conserves_mass(seed, budget):
   plain = _jitted(budget)(t)
   np.testing.assert_array_equal(plain.src, out.src)
   assert not np.allclose(plain.x, out.x)
+
+
+def test_chat_univi_cascade_matches_numpy():
+  """Chat-UniVi's image path: 256 -> 64 (k 5) -> 32 (k 3) -> 16 (k 3), each level clustering the
+  previous level's plain means (CTM token weight 1), all 112 tokens concatenated."""
+  import importlib
+  dk = importlib.import_module("tcjax.compress.dpc_knn")  # the module, not the function
+  x = np.asarray(jax.random.normal(jax.random.key(5), (2, 256, 8)))
+  t = tcjax.Tokens.from_grid(jnp.asarray(x), (16, 16))
+  levels = jax.jit(dk.cascade)(t)
+  assert [lv.num_tokens for lv in levels] == [64, 32, 16]
+  assert [dk.ctm_k(k, c) for k, c in zip(dk.CHAT_UNIVI_K, dk.CHAT_UNIVI_LEVELS)] == [5, 3, 3]
+  assert dk.ctm_k(5, 4) == 2 and dk.ctm_k(3, 1) == 1  # k above the clusters: CTM's fallback
+  feats, mask = dk.concatenate(levels)
+  assert feats.shape == (2, 112, 8) and bool(mask.all())
+  for b in range(2):
+    feat, pos, member = x[b], np.arange(256), np.arange(256)  # member: patch -> current token
+    got_all = []
+    for lv, (c, k) in zip(levels, zip(dk.CHAT_UNIVI_LEVELS, dk.CHAT_UNIVI_K)):
+      check_contract(lv, c, 2)
+      centres, assign, means = numpy_dpc(feat, c, dk.ctm_k(k, c))
+      feat, pos, member = means, pos[centres], assign[member]
+      order = np.argsort(pos)  # tcjax: raster order of the centres
+      lin = np.asarray(lv.pos[b, :, 1] * 16 + lv.pos[b, :, 2])
+      np.testing.assert_array_equal(lin, pos[order])
+      np.testing.assert_allclose(np.asarray(lv.x[b]), feat[order], rtol=1e-4, atol=1e-5)
+      slot = np.empty(c, int)
+      slot[order] = np.arange(c)
+      np.testing.assert_array_equal(np.asarray(lv.src[b]), slot[member])
+      got_all.append(feat[order])
+    np.testing.assert_allclose(np.asarray(feats[b]), np.concatenate(got_all), rtol=1e-4,
+                               atol=1e-5)

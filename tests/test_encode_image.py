@@ -26,19 +26,22 @@ def _image(clip: bool):
   return np.random.default_rng(1).uniform(-1, 1, shape).astype(np.float32)
 
 
-VISIONZIP = (("post_vit", {"method": "visionzip", "budget": 8}),)  # ViT signals
+VISIONZIP = (("post_vit", {"method": "visionzip", "budget": 8}),)  # signals of ViT layer -2
+PRUMERGE = (("post_vit", {"method": "prumerge", "budget": 8}),)  # signals of ViT layer -1
 POOL_TEXT = (("post_vit", {"method": "pool", "budget": 8}),  # 2 x 2 per frame of a clip
              ("post_proj", {"method": "text_relevance", "budget": 3}))  # text
 
 
 @pytest.mark.parametrize("plan, clip", [((), False), (VISIONZIP, False), (VISIONZIP, True),
-                                        (POOL_TEXT, True)])
+                                        (PRUMERGE, False), (POOL_TEXT, True)])
 def test_encoded_equals_image_path(plan, clip):
   image = _image(clip)
   m = MODEL.with_plan(plan)
   zimg, tokens, aux = m.apply(V, image, TEXT, None, MASK, method=m.embed_image)
-  enc = MODEL.apply(V, image, signal_layer=-2, method=MODEL.encode_image)
-  assert enc.signal_layer == 1 and enc.frames == (2 if clip else None)
+  # One ViT run for plans reading different layers (VisionZip -2, PruMerge -1).
+  enc = MODEL.apply(V, image, signal_layers=(-2, -1), method=MODEL.encode_image)
+  assert enc.signal_layers == (1, 2) and enc.frames == (2 if clip else None)
+  assert set(enc.signals) == {1, 2} and enc.signals[2]["keys_heads"].shape[2:] == (2, 8)
   zimg2, tokens2, aux2 = m.apply(V, None, TEXT, None, MASK, encoded=enc, method=m.embed_image)
   np.testing.assert_allclose(zimg2, zimg, atol=1e-5)
   np.testing.assert_array_equal(tokens2.pos, tokens.pos)
@@ -66,10 +69,14 @@ def test_llm_stage_acts_on_given_image_tokens():
 def test_mismatches_are_refused():
   image = _image(False)
   plain = MODEL.apply(V, image, method=MODEL.encode_image)  # no signals
-  assert plain.signal_layer is None and plain.signals == {}
-  m = MODEL.with_plan((("post_vit", {"method": "visionzip", "budget": 8}),))
-  with pytest.raises(ValueError, match="signals of ViT layer 1"):
+  assert plain.signal_layers == () and plain.signals == {}
+  m = MODEL.with_plan(VISIONZIP)
+  with pytest.raises(ValueError, match=r"signals of ViT layer\(s\) \[1\]"):
     m.apply(V, None, encoded=plain, method=m.embed_image)
+  penultimate = MODEL.apply(V, image, signal_layers=-2, method=MODEL.encode_image)
+  m = MODEL.with_plan(PRUMERGE)  # reads the last layer, which `penultimate` lacks
+  with pytest.raises(ValueError, match=r"layer\(s\) \[2\], encoded carries \[1\]"):
+    m.apply(V, None, encoded=penultimate, method=m.embed_image)
   tome = MODEL.with_plan((("vit", {"method": "tome", "r": 2}),))
   with pytest.raises(ValueError, match="vit stage"):
     tome.apply(V, None, encoded=plain, method=tome.embed_image)

@@ -73,7 +73,7 @@ def test_selection_methods_with_token_axis_sharded(name):
   mesh = make_mesh((("data", 2), ("seq", 4)), axis_types="explicit")
   tok = lambda a: jax.device_put(a, NamedSharding(mesh, P("data", "seq")))
   t_s = t.replace(x=tok(t.x), pos=tok(t.pos), size=tok(t.size), mask=tok(t.mask), src=tok(t.src))
-  s_s = {k: (tok(v) if k in ("keys",) else v) for k, v in signals.items()}
+  s_s = {k: (tok(v) if k in ("keys", "keys_heads") else v) for k, v in signals.items()}
   if "attn" in s_s:
     s_s["attn"] = jax.device_put(signals["attn"], NamedSharding(mesh, P("data", None, "seq")))
   with jax.set_mesh(mesh):

@@ -10,13 +10,13 @@ import tcjax
 import tcjax.checkpoints as ckpt
 from tcjax import compress
 from tcjax.compress import METHODS
-from tcjax.compress.registry import CHOICES, STAGES
+from tcjax.compress.registry import CHOICES, OPTIONAL_TYPES, STAGES
 from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig, gemma, siglip
 from tcjax.nn import plan as plan_lib
 
 from helpers import inputs, make_tokens
 
-LAYER_SIGNALS = {"attn", "attn_heads", "keys", "scores", "text_keys"}
+LAYER_SIGNALS = {"attn", "attn_heads", "keys", "keys_heads", "scores", "text_keys"}
 # Every key the plan itself reads somewhere, with a valid value.
 PLAN_KEYS = {"layer": 1, "seed": 3, "signal_layer": 1, "attn_from": "next", "signals": (),
              "r": 2, "layers": (1, 2), "prop_attn": False, "ratios": (0.5, 0.25),
@@ -28,7 +28,7 @@ SCHEDULES = {
 }
 SCHEDULE_KEYS = {("vit", "tome"): {"r", "layers", "prop_attn"},
                  ("llm", "pyramiddrop"): {"layers", "ratios", "attn_from"},
-                 ("llm", "sparsevlm"): {"layers", "budgets", "attn_from"}}
+                 ("llm", "sparsevlm"): {"layers", "budgets", "attn_from", "version", "heads"}}
 
 
 def _method_cases():
@@ -91,9 +91,19 @@ def test_method_entry_values(stage, name):
     for v in values:
       plan_lib.normalize(_entry(stage, name, **{key: v}))
     _fails(_entry(stage, name, **{key: "bogus"}), key, "'bogus'", where)
-  for key, default in m.options.items():
+  for key, default in m.options.items():  # typed by the default: bool, int, float
     if isinstance(default, bool):
       _fails(_entry(stage, name, **{key: 1}), key, where)
+    elif isinstance(default, (int, float)):
+      for bad in ("1", True, None) + ((1.5,) if isinstance(default, int) else ()):
+        _fails(_entry(stage, name, **{key: bad}), key, where)
+      plan_lib.normalize(_entry(stage, name, **{key: default + 1}))
+    elif default is None:  # None, or a value of its OPTIONAL_TYPES kind
+      kind = m.optional_types[key]
+      plan_lib.normalize(_entry(stage, name, **{key: None}))
+      plan_lib.normalize(_entry(stage, name, **{key: {"int": 2, "float": 0.5, "bool": True}[kind]}))
+      for bad in ("1",) + ((1.5, True) if kind == "int" else (True,) if kind == "float" else (1,)):
+        _fails(_entry(stage, name, **{key: bad}), key, where)
   for opts, word in [({"budget": 0}, "budget"), ({"budget": 2.5}, "budget"),
                      ({"budget": True}, "budget"), ({"keep": 0}, "keep"), ({"keep": 1.5}, "keep"),
                      ({"keep": 0.5}, "exactly one"), ({"signals": "keys"}, "signals"),
@@ -128,6 +138,9 @@ def test_schedules_take_only_their_options(key):
     opts = {**base, extra: value}
     if name == "sparsevlm" and extra == "keeps":
       continue  # the other size key: "exactly one of" below
+    if name == "sparsevlm" and extra == "version":  # its own option, a value it refuses
+      _fails(((stage, opts),), "version must be one of", "'v9.9'", where)
+      continue
     if extra in SCHEDULE_KEYS[key]:
       plan_lib.normalize(((stage, opts),))
     else:
@@ -154,7 +167,8 @@ def test_tome_schedule_values(opts, word):
     ("sparsevlm", {"layers": (1,), "budgets": (8,), "keeps": (0.5,)}, "exactly one"),
     ("sparsevlm", {"layers": (1,), "budgets": (0,)}, "budgets"),
     ("sparsevlm", {"layers": (1,), "keeps": (2,)}, "keeps"),
-    ("sparsevlm", {"layers": (1,), "budgets": (8,), "version": "v9.9"}, "'version'"),
+    ("sparsevlm", {"layers": (1,), "budgets": (8,), "version": "v9.9"}, "version must be one"),
+    ("sparsevlm", {"layers": (1,), "budgets": (8,), "heads": 2.5}, "heads must be an int"),
 ])
 def test_llm_schedule_values(name, opts, word):
   _fails((("llm", {"method": name, **opts}),), word, f"plan[0] (llm, {name})")
@@ -183,6 +197,16 @@ def test_normalize_is_idempotent_and_keeps_per_layer_r():
   # Frozen, the list [2, 2] must not turn into the ramp (r=2, inflect=2).
   twice = plan_lib.normalize(plan_lib.normalize((("vit", {"method": "tome", "r": [2, 2]}),)))
   assert plan_lib.tome_schedule(twice, 3)[0] == (2, 2, 0)
+
+
+def test_every_option_defaulting_to_none_has_a_type():
+  """OPTIONAL_TYPES declares every option whose default is None, and nothing else, so that
+  `normalize` checks every option of every method."""
+  for name, m in METHODS.items():
+    nones = {k for k, v in m.options.items() if v is None}
+    assert nones == set(m.optional_types), (name, nones)
+    assert set(m.optional_types.values()) <= {"int", "float", "bool"}
+  assert set(OPTIONAL_TYPES) <= set(METHODS)
 
 
 def test_choices_match_the_methods():
@@ -256,16 +280,18 @@ def test_rng_and_text_signals_by_entry():
     _run({"method": "dart", "budget": 20, "signals": ("text",)}, tokens, sig, "post_proj")
 
 
-def test_only_entries_using_vit_signals_set_the_signal_layer():
+def test_only_entries_using_vit_signals_set_the_signal_layers():
   depth = 4
-  sl = lambda plan: plan_lib.signal_layer(plan_lib.normalize(plan), depth)
-  assert sl((("post_vit", {"method": "divprune", "budget": 8}),)) is None
-  assert sl((("post_vit", {"method": "divprune", "budget": 8, "signals": ("keys",)}),)) == 2
+  sl = lambda plan: plan_lib.signal_layers(plan_lib.normalize(plan), depth)
+  assert sl((("post_vit", {"method": "divprune", "budget": 8}),)) == ()
+  assert sl((("post_vit", {"method": "divprune", "budget": 8, "signals": ("keys",)}),)) == (2,)
   assert sl((("post_vit", {"method": "pool", "budget": 16}),
-             ("post_proj", {"method": "topk", "budget": 8, "signal_layer": 1}))) == 1
-  with pytest.raises(ValueError, match="different ViT layers"):
-    sl((("post_vit", {"method": "visionzip", "budget": 16, "signal_layer": 1}),
-        ("post_proj", {"method": "divprune", "budget": 8, "signals": ("keys",)})))
+             ("post_proj", {"method": "topk", "budget": 8, "signal_layer": 1}))) == (1,)
+  # Each entry its own layer: VisionZip's penultimate, PruMerge's last (its default).
+  assert sl((("post_vit", {"method": "visionzip", "budget": 16, "signal_layer": 1}),
+             ("post_proj", {"method": "divprune", "budget": 8, "signals": ("keys",)}))) == (1, 2)
+  assert sl((("post_vit", {"method": "prumerge", "budget": 16}),)) == (3,)
+  assert sl((("post_vit", {"method": "prumerge_plus", "budget": 16, "signal_layer": -2}),)) == (2,)
 
 
 def test_llm_hooks_carry_the_entry_signals():
@@ -305,7 +331,8 @@ def test_vispruner_through_the_model(model_params):
   comparing features by default and the ViT's head-mean keys when the entry asks for keys."""
   model, params = model_params
   image = np.random.default_rng(2).uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
-  tokens, sig, _ = siglip.encode(params["img"], jnp.asarray(image), IMG, (), want_signals=1)
+  tokens, sig, _ = siglip.encode(params["img"], jnp.asarray(image), IMG, (), want_signals=(1,))
+  sig = sig[1]
   head = params["img"]["head"]
   embed = lambda m: jax.jit(lambda p, i: m.apply({"params": p}, i, method=m.embed_image))
   results = []

@@ -211,6 +211,21 @@ def test_settings_and_plans():
   assert sweep_lib.plan_for(Setting("pyramiddrop", "llm", 64), n_tokens=256, frames=1,
                             **kw)[0][1]["ratios"] == (64.5 / 256,)
   assert sweep_lib.plan_for(FULL, n_tokens=256, frames=1, **kw) == ()
+  # SparseVLM's budgets count the tokens kept by score: v1.5 keeps 57 and recycles 7 clusters
+  # (int(0.3 * 199) + 1 = 60 of the 199 deleted, int(6.0) + 1 = 7 clusters), 64 in all.
+  (_, svlm), = sweep_lib.plan_for(Setting("sparsevlm", "llm", 64), n_tokens=256, frames=1, **kw)
+  assert svlm["budgets"] == (57,)
+  (_, svlm), = sweep_lib.plan_for(Setting("sparsevlm", "llm", 64), n_tokens=256, frames=1,
+                                  options={"version": "v2.0"}, **kw)
+  assert svlm["budgets"] == (64,)
+  # Each method reads its own ViT signal layer unless the sweep sets one for all.
+  (_, pm), = sweep_lib.plan_for(Setting("prumerge", "post_vit", 64), n_tokens=256, frames=1, **kw)
+  assert "signal_layer" not in pm
+  (_, pm), = sweep_lib.plan_for(Setting("prumerge", "post_vit", 64), n_tokens=256, frames=1,
+                                signal_layer=-2, **kw)
+  (_, pool), = sweep_lib.plan_for(Setting("pool", "post_vit", 64), n_tokens=256, frames=1,
+                                  signal_layer=-2, **kw)
+  assert pm["signal_layer"] == -2 and "signal_layer" not in pool  # pool reads no ViT signal
 
 
 def test_cli_refuses_bad_config(tmp_path):
@@ -360,7 +375,7 @@ def test_tiny_sweep_with_adaptive_policies(tmp_path):
   exs = [testbed.example("count", "test", 0, i) for i in range(4)]
   image = np.stack([e["image"] for e in exs])
   prompt = tok.batch([e["prefix"] for e in exs], max_len=cfg.max_len)
-  enc = jax.jit(lambda p, i: model.apply({"params": p}, i, signal_layer=-2,
+  enc = jax.jit(lambda p, i: model.apply({"params": p}, i, signal_layers=-2,
                                          method=model.encode_image))(params, image)
   llm = model.with_plan((("llm", {"method": "adaptive_mass", "layer": 1, "budget": 32,
                                   "mass": 0.3}),))
@@ -369,7 +384,8 @@ def test_tiny_sweep_with_adaptive_policies(tmp_path):
       params, image, prompt["text"], prompt["mask_input"].astype(bool))
   rows_attn = np.asarray(aux["llm_attn"][0])
   last = prompt["mask_input"].sum(-1) - 1
-  for stage, scores in (("post_vit", np.asarray(enc.signals["scores"])),
+  (vit_signals,) = enc.signals.values()  # the one layer asked for, -2
+  for stage, scores in (("post_vit", np.asarray(vit_signals["scores"])),
                         ("llm", rows_attn[np.arange(4), last])):
     counts = []
     for s in scores.astype(np.float64):

@@ -1,4 +1,4 @@
-"""`text_relevance`: cosine vs dot relevance, SparseVLM raters, padding text, NaN policy."""
+"""`text_relevance`: cosine vs dot relevance, above-mean raters, padding text, NaN policy."""
 
 import chex
 import jax.numpy as jnp
@@ -51,7 +51,7 @@ def test_padding_text_never_counts():
   assert kept(out) == [0, 2]
 
 
-def test_sparsevlm_raters_hand_worked():
+def test_above_mean_raters_hand_worked():
   # Visual x = [e0, e1, e0, e0]; text t0 = e0, t1 = e1, t2 padding.
   # Cosine S rows: [1, 0], [0, 1], [1, 0], [1, 0]; softmax over the 2 text tokens:
   # [.731, .269] or [.269, .731]; r = mean over visual = [.6155, .3845] > mean .5 -> rater t0.
@@ -59,15 +59,15 @@ def test_sparsevlm_raters_hand_worked():
   # and the first three win the tie.
   x = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]])
   text = jnp.array([[[1.0, 0.0], [0.0, 1.0], [3.0, -7.0]]])
-  out = compress.text_relevance(tokens(x), 3, text=text, text_mask=VALID, raters="sparsevlm")
+  out = compress.text_relevance(tokens(x), 3, text=text, text_mask=VALID, raters="above_mean")
   assert kept(out) == [0, 2, 3]
   assert kept(compress.text_relevance(tokens(x), 3, text=text, text_mask=VALID)) == [0, 1, 2]
 
 
-def test_sparsevlm_all_equal_relevance_falls_back_to_all_text():
+def test_above_mean_all_equal_relevance_falls_back_to_all_text():
   x = jnp.array([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.0]]])
   text = jnp.array([[[1.0, 0.0], [1.0, 0.0], [0.0, 0.0]]])  # identical raters: r ties
-  a = compress.text_relevance(tokens(x), 2, text=text, text_mask=VALID, raters="sparsevlm")
+  a = compress.text_relevance(tokens(x), 2, text=text, text_mask=VALID, raters="above_mean")
   b = compress.text_relevance(tokens(x), 2, text=text, text_mask=VALID)
   chex.assert_trees_all_equal(a, b)
   assert kept(a) == [0, 2]

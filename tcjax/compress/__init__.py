@@ -26,6 +26,7 @@ from tcjax.compress.pyramid import pyramid
 from tcjax.compress.random import random
 from tcjax.compress.resize import resize
 from tcjax.compress.slowfast import slowfast
+from tcjax.compress.sparsevlm import sparsevlm
 from tcjax.compress.temporal_merge import temporal_merge
 from tcjax.compress.text_relevance import text_relevance
 from tcjax.compress.tome import tome

@@ -20,9 +20,20 @@ the official noise. The official output is in centre-score order; here it is in 
 of the centres (each merged token takes its centre's position). The algorithm needs the N x N
 distance matrix; nothing larger is built. Padding tokens (mask False) are never neighbours,
 centres (unless the budget exceeds the valid tokens: those slots are padding) or members.
+
+Chat-UniVi's image path (`ChatUniVi/model/arch.py::project`, `cluster.py::CTM`) runs three
+levels in a cascade, 576 -> 64 (k = 5) -> 32 (k = 3) -> 16 (k = 3), each clustering the previous
+level's merged tokens with weight 1 apiece, and hands the projector all three levels
+concatenated, 64 + 32 + 16 = 112 tokens: `cascade` and `concatenate`. The levels are each a
+`Tokens` of the same patch grid (level l's `src` maps every patch to its level-l token), but
+their concatenation carries every patch three times, which the Tokens contract (one carrier per
+patch) cannot express: it is a plain feature array, for `prefill(image_tokens=)`-style use, not
+a plan entry.
 """
 
 from __future__ import annotations
+
+from typing import Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -203,3 +214,42 @@ def _merge_sorted(tokens, assign, centres, weighting):
   x = (x / jnp.maximum(total, 1e-30)[..., None]).astype(tokens.x.dtype)
   return Tokens(x=x, pos=jax.vmap(lambda p, o: p[o])(pos, order).astype(jnp.int32), size=size,
                 mask=mask, src=P.remap_src(tokens.src, slot), grid=tokens.grid)
+
+
+# Chat-UniVi's image cascade: clusters per level and the CTM modules' k (model_config.py, arch.py).
+CHAT_UNIVI_LEVELS = (64, 32, 16)
+CHAT_UNIVI_K = (5, 3, 3)
+
+
+def ctm_k(k: int, clusters: int) -> int:
+  """The density neighbours Chat-UniVi's CTM uses: k, or min(3, max(clusters // 2, 1)) when k
+  exceeds the cluster count."""
+  return min(3, max(clusters // 2, 1)) if k > clusters else k
+
+
+def cascade(tokens, levels: Sequence[int] = CHAT_UNIVI_LEVELS,
+            ks: Sequence[int] = CHAT_UNIVI_K, *, rng: Optional[jax.Array] = None
+            ) -> Tuple[Tokens, ...]:
+  """Chat-UniVi's cascade: level i clusters level i - 1 (the tokens given, for i = 0) into
+  `levels[i]` tokens with `ctm_k(ks[i], levels[i])` density neighbours, plain means.
+
+  Returns one `Tokens` per level, each in raster order of its centres (the official order is the
+  centres' score order) and over the input's patch grid. rng: optional PRNG key, the official
+  density noise (one fold per level).
+  """
+  if len(levels) != len(ks) or not levels:
+    raise ValueError(f"dpc_knn.cascade: levels {tuple(levels)} and ks {tuple(ks)} must be "
+                     "non-empty and of one length")
+  out = []
+  for i, (clusters, k) in enumerate(zip(levels, ks)):
+    key = None if rng is None else jax.random.fold_in(rng, i)
+    tokens = dpc_knn(tokens, clusters, k=ctm_k(k, clusters), rng=key)
+    out.append(tokens)
+  return tuple(out)
+
+
+def concatenate(levels) -> Tuple[jax.Array, jax.Array]:
+  """(x float[B, sum K, D], mask bool[B, sum K]): the levels' tokens one after the other, as
+  Chat-UniVi feeds its projector (64 + 32 + 16 = 112 tokens for the default levels)."""
+  return (jnp.concatenate([t.x for t in levels], 1),
+          jnp.concatenate([t.mask for t in levels], 1))

@@ -490,6 +490,21 @@ def l2_normalize(x: jax.Array, eps: float = 1e-6) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
+def above_mean_raters(s: jax.Array, valid_text: jax.Array, valid_vis: jax.Array) -> jax.Array:
+  """bool[B, T]: the text tokens whose relevance beats the mean, SparseVLM's rater rule.
+
+  From `s: float[B, N, T]` visual-text relevance: M = softmax over the valid text of s; r_j =
+  mean of M[:, j] over the valid visual tokens; raters = the valid text tokens with r_j >
+  mean(r). If none beats the mean (all equal), every valid text token rates.
+  """
+  m = jax.nn.softmax(jnp.where(valid_text[:, None], s, -jnp.inf), axis=-1)
+  m = jnp.where(valid_text[:, None] & valid_vis[..., None], m, 0.0)  # padding rows/cols out
+  r = m.sum(1) / jnp.maximum(valid_vis.sum(1), 1)[:, None]  # [B, T]
+  mean_r = (r.sum(1) / jnp.maximum(valid_text.sum(1), 1))[:, None]
+  raters = valid_text & (r > mean_r)
+  return jnp.where(raters.any(1, keepdims=True), raters, valid_text)
+
+
 def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
   """float32[N, N] = x @ x.T of `x: float[N, D]`, computing only the blocks on and above the
   diagonal (~(1 + 1/blocks) / 2 of the FLOPs of one matmul, with no loop) and mirroring them, so

@@ -4,7 +4,7 @@ Shang, Cai, Xu, Lee, Yan, "LLaVA-PruMerge: Adaptive Token Reduction for Efficien
 Multimodal Models", arXiv 2403.15388, ICCV 2025 (official code: 42Shawn/LLaVA-PruMerge,
 `token_prune_merge_advanced` / `token_prune_merge_advanced_plus`).
 
-Axis legend: B batch, N tokens, Q attention queries, D features, Dk key features,
+Axis legend: B batch, N tokens, Q attention queries, D features, H heads, h head features,
 K kept capacity, L neighbours per kept token.
 
 Official behaviour (followed here), with a = the attention mean over Q (Q = 1: the [CLS] row):
@@ -15,7 +15,11 @@ Official behaviour (followed here), with a = the attention mean over Q (Q = 1: t
      `step = N // n_outliers` (official `int(1 / ratio)`; no outliers: index 0 only).
   3. Each kept token i: x_i + sum_{j in kNN(i)} a_j * x_j over the L = min(k, N - 1) tokens j != i
      (kept or pruned) whose keys are most cosine-similar to k_i; weights not normalised (the
-     official division is commented out; `normalize=True` restores it).
+     official division is commented out; `normalize=True` restores it). The keys are the last
+     layer's key projection with the heads concatenated (the official hook on `k_proj` of
+     `layers[23]`), so a plan reads PruMerge's signals from the last ViT layer by default
+     (`plan.DEFAULT_SIGNAL_LAYER`), not the penultimate one of VisionZip and FasterVLM;
+     `heads="mean"` compares the head-mean keys instead.
   4. One extra token: sum_{pruned j} a_j * x_j (`extra_token=False` omits it).
 Fixed capacity: the output has `budget` slots; kept tokens fill `budget - extra_token` of them
 (outliers first by attention, then PruMerge+ grid samples by attention; more candidates than
@@ -30,6 +34,10 @@ token is carried by the kept token most key-similar to it among those whose k-NN
 dropped, src -1, without it). When every pruned token is in some k-NN, the extra token carries
 the most attended pruned token, so that it has an origin. `size` = patches carried.
 NaN attention: never an outlier, weight 0 in the sums.
+
+Not followed: the official attention is a single-head softmax over the full concatenated q and k
+of the [CLS] row; a tower without [CLS] (SigLIP) hands over the head-mean attention each patch
+receives instead (`attn`).
 """
 
 from __future__ import annotations
@@ -54,12 +62,19 @@ def iqr_outliers(a: jax.Array, valid: jax.Array, factor: float = 1.5) -> jax.Arr
   return ok & (a > q3 + factor * (q3 - q1))
 
 
-def _prumerge(tokens, budget, attn, keys, *, name, plus, k, factor, extra_token, normalize):
+def _prumerge(tokens, budget, attn, keys_heads, *, name, plus, heads, k, factor, extra_token,
+              normalize):
   P.check_tokens(tokens, name)
   budget = P.check_budget(tokens, budget, name)
   b, n, _ = tokens.x.shape
   attn = P.check_array(attn, "attn", name, (b, None, n)).astype(jnp.float32)
-  keys = P.check_array(keys, "keys", name, (b, n, None))
+  keys = P.check_array(keys_heads, "keys_heads", name, (b, n, None, None))
+  if heads == "concat":
+    keys = keys.reshape(b, n, -1)  # [B, N, H * h]: the key projection as the official hook
+  elif heads == "mean":
+    keys = keys.mean(2)  # [B, N, h]
+  else:
+    raise ValueError(f"{name}: heads must be 'concat' or 'mean', got {heads!r}")
   if not isinstance(k, int) or k < 1:
     raise ValueError(f"{name}: k must be a positive int, got {k!r}")
   cap = budget - int(bool(extra_token))  # kept-token capacity
@@ -125,10 +140,10 @@ def _prumerge(tokens, budget, attn, keys, *, name, plus, k, factor, extra_token,
   return P.sort_by_position(out)
 
 
-@register("prumerge", family="merging", stages=("post_vit",), needs=("attn", "keys"),
+@register("prumerge", family="merging", stages=("post_vit",), needs=("attn", "keys_heads"),
           paper="LLaVA-PruMerge, Shang et al., arXiv 2403.15388 (ICCV 2025)")
-def prumerge(tokens, budget, *, attn=None, keys=None, k=32, factor=1.5, extra_token=True,
-             normalize=False):
+def prumerge(tokens, budget, *, attn=None, keys_heads=None, heads="concat", k=32, factor=1.5,
+             extra_token=True, normalize=False):
   """PruMerge: keep the IQR attention outliers (at most `budget`), merge by key k-NN.
 
   Args:
@@ -136,7 +151,9 @@ def prumerge(tokens, budget, *, attn=None, keys=None, k=32, factor=1.5, extra_to
     budget: output capacity; valid tokens = min(outliers, budget - extra_token) + extra_token,
       the rest padding. `out.count()` (or `effective_count(out)`) reports it.
     attn: float[B, Q, N] attention probabilities; averaged over Q ([CLS] row when Q = 1).
-    keys: float[B, N, Dk] keys for the k-NN cosine similarity (official: last block's keys).
+    keys_heads: float[B, N, H, h] keys per head for the k-NN cosine similarity (official: the
+      last block's key projection).
+    heads: "concat" (official: the heads concatenated) or "mean" (the head-mean key).
     k: neighbours added into each kept token (official 32), clipped to N - 1.
     factor: IQR multiplier (official 1.5).
     extra_token: append the official extra token sum_{pruned} a_j x_j (takes one slot).
@@ -146,17 +163,17 @@ def prumerge(tokens, budget, *, attn=None, keys=None, k=32, factor=1.5, extra_to
   Returns:
     `budget` tokens in raster order, valid first, then padding.
   """
-  return _prumerge(tokens, budget, attn, keys, name="prumerge", plus=False, k=k, factor=factor,
-                   extra_token=extra_token, normalize=normalize)
+  return _prumerge(tokens, budget, attn, keys_heads, name="prumerge", plus=False, heads=heads,
+                   k=k, factor=factor, extra_token=extra_token, normalize=normalize)
 
 
-@register("prumerge_plus", family="merging", stages=("post_vit",), needs=("attn", "keys"),
+@register("prumerge_plus", family="merging", stages=("post_vit",), needs=("attn", "keys_heads"),
           paper="LLaVA-PruMerge+, Shang et al., arXiv 2403.15388 (ICCV 2025)")
-def prumerge_plus(tokens, budget, *, attn=None, keys=None, k=32, factor=1.5, extra_token=True,
-                  normalize=False):
+def prumerge_plus(tokens, budget, *, attn=None, keys_heads=None, heads="concat", k=32,
+                  factor=1.5, extra_token=True, normalize=False):
   """PruMerge+: PruMerge's outliers plus uniform spatial samples (stride `(N // n_out) // 3`).
 
   Args and returns as `prumerge`; outliers win the capacity over the grid samples.
   """
-  return _prumerge(tokens, budget, attn, keys, name="prumerge_plus", plus=True, k=k,
-                   factor=factor, extra_token=extra_token, normalize=normalize)
+  return _prumerge(tokens, budget, attn, keys_heads, name="prumerge_plus", plus=True, heads=heads,
+                   k=k, factor=factor, extra_token=extra_token, normalize=normalize)

@@ -11,7 +11,12 @@ import chex
 
 FAMILIES = ("sampling", "merging", "pooling", "cross_modal")
 STAGES = ("vit", "post_vit", "post_proj", "llm")
-SIGNALS = ("scores", "attn", "attn_heads", "keys", "text", "text_mask", "text_keys", "rng")
+# What each signal holds at each stage: docs/architecture.md. `keys` is the head-mean in the ViT
+# and the heads concatenated in the decoder; `keys_heads` keeps the head axis everywhere, so a
+# method reduces the heads as its official code does. `attn_heads` (the decoder's prompt-row
+# attention per head) and `rope_logits` (the RoPE term of those logits) exist in the decoder.
+SIGNALS = ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_heads", "text",
+           "text_mask", "text_keys", "rng")
 # How the decoder serves an llm-stage method (`register(llm_attn=, llm_kv=)`):
 #   llm_attn  "model": attention signals are the layer's own softmax (RoPE, prefix-LM mask);
 #             "raw": softmax of q k^T before RoPE over every valid token, no mask (PruneVid).
@@ -32,9 +37,29 @@ CHOICES: Dict[str, Dict[str, Tuple[Any, ...]]] = {
     "fastervlm": {"reduce": ("mean", "cls")},
     "fastv": {"query": ("last", "mean")},
     "holitom_llm": {"merge": ("official", "mean")},
-    "keynorm": {"order": ("smallest", "largest"), "norm": ("l2", "l1")},
-    "text_relevance": {"similarity": ("cosine", "dot"), "raters": ("all", "sparsevlm")},
+    "keynorm": {"heads": ("mean", "concat"), "order": ("smallest", "largest"),
+                "norm": ("l2", "l1")},
+    "prumerge": {"heads": ("concat", "mean")},
+    "prumerge_plus": {"heads": ("concat", "mean")},
+    "sparsevlm": {"version": ("v1.5", "v2.0")},
+    "text_relevance": {"similarity": ("cosine", "dot"), "raters": ("all", "above_mean")},
     "visionzip": {"merge": ("official", "mean")},
+}
+
+# The type of each option whose default is None ("the method decides"): None or a value of this
+# kind ("int", "float": any number, "bool"). `plan.normalize` checks them like the options with
+# a typed default; tests/test_plan_options.py wants an entry for every such option.
+OPTIONAL_TYPES: Dict[str, Dict[str, str]] = {
+    "cdpruner": {"theta": "float", "cache_gram": "bool"},
+    "dart": {"num_pivots": "int"},
+    "divprune": {"cache_gram": "bool"},
+    "framefusion": {"cost": "float"},
+    "holitom": {"retain_ratio": "float"},
+    "pool": {"window": "int"},
+    "pyramid": {"level": "int"},
+    "slowfast": {"slow_frames": "int", "fast_window": "int"},
+    "sparsevlm": {"scored": "int"},
+    "visionzip": {"dominant": "int", "contextual": "int"},
 }
 
 
@@ -95,6 +120,11 @@ class Method:
   def choices(self) -> Dict[str, Tuple[Any, ...]]:
     """{option: its allowed values} for the options with fixed choices (CHOICES)."""
     return CHOICES.get(self.name, {})
+
+  @property
+  def optional_types(self) -> Dict[str, str]:
+    """{option: "int" / "float" / "bool"} for the options whose default is None."""
+    return OPTIONAL_TYPES.get(self.name, {})
 
 
 METHODS: Dict[str, Method] = {}

@@ -5,19 +5,18 @@ counts and relevance is cosine similarity: raw dot products between visual and t
 are dominated by the norm gap between the modalities (e.g. Gemma scales text embeddings by
 sqrt(d)), so `similarity="dot"` is an option, not the default.
 
-`raters="sparsevlm"` follows SparseVLM's rater selection (Zhang et al., arXiv 2410.04417, v1
-official code): M = softmax over the text tokens of the visual-text relevance S (N x T);
-r_j = mean over the visual tokens of M[:, j]; the raters are the text tokens with r_j > mean(r).
-Visual tokens are then scored by their mean relevance S to the raters (SparseVLM scores them by
-the raters' attention inside the LLM; before the LLM the same S stands in for it). If no text
-token beats the mean (all equal), every valid text token rates.
+`raters="above_mean"` borrows SparseVLM's rater rule (Zhang et al., arXiv 2410.04417;
+`primitives.above_mean_raters`): M = softmax over the text tokens of the visual-text relevance S
+(N x T); r_j = mean over the visual tokens of M[:, j]; the raters are the text tokens with
+r_j > mean(r) (every valid text token if none beats the mean). Visual tokens are then scored by
+their mean relevance S to the raters. This is not SparseVLM: SparseVLM scores the visual tokens
+by the raters' attention inside the decoder, over several layers (`tcjax.compress.sparsevlm`).
 
 Padding text tokens (`text_mask` False) never count, whatever their values. An example with no
 valid text token scores every visual token 0 and keeps the first ones. NaN: a visual token whose
 score is NaN (NaN features or NaN valid text) ranks last (`primitives.rank_key`).
 """
 
-import jax
 import jax.numpy as jnp
 
 from tcjax.compress import primitives as P
@@ -33,19 +32,10 @@ def relevance(x, text, similarity):
   return jnp.einsum("bnd,btd->bnt", x.astype(jnp.float32), text.astype(jnp.float32))
 
 
-def sparsevlm_raters(s, valid_text, valid_vis):
-  """bool[B, T]: SparseVLM raters from relevance `s: float[B, N, T]` (see module docstring)."""
-  m = jax.nn.softmax(jnp.where(valid_text[:, None], s, -jnp.inf), axis=-1)
-  m = jnp.where(valid_text[:, None] & valid_vis[..., None], m, 0.0)  # padding rows/cols out
-  r = m.sum(1) / jnp.maximum(valid_vis.sum(1), 1)[:, None]  # [B, T]
-  mean_r = (r.sum(1) / jnp.maximum(valid_text.sum(1), 1))[:, None]
-  raters = valid_text & (r > mean_r)
-  return jnp.where(raters.any(1, keepdims=True), raters, valid_text)
-
-
 @register("text_relevance", family="cross_modal", stages=("post_proj", "llm"),
           needs=("text", "text_mask"),
-          paper="text-guided top-k; SparseVLM raters (arXiv 2410.04417)", token_sharded=True)
+          paper="text-guided top-k; above-mean raters as SparseVLM's (arXiv 2410.04417)",
+          token_sharded=True)
 def text_relevance(tokens, budget, *, text=None, text_mask=None, similarity="cosine",
                    raters="all"):
   """Keep the `budget` visual tokens with the highest mean relevance to the (rater) text tokens.
@@ -56,7 +46,7 @@ def text_relevance(tokens, budget, *, text=None, text_mask=None, similarity="cos
     text: float[B, T, D] prompt embeddings.
     text_mask: bool[B, T], False marks padding.
     similarity: "cosine" (default) or "dot".
-    raters: "all" valid text tokens, or "sparsevlm" rater selection.
+    raters: "all" valid text tokens, or "above_mean" (SparseVLM's rater rule).
   """
   P.check_tokens(tokens, "text_relevance")
   budget = P.check_budget(tokens, budget, "text_relevance")
@@ -66,12 +56,12 @@ def text_relevance(tokens, budget, *, text=None, text_mask=None, similarity="cos
                         floating=False).astype(bool)
   text = jnp.where(valid[..., None], text, 0.0)  # padding values never reach the maths
   s = relevance(tokens.x, text, similarity)
-  if raters == "sparsevlm":
-    weight = sparsevlm_raters(s, valid, tokens.mask)
+  if raters == "above_mean":
+    weight = P.above_mean_raters(s, valid, tokens.mask)
   elif raters == "all":
     weight = valid
   else:
-    raise ValueError(f"text_relevance: raters must be 'all' or 'sparsevlm', got {raters!r}")
+    raise ValueError(f"text_relevance: raters must be 'all' or 'above_mean', got {raters!r}")
   w = weight.astype(jnp.float32)
   scores = jnp.where(weight[:, None], s, 0.0).sum(-1) / jnp.maximum(w.sum(1), 1.0)[:, None]
   return P.select_top(tokens, scores, budget)

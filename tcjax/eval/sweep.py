@@ -12,8 +12,9 @@ that is `budget // frames` per frame), and at the llm stage the number kept from
 row reports how many tokens each example kept.
 
 Sharing (so that the sweep costs little more than its decoders):
-  - the ViT runs once per batch (`PaliGemma.encode_image`, with the signals of ViT layer
-    `signal_layer`), and every post_vit / post_proj setting starts from it;
+  - the ViT runs once per batch (`PaliGemma.encode_image`, with the signals of every ViT layer
+    a setting reads: each method's own default, or `signal_layer` for all), and every post_vit
+    / post_proj setting starts from it;
   - every llm setting starts from the uncompressed projected tokens (`prefill(image_tokens=)`);
   - only vit settings run their own ViT;
   - each setting's compression is one jitted function, compiled once per input shape; the
@@ -49,12 +50,14 @@ import numpy as np
 
 from tcjax.compress.adaptive import POLICIES
 from tcjax.compress.registry import METHODS, STAGES
+from tcjax.compress.sparsevlm import scored_for
 from tcjax.eval import cost as cost_lib
 from tcjax.eval import runner
 from tcjax.nn import plan as plan_lib
 from tcjax.nn import sampling
 
-# Plan-level decoder schedules swept beside the registered methods (one pruning layer each).
+# Plan-level decoder schedules swept beside the registered methods (one pruning layer each;
+# `sparsevlm` is also the registered method its schedule runs at each layer).
 SCHEDULES = {"pyramiddrop": ("llm",), "sparsevlm": ("llm",)}
 
 
@@ -81,9 +84,9 @@ class Setting:
     """The method's family (sampling, merging, pooling, cross_modal); "-" for FULL."""
     if self.budget is None:
       return "-"
-    if self.method in SCHEDULES:
-      return "sampling"  # prompt-attention pruning, as FastV
-    return METHODS[self.method].family
+    if self.method in METHODS:
+      return METHODS[self.method].family
+    return "sampling"  # PyramidDrop: prompt-attention pruning, as FastV
 
 
 FULL = Setting("full", "-", None)
@@ -108,7 +111,7 @@ def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
   methods: "all" or a sequence of names; stages: "all", "primary" (each method at its first
   stage in PRIMARY order) or a sequence of names. Unknown names raise ValueError.
   """
-  known = sorted(METHODS) + sorted(SCHEDULES)
+  known = sorted(set(METHODS) - set(SCHEDULES)) + sorted(SCHEDULES)
   methods = known if methods == "all" else list(_names(methods, "methods"))
   primary = stages == "primary"
   stages = STAGES if stages in ("all", "primary") else tuple(_names(stages, "stages"))
@@ -188,10 +191,12 @@ def tome_r(n: int, budget: int, depth: int, layers: Sequence[int]) -> List[int]:
 
 
 def plan_for(setting: Setting, *, n_tokens: int, frames: int, vit_depth: int,
-             vit_layer: int, llm_layer: int, options: Optional[Mapping[str, Any]] = None
-             ) -> tuple:
+             vit_layer: int, llm_layer: int, options: Optional[Mapping[str, Any]] = None,
+             signal_layer: Optional[int] = None) -> tuple:
   """The (raw) plan of `setting` for inputs of `frames` frames (1: images) giving `n_tokens`
   ViT tokens in all. options: extra entry options of this method (they override the sweep's).
+  signal_layer: the ViT layer a post_vit / post_proj entry that reads ViT attention / keys
+  reads (None: the method's default, `plan.DEFAULT_SIGNAL_LAYER`).
 
   Raises ValueError when the setting has no plan at this shape (e.g. a vit-stage budget that
   does not split over the frames, or a ToMe schedule that cannot reach the budget).
@@ -215,11 +220,17 @@ def plan_for(setting: Setting, *, n_tokens: int, frames: int, vit_depth: int,
     # Ratios are of the image tokens entering the decoder; +0.5 so int() lands on the budget.
     entry = {"method": m, "layers": (llm_layer,), "ratios": ((b + 0.5) / n_tokens,)}
   elif stage == "llm" and m == "sparsevlm":
-    entry = {"method": m, "layers": (llm_layer,), "budgets": (b,)}
+    # Its budgets count the tokens kept by score; v1.5's recycled clusters come on top.
+    version = opts.get("version", METHODS[m].options["version"])
+    entry = {"method": m, "layers": (llm_layer,),
+             "budgets": (scored_for(n_tokens, min(b, n_tokens), version),)}
   elif stage == "llm":
     entry = {"method": m, "layer": llm_layer, "budget": b}
   else:
     entry = {"method": m, "budget": b}
+    if signal_layer is not None and plan_lib.entry_signal_layer(entry, stage, vit_depth) \
+        is not None:
+      entry["signal_layer"] = signal_layer
   return ((stage, {**entry, **opts}),)
 
 
@@ -230,7 +241,7 @@ class SweepOptions:
   batch_size: int = 32
   max_len: int = 16
   max_new_tokens: int = 10
-  signal_layer: int = -2
+  signal_layer: Optional[int] = None
   vit_layer: int = 1
   llm_layer: int = 1
   options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
@@ -327,8 +338,6 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
   total = sum(len(_batches(g.idx, g.size)) for g in groups) * n_set
   bar = progress(total) if progress else None
 
-  encode = jax.jit(lambda v, im: base.apply(v, im, signal_layer=opts.signal_layer,
-                                            method=base.encode_image))
   vit_seen: Dict[Any, Tuple[int, ...]] = {}
   llm_counts: Dict[Any, Dict[str, Any]] = {}
 
@@ -455,14 +464,19 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
       try:
         p = plan_for(st, n_tokens=n_tok, frames=g.frames, vit_depth=cfg.img.depth,
                      vit_layer=opts.vit_layer, llm_layer=opts.llm_layer,
-                     options=opts.options.get(st.method))
+                     options=opts.options.get(st.method), signal_layer=opts.signal_layer)
         p = plan_lib.normalize(p)
         plans[si][gname] = plan_lib.describe(p)
         gplans.append(p)
       except Exception as e:  # pylint: disable=broad-except
         _fail(errors[si], g, e)
         gplans.append(None)
-    # The ViT once per batch, and the uncompressed projected tokens, for every setting.
+    # The ViT once per batch, with the signals of every layer a setting reads, and the
+    # uncompressed projected tokens, for every setting.
+    layers = sorted({l for p in gplans if p is not None
+                     for l in plan_lib.signal_layers(p, cfg.img.depth)})
+    encode = jax.jit(lambda v, im, layers=tuple(layers): base.apply(
+        v, im, signal_layers=layers, method=base.encode_image))
     t0 = time.perf_counter()
     batches = []
     full_embed = embed_fn((), True)
@@ -588,7 +602,7 @@ class _Timer:
     return self.measured[key]
 
   def _vit(self, signals: bool) -> Dict[str, Any]:
-    if signals:  # the sweep's shared ViT run, with the signals of SweepOptions.signal_layer
+    if signals:  # the sweep's shared ViT run, with the signals of every layer a setting reads
       return self._once("vit+signals", lambda: self._measure(self.encode, self.variables,
                                                               self.image))
     base = self.base
@@ -633,7 +647,7 @@ class _Timer:
       vit = None
       embed = self._measure(fn, self.variables, self.image, self.text, self.mask, out=True)
     elif fn is not None:
-      vit = self._vit(plan_lib.signal_layer(plan, self.base.config.img.depth) is not None)
+      vit = self._vit(bool(plan_lib.signal_layers(plan, self.base.config.img.depth)))
       embed = self._measure(fn, self.variables, self.enc, self.text, self.mask, out=True)
     else:
       vit = self._vit(False)

@@ -17,7 +17,8 @@ so layers after a pruning step cache only the retained tokens (and, for a method
 `llm_kv="all"`, the earlier segments mask the pruned image entries out of their caches too).
 Retained tokens keep their original RoPE positions; decoding continues from the last position
 + 1. A merging method's output hidden states replace the image tokens' (each at its
-representative's position).
+representative's position); so do the tokens a selecting method merged on the side (SparseVLM
+v1.5's recycled clusters: their size grew).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from tcjax import compress
-from tcjax.compress.text_relevance import relevance, sparsevlm_raters
+from tcjax.compress.sparsevlm import text_raters
 from tcjax.nn import layers as nl
 from tcjax.nn import plan as plan_lib
 from tcjax.nn.config import GemmaConfig
@@ -315,12 +316,10 @@ def _segment(ks, vs, seq: Seq, first_layer: int, cache_size: int) -> Segment:
 
 
 def _sparsevlm_raters(seq: Seq):
-  """bool[B, T]: SparseVLM's text raters from the layer-0 embeddings (raw dot products, as the
-  official code; `text_relevance.sparsevlm_raters`)."""
+  """bool[B, T]: SparseVLM's text raters from the layer-0 embeddings (`sparsevlm.text_raters`)."""
   n = seq.n_img
   text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)
-  s = relevance(seq.x[:, :n], jnp.where(text_ok[..., None], seq.x[:, n:], 0.0), "dot")
-  return sparsevlm_raters(s, text_ok, seq.valid[:, :n])
+  return text_raters(seq.x[:, :n], seq.x[:, n:], text_ok, seq.valid[:, :n])
 
 
 # Features a method compares, where its paper uses something other than the hidden states.
@@ -331,7 +330,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows)."""
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
-  budget = plan_lib.hook_size(hook, n, n_initial, where)
+  budget, size_options = plan_lib.hook_size(hook, n, n_initial, where)
   # Splitting image from text and gathering the kept tokens slice the token axis: on Explicit
   # `seq` shards that axis is gathered here, once per pruning step, on purpose (the next
   # segment shards the shorter sequence again). Auto axes leave it to XLA.
@@ -364,13 +363,21 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
     signals["attn"] = rows  # [B, T, N]
     last = _last_valid(text_ok)
     signals["scores"] = jnp.take_along_axis(rows, last[:, None, None], 1)[:, 0]
+  if "rope_logits" in want:  # the RoPE term alone: all-ones queries and keys at these positions
+    ones = lambda m: jnp.ones((q.shape[0], m, 1, cfg.head_dim), jnp.float32)
+    rq = nl.rope(ones(seq.x.shape[1] - n), seq.pos[:, n:], cfg.rope_base)[:, :, 0]
+    rk = nl.rope(ones(n), seq.pos[:, :n], cfg.rope_base)[:, :, 0]
+    signals["rope_logits"] = jnp.einsum("bth,bnh->btn", rq, rk) / jnp.sqrt(
+        jnp.float32(cfg.head_dim))
   flat = lambda a: batch_reshape(a, a.shape[:2] + (a.shape[2] * a.shape[3],))  # heads x dims
   if "keys" in want:
     signals["keys"] = flat(k[:, :n])
+  if "keys_heads" in want:  # [B, N, K, h]: per KV head, post-RoPE (what the KV cache holds)
+    signals["keys_heads"] = k[:, :n]
   if "text_keys" in want:  # DART ranks its text pivots by these
     signals["text_keys"] = flat(k[:, n:])
   kw = {s: signals[s] for s in hook.signals}
-  kw.update(dict(hook.options))
+  kw.update(dict(hook.options), **size_options)
   before = img.replace(x=x_img)
   after = compress.apply(hook.method, before, budget, **kw)
   take = lambda a, idx: jnp.take_along_axis(a, idx.reshape(idx.shape + (1,) * (a.ndim - 2)), 1)
@@ -381,7 +388,11 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
     x_new = after.x.astype(seq.x.dtype)
   else:
     idx = kept_indices(before, after)
-    x_new = take(seq.x[:, :n], idx)
+    # A selected token keeps its hidden state; a token the method merged on the side (its size
+    # grew: SparseVLM v1.5's recycled clusters) takes the method's features, averaged states.
+    selected = after.size == take(before.size, idx)
+    x_new = jnp.where(selected[..., None], take(seq.x[:, :n], idx),
+                      after.x.astype(seq.x.dtype))
   new_valid = jnp.concatenate([after.mask, seq.valid[:, n:]], 1)
   seq = Seq(x=jnp.concatenate([x_new, seq.x[:, n:]], 1),
             pos=jnp.concatenate([take(seq.pos[:, :n], idx), seq.pos[:, n:]], 1),
@@ -400,18 +411,14 @@ def representatives(before: Tokens, after: Tokens) -> jax.Array:
 
 
 def kept_indices(before: Tokens, after: Tokens) -> jax.Array:
-  """int32[B, K]: for each output token of a selection, the input token it is.
+  """int32[B, K]: for each output token, the input token that carried its origin patch: the
+  token itself for a selection, the representative of a merge (whose `pos` it took).
 
-  Read off `src` (patch -> token before, patch -> token after). An output slot carrying no patch
-  (padding) points at input 0; its mask is False, so its contents never count.
+  Read off `before.src` at each output token's origin. A padding slot points at input 0; its
+  mask is False, so its contents never count.
   """
-  k = after.num_tokens
-
-  def one(src_before, src_after):
-    slot = jnp.where(src_after >= 0, src_after, k)
-    return jnp.zeros((k,), jnp.int32).at[slot].set(src_before, mode="drop")
-
-  return jax.vmap(one)(before.src, after.src)
+  idx = jnp.take_along_axis(before.src, after.linear_pos(), 1)
+  return jnp.where(after.mask & (idx >= 0), idx, 0).astype(jnp.int32)
 
 
 def _write(buf, new, slot):

@@ -109,7 +109,7 @@ def attention(q, k, v, *, mask=None, bias=None, scale: float, cap: Optional[floa
 def attention_rows(q_rows, k, *, mask=None, bias=None, scale: float, cap: Optional[float] = None,
                    per_head: bool = False):
   """Exact attention probabilities of a few query rows, averaged over heads: float32[B, R, S]
-  (per_head: float32[B, H, R, S], query head order).
+  (per_head: float32[B, H, R, S], the query heads in order).
 
   q_rows: float[B, R, H, h] (only the rows a method needs, e.g. the prompt tokens);
   k: float[B, S, K, h]; mask: bool[B, R, S]; bias: float[B, S]. The softmax is the layer's own
@@ -121,7 +121,7 @@ def attention_rows(q_rows, k, *, mask=None, bias=None, scale: float, cap: Option
   if mask is not None:
     s = jnp.where(mask[:, None, None], s, NEG_INF)
   p = jax.nn.softmax(s, axis=-1)  # [B, K, G, R, S]
-  if per_head:
+  if per_head:  # query head K * G + g is the g-th head of KV head K
     return batch_reshape(p, (p.shape[0], p.shape[1] * p.shape[2]) + p.shape[3:])
   return p.mean(axis=(1, 2))
 

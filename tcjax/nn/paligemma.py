@@ -22,7 +22,7 @@ entering each decoder layer, the KV entries each layer caches), "llm_valid_token
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -66,15 +66,16 @@ class Encoded:
   differ only after the ViT.
 
   tokens: the ViT output Tokens float[B, N, D] (a clip's frames joined: N = F * n); signals:
-  {"attn": float32[B, 1, N], "scores": float32[B, N], "keys": float32[B, N, h]} of ViT layer
-  `signal_layer`, or {} (None); vit_tokens: tokens entering each ViT layer; vit_plan: the vit
-  entries that made it; frames: a clip's frame count (None: images).
+  {layer: {"attn": float32[B, 1, N], "scores": float32[B, N], "keys": float32[B, N, h],
+  "keys_heads": float32[B, N, H, h]}} for each ViT layer of `signal_layers` (ascending, resolved;
+  () and {} when none); vit_tokens: tokens entering each ViT layer; vit_plan: the vit entries
+  that made it; frames: a clip's frame count (None: images).
   """
 
   tokens: Tokens
-  signals: Dict[str, jax.Array]
+  signals: Dict[int, Dict[str, jax.Array]]
   vit_tokens: Tuple[int, ...] = struct.field(pytree_node=False)
-  signal_layer: Optional[int] = struct.field(pytree_node=False)
+  signal_layers: Tuple[int, ...] = struct.field(pytree_node=False)
   vit_plan: tuple = struct.field(pytree_node=False)
   frames: Optional[int] = struct.field(pytree_node=False, default=None)
 
@@ -101,10 +102,10 @@ class PaliGemma(nn.Module):
     return PaliGemma(dataclasses.replace(self.config, plan=plan), parent=None)
 
   # ---------------------------------------------------------------------------------------
-  def _vit_stage(self, p, image, framewise_ok: bool, want: Optional[int] = None):
+  def _vit_stage(self, p, image, framewise_ok: bool, want: Optional[Tuple[int, ...]] = None):
     """The ViT with the plan's vit stage -> (tokens: ViT output, a clip's frames joined; signals
-    of ViT layer `want` (None: the plan's signal layer); aux; frames or None; the post_vit
-    entries still to run)."""
+    {layer: {name: array}} of the ViT layers `want` (None: the plan's signal layers); aux;
+    frames or None; the post_vit entries still to run)."""
     cfg, plan = self.config, self.config.plan
     image = jnp.asarray(image)
     if not (jnp.issubdtype(image.dtype, jnp.floating) or image.dtype == jnp.uint8):
@@ -119,12 +120,12 @@ class PaliGemma(nn.Module):
     # Frames are independent: spread them over every device of the mesh (data and seq).
     image = constrain(image, ("data", "seq") if frames else "data")
     if want is None:
-      want = plan_lib.signal_layer(plan, cfg.img.depth)
+      want = plan_lib.signal_layers(plan, cfg.img.depth)
     post_vit = plan_lib.entries(plan, "post_vit")
     # Leading per-frame pooling runs on each frame as it leaves the ViT (inside the frame
     # chunks): the same result as on the clip, without ever holding the clip's raw tokens.
     framewise = []
-    while framewise_ok and frames is not None and want is None and post_vit \
+    while framewise_ok and frames is not None and not want and post_vit \
         and post_vit[0][1]["method"] in plan_lib.FRAMEWISE:
       framewise.append(post_vit.pop(0))
 
@@ -167,22 +168,27 @@ class PaliGemma(nn.Module):
     seq_ok = all(compress.METHODS[o["method"]].token_sharded for _, o in later)
     return constrain(x, "data", "seq" if seq_ok else None)
 
-  def encode_image(self, image, *, signal_layer: Optional[int] = None) -> Encoded:
+  def encode_image(self, image, *, signal_layers: Union[None, int, Sequence[int]] = None
+                   ) -> Encoded:
     """The ViT stage alone (the plan's vit entries, nothing after): image or clip -> `Encoded`.
 
     Its output goes to `embed_image(..., encoded=)` of any model with the same parameters whose
-    plan has the same vit stage and needs no other ViT signal layer, so that plans differing
+    plan has the same vit stage and reads no ViT signal layer it lacks, so that plans differing
     after the ViT share one run of the vision tower.
 
-    signal_layer: the ViT layer whose attention / keys become the signals (negative: from the
-      end, e.g. -2 as the post-ViT methods' default); None: this plan's (none if it uses none).
+    signal_layers: the ViT layer(s) whose attention / keys become the signals (negative: from
+      the end, e.g. -2 as most post-ViT methods' default); None: this plan's (none if it uses
+      none).
     """
     depth = self.config.img.depth
-    want = (plan_lib.signal_layer(self.config.plan, depth) if signal_layer is None
-            else plan_lib.resolve_layer(signal_layer, depth, "signal_layer"))
+    if signal_layers is None:
+      want = plan_lib.signal_layers(self.config.plan, depth)
+    else:
+      layers = (signal_layers,) if isinstance(signal_layers, int) else tuple(signal_layers)
+      want = tuple(sorted({plan_lib.resolve_layer(l, depth, "signal_layers") for l in layers}))
     tokens, signals, aux, frames, _ = self._vit_stage(self.img(), image, False, want)
     return Encoded(tokens=tokens, signals=signals, vit_tokens=tuple(aux["vit_tokens"]),
-                   signal_layer=want, vit_plan=_vit_plan(self.config.plan), frames=frames)
+                   signal_layers=want, vit_plan=_vit_plan(self.config.plan), frames=frames)
 
   def embed_image(self, image, text=None, mask_ar=None, input_mask=None, *, encoded=None
                   ) -> Tuple[jax.Array, Tokens, Dict[str, Any]]:
@@ -199,21 +205,24 @@ class PaliGemma(nn.Module):
       tokens, signals, aux, _, post_vit = self._vit_stage(p, image, framewise_ok=True)
     else:
       tokens, signals, aux, post_vit = self._from_encoded(image, encoded)
+    depth = cfg.img.depth
+    layer_signals = lambda opts, stage: signals.get(
+        plan_lib.entry_signal_layer(opts, stage, depth), {})
     for i, opts in post_vit:
-      tokens = plan_lib.run_entry(opts, tokens, signals, "post_vit",
+      tokens = plan_lib.run_entry(opts, tokens, layer_signals(opts, "post_vit"), "post_vit",
                                   f"plan[{i}] (post_vit, {opts['method']})")
     head = p["head"]
     tokens = tokens.replace(x=tokens.x @ head["kernel"] + head["bias"])
     post_proj = plan_lib.entries(plan, "post_proj")
     if post_proj:
-      extra = dict(signals)
+      extra = {}
       if text is not None:
         text, mask_ar, input_mask = _check_text(text, mask_ar, input_mask)
         extra["text"] = gemma.embed_text(self.llm(), text, cfg.llm)
         extra["text_mask"] = input_mask & (mask_ar == 0)
       for i, opts in post_proj:
-        tokens = plan_lib.run_entry(opts, tokens, extra, "post_proj",
-                                    f"plan[{i}] (post_proj, {opts['method']})")
+        tokens = plan_lib.run_entry(opts, tokens, {**layer_signals(opts, "post_proj"), **extra},
+                                    "post_proj", f"plan[{i}] (post_proj, {opts['method']})")
     aux = dict(aux, image_tokens=tokens.num_tokens, image_tokens_valid=tokens.count())
     return tokens.x, tokens, aux
 
@@ -228,15 +237,15 @@ class PaliGemma(nn.Module):
     if encoded.vit_plan != _vit_plan(plan):
       raise ValueError(f"encoded comes from the vit stage {encoded.vit_plan}, but this plan's "
                        f"is {_vit_plan(plan)}")
-    want = plan_lib.signal_layer(plan, cfg.img.depth)
-    if want is not None and want != encoded.signal_layer:
-      raise ValueError(f"the plan needs the signals of ViT layer {want}, encoded carries "
-                       f"{'none' if encoded.signal_layer is None else encoded.signal_layer}")
+    missing = set(plan_lib.signal_layers(plan, cfg.img.depth)) - set(encoded.signal_layers)
+    if missing:
+      raise ValueError(f"the plan needs the signals of ViT layer(s) {sorted(missing)}, encoded "
+                       f"carries {list(encoded.signal_layers) or 'none'}")
     post_vit = plan_lib.entries(plan, "post_vit")
     tokens = encoded.tokens
     if encoded.frames is not None:
       tokens = tokens.replace(x=self._clip_constraint(tokens.x, post_vit))
-    return tokens, dict(encoded.signals), {"vit_tokens": encoded.vit_tokens}, post_vit
+    return tokens, encoded.signals, {"vit_tokens": encoded.vit_tokens}, post_vit
 
   def embed_text(self, text):
     """int32[B, T] -> float[B, T, E] (scaled by sqrt(E))."""

@@ -17,8 +17,10 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
   seed            PRNG seed, for methods that take `rng`.
   vit:            layer (the ViT layer whose output is reduced; signals come from that layer's
                   attention).
-  post_vit/proj:  signal_layer (-2: the ViT layer whose attention / keys are the signals, as
-                  VisionZip and FasterVLM use the penultimate layer), for methods that use them.
+  post_vit/proj:  signal_layer (the ViT layer whose attention / keys are the signals), for
+                  methods that use them; default DEFAULT_SIGNAL_LAYER[method], else -2 (the
+                  penultimate layer, as VisionZip and FasterVLM). Entries may read different
+                  layers: the ViT provides the signals of each.
   llm:            layer K (the hidden states entering decoder layer K are pruned, or merged by
                   a merging method; original RoPE positions are kept), attn_from ("prev":
                   attention / keys of layer K-1, the official signal of FastV and DART; "next":
@@ -30,9 +32,14 @@ Schedules (plan-level, not single methods):
                   (True); ToMe between attention and MLP of those ViT blocks.
   llm "pyramiddrop": layers + ratios (of the image tokens entering the LLM), attention of the
                   last prompt token, attn_from ("next").
-  llm "sparsevlm": layers + budgets (or keeps), SparseVLM raters chosen from the layer-0
-                  embeddings, score = mean rater attention (v2.0-style: no recycling, original
-                  positions), attn_from ("prev").
+  llm "sparsevlm": layers + budgets (or keeps: fractions of the tokens present), one
+                  `tcjax.compress.sparsevlm` step per layer, on the attention of layer - 1
+                  (attn_from "prev": official pruning_loc l is layer l + 1), raters chosen once
+                  from the decoder's input embeddings; a budget is what the official lists
+                  hold, the tokens kept by score (at most the tokens present - 1), and v1.5's
+                  recycled clusters come on top (`sparsevlm.output_size`); the method's own
+                  options: version ("v1.5", official default; "v2.0"), heads (v2.0's priority
+                  heads, 14). Original RoPE positions are kept (official v1.5 renumbers).
 
 Signals. A method always gets the signals it needs (`METHODS[name].needs`). Its optional signals
 (`Method.optional`) change what it computes, so the entry chooses them: "signals" names the
@@ -45,10 +52,11 @@ STAGE_SIGNALS says what each stage can provide (post_proj has text only when the
 called with text); naming a signal the stage can never provide is an error.
 
 Validation. `normalize` (run whenever a PaliGemmaConfig is built) refuses any key an entry's
-method or schedule does not read, checks the type of every plan option, the value of every
-option with fixed choices (`compress.registry.CHOICES`, boolean method options, attn_from,
-signals) and the shape of schedules. What depends on the model (budget <= tokens present,
-layer < depth, a method's numeric options) is checked when the model runs. Every error is a
+method or schedule does not read, checks the type of every plan option and of every method
+option whose default is a bool, an int or a float, the value of every option with fixed choices
+(`compress.registry.CHOICES`, attn_from, signals) and the shape of schedules. What depends on
+the model (budget <= tokens present, layer < depth) and the range of a method's numeric options
+(and the options whose default is None) are checked when the method runs. Every error is a
 ValueError naming the entry, `plan[i] (stage, method)`, and the option.
 """
 
@@ -63,23 +71,29 @@ from tcjax.compress.registry import METHODS, SIGNALS, STAGES, apply
 
 # Signals the model can hand a method at each stage.
 STAGE_SIGNALS = {
-    "vit": ("scores", "attn", "keys", "rng"),
-    "post_vit": ("scores", "attn", "keys", "rng"),
-    "post_proj": ("scores", "attn", "keys", "text", "text_mask", "rng"),
-    "llm": ("scores", "attn", "attn_heads", "keys", "text", "text_mask", "text_keys", "rng"),
+    "vit": ("scores", "attn", "keys", "keys_heads", "rng"),
+    "post_vit": ("scores", "attn", "keys", "keys_heads", "rng"),
+    "post_proj": ("scores", "attn", "keys", "keys_heads", "text", "text_mask", "rng"),
+    "llm": ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_heads", "text",
+            "text_mask", "text_keys", "rng"),
 }
 # Optional signals an entry passes unless its "signals" says otherwise: those the official method
 # uses. Any other optional signal is a variant, passed only when the entry names it.
 DEFAULT_SIGNALS = {"dart": ("text", "text_mask", "text_keys"), "fastv": ("text_mask",)}
+# The ViT layer whose attention / keys feed a post_vit / post_proj entry without "signal_layer":
+# the penultimate one (-2, as VisionZip and FasterVLM), except where the official method reads
+# another (PruMerge: the q / k hooks on the last layer).
+DEFAULT_SIGNAL_LAYER = {"prumerge": -1, "prumerge_plus": -1}
 # Signals that come from a layer's attention (the ViT signal layer, decoder layer K-1 or K).
-_LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "text_keys")
+_LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "keys_heads", "text_keys")
 # Keys the plan reads in entries of `tcjax.compress` methods; the others go to the method.
 _PLAN_KEYS = ("method", "budget", "keep", "signals", "seed", "layer", "signal_layer", "attn_from")
 # Plan-level schedules that are not single `tcjax.compress` methods, and the keys each reads.
 _SCHEDULES = {
     "vit": {"tome": ("method", "r", "layers", "prop_attn")},
     "llm": {"pyramiddrop": ("method", "layers", "ratios", "attn_from"),
-            "sparsevlm": ("method", "layers", "budgets", "keeps", "attn_from")},
+            "sparsevlm": ("method", "layers", "budgets", "keeps", "attn_from", "version",
+                          "heads")},
 }
 # How a per-layer ToMe r list is stored (plans freeze lists to tuples, and a tuple r means
 # (r, inflect)).
@@ -142,6 +156,8 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     if method == "tome":
       return _check_tome(where, opts)
     _check_llm_schedule(where, method, opts)
+    if method in METHODS:  # a schedule of a registered method's steps: its options too
+      _check_method_options(where, METHODS[method], opts)
     return opts
   if not isinstance(method, str) or method not in METHODS:
     raise ValueError(f"plan[{i}] ({stage}): unknown method {method!r}; known: {sorted(METHODS)}")
@@ -186,13 +202,35 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     if key in opts and not _is_int(opts[key]):
       raise ValueError(f"{where}: {key} must be an int, got {opts[key]!r}")
   _check_attn_from(where, opts)
+  _check_method_options(where, m, opts)
+  return opts
+
+
+def _check_method_options(where: str, m, opts) -> None:
+  """The method's own options in `opts`: fixed choices (CHOICES), the type of the default (bool,
+  int or float), and for an option whose default is None, None or its OPTIONAL_TYPES kind (its
+  range is the method's to check when called)."""
   for key, values in m.choices.items():
     if key in opts and opts[key] not in values:
       raise ValueError(f"{where}: {key} must be one of {values}, got {opts[key]!r}")
+  kinds = {"bool": False, "int": 0, "float": 0.0}
   for key, default in m.options.items():
-    if isinstance(default, bool) and key in opts and not isinstance(opts[key], bool):
-      raise ValueError(f"{where}: {key} must be True or False, got {opts[key]!r}")
-  return opts
+    if key not in opts:
+      continue
+    v = opts[key]
+    if default is None:
+      if v is None:
+        continue
+      kind = m.optional_types.get(key)
+      if kind is None:  # not declared (tests/test_plan_options.py wants every one declared)
+        continue
+      default = kinds[kind]
+    if isinstance(default, bool) and not isinstance(v, bool):
+      raise ValueError(f"{where}: {key} must be True or False, got {v!r}")
+    if _is_int(default) and not _is_int(v):
+      raise ValueError(f"{where}: {key} must be an int, got {v!r}")
+    if isinstance(default, float) and (isinstance(v, bool) or not isinstance(v, (int, float))):
+      raise ValueError(f"{where}: {key} must be a number, got {v!r}")
 
 
 def _check_keys(where: str, opts, allowed) -> None:
@@ -317,7 +355,9 @@ class LLMHook:
   """One pruning step at the input of decoder layer `layer`.
 
   method: a `tcjax.compress` method; size: ("budget", n) / ("keep", f) of the current image
-  tokens / ("of_initial", f) of the image tokens entering the LLM; attn_from: "prev" / "next";
+  tokens / ("of_initial", f) of the image tokens entering the LLM / ("scored", ("budget", n) or
+  ("keep", f)): SparseVLM's tokens kept by score (the method's `scored`; recycled clusters come
+  on top); attn_from: "prev" / "next";
   raters: SparseVLM rater selection; options: the method's own options (e.g. fastv's `query`:
   which prompt rows score); signals: the signals it gets (`entry_signals`); seed: for `rng`;
   attn, kv: how the decoder computes its attention signals and which caches drop the pruned
@@ -343,15 +383,23 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
     method = opts["method"]
     where = f"plan[{i}] (llm, {method})"
     attn_from = opts.get("attn_from")
-    if is_schedule("llm", method):  # FastV steps scored by prompt rows (normalize checked it)
-      key = next(k for k in ("ratios", "budgets", "keeps") if k in opts)
-      kind = {"ratios": "of_initial", "budgets": "budget", "keeps": "keep"}[key]
-      pdrop = method == "pyramiddrop"
-      for layer, v in zip(opts["layers"], opts[key]):
-        hooks.append(LLMHook(resolve_layer(layer, depth, where), "fastv", (kind, v),
-                             attn_from or ("next" if pdrop else "prev"), raters=not pdrop,
-                             options=(("query", "last" if pdrop else "mean"),),
+    if method == "pyramiddrop":  # FastV steps scored by the last prompt row
+      for layer, v in zip(opts["layers"], opts["ratios"]):
+        hooks.append(LLMHook(resolve_layer(layer, depth, where), "fastv", ("of_initial", v),
+                             attn_from or "next", options=(("query", "last"),),
                              signals=("attn", "text_mask")))
+      continue
+    if method == "sparsevlm":  # `compress.sparsevlm` steps scored by the rater rows
+      key = "budgets" if "budgets" in opts else "keeps"
+      kind = {"budgets": "budget", "keeps": "keep"}[key]
+      own = {k: v for k, v in opts.items() if k in METHODS[method].options}
+      version = own.get("version", METHODS[method].options["version"])
+      signals = ("attn", "text_mask") + (("attn_heads", "rope_logits") if version == "v2.0"
+                                         else ())
+      for layer, v in zip(opts["layers"], opts[key]):
+        hooks.append(LLMHook(resolve_layer(layer, depth, where), method,
+                             ("scored", (kind, v)), attn_from or "prev", raters=True,
+                             options=tuple(sorted(own.items())), signals=signals))
       continue
     must, maybe = entry_signals(opts, "llm")  # the decoder provides every signal
     size = ("budget", opts["budget"]) if "budget" in opts else ("keep", opts["keep"])
@@ -368,13 +416,26 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
   return tuple(hooks)
 
 
-def hook_size(hook: LLMHook, n_now: int, n_initial: int, where: str) -> int:
+def hook_size(hook: LLMHook, n_now: int, n_initial: int, where: str
+              ) -> Tuple[int, Dict[str, Any]]:
+  """(tokens the hook keeps out of `n_now`, extra static options for its method)."""
   kind, v = hook.size
   if kind == "of_initial":
     if not _is_fraction(v):
       raise ValueError(f"{where}: ratio must be in (0, 1], got {v!r}")
-    return max(1, min(n_now, int(n_initial * v)))
-  return budget({kind: v}, n_now, where)
+    return max(1, min(n_now, int(n_initial * v))), {}
+  if kind == "scored":  # SparseVLM: kept by score (official min(value, n - 1)), then recycling
+    # pylint: disable-next=g-import-not-at-top
+    from tcjax.compress.sparsevlm import kept_by_score, output_size
+    inner, value = v
+    count = value if inner == "budget" else max(1, int(round(value * n_now)))
+    scored = kept_by_score(n_now, count)
+    version = dict(hook.options).get("version", METHODS[hook.method].options["version"])
+    out = output_size(n_now, scored, version)
+    if out < 1:
+      raise ValueError(f"{where}: keeps no token of {n_now}")
+    return out, {"scored": scored}
+  return budget({kind: v}, n_now, where), {}
 
 
 def tome_schedule(plan, depth: int) -> Tuple[Tuple[int, ...], bool]:
@@ -417,18 +478,22 @@ def needed_signals(plan, stages: Sequence[str]):
   return need
 
 
-def signal_layer(plan, depth: int) -> Optional[int]:
-  """The ViT layer whose attention / keys feed the post-ViT stages (None if none uses them)."""
-  layers = set()
-  for st in ("post_vit", "post_proj"):
-    for _, opts in entries(plan, st):
-      if set(sum(entry_signals(opts, st), ())) & set(_LAYER_SIGNALS):
-        layers.add(opts.get("signal_layer", -2))
-  if not layers:
+def entry_signal_layer(opts: Mapping[str, Any], stage: str, depth: int) -> Optional[int]:
+  """The ViT layer (resolved) whose attention / keys a post_vit / post_proj entry reads: its
+  "signal_layer", else DEFAULT_SIGNAL_LAYER of its method, else -2; None if it reads none."""
+  if stage not in ("post_vit", "post_proj"):
     return None
-  if len(layers) != 1:
-    raise ValueError(f"post-ViT stages ask for signals of different ViT layers {sorted(layers)}")
-  return resolve_layer(layers.pop(), depth, "signal_layer")
+  if not set(sum(entry_signals(opts, stage), ())) & set(_LAYER_SIGNALS):
+    return None
+  layer = opts.get("signal_layer", DEFAULT_SIGNAL_LAYER.get(opts["method"], -2))
+  return resolve_layer(layer, depth, "signal_layer")
+
+
+def signal_layers(plan, depth: int) -> Tuple[int, ...]:
+  """The ViT layers (ascending) whose attention / keys feed the post_vit / post_proj entries."""
+  layers = {entry_signal_layer(opts, st, depth)
+            for st in ("post_vit", "post_proj") for _, opts in entries(plan, st)}
+  return tuple(sorted(layers - {None}))
 
 
 def run_entry(opts, tokens, signals, stage: str, where: str, rng_seed: int = 0):

@@ -12,7 +12,7 @@ own, with the same stacked parameters.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Sequence, Tuple
 
 import jax.numpy as jnp
 
@@ -82,27 +82,27 @@ def key_bias(tokens: Tokens, prop_attn: bool):
 
 
 def _signals(q, k, tokens: Tokens, bias):
-  """ViT signals of one layer: mean received attention (SigLIP has no [CLS] row) and
-  head-mean keys."""
+  """ViT signals of one layer: mean received attention (SigLIP has no [CLS] row), head-mean
+  keys and the keys per head (the key projection, bias included)."""
   received = nl.received_attention(q, k, bias=bias, scale=q.shape[-1] ** -0.5,
                                    query_mask=tokens.mask)
   received = jnp.where(tokens.mask, received, 0.0)
-  return {"attn": received[:, None, :], "scores": received, "keys": k.mean(2)}
+  return {"attn": received[:, None, :], "scores": received, "keys": k.mean(2), "keys_heads": k}
 
 
-def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Optional[int] = None,
-           rng_seed: int = 0) -> Tuple[Tokens, Dict[str, Any], Dict[str, Any]]:
+def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Sequence[int] = (),
+           rng_seed: int = 0) -> Tuple[Tokens, Dict[int, Dict[str, Any]], Dict[str, Any]]:
   """Runs the tower on `image: float[B, H, W, 3]` in [-1, 1].
 
   Args:
     p: the `img` parameter subtree (without `head`).
     plan: the normalized compression plan; its "vit" entries act here.
-    want_signals: ViT layer whose attention / keys the later stages need (None: none).
+    want_signals: the ViT layers (in [0, depth)) whose attention / keys the later stages need.
 
   Returns:
-    (tokens after `encoder_norm`, in raster order; signals {"attn": float32[B, 1, N],
-     "scores": float32[B, N], "keys": float32[B, N, h]} of layer `want_signals` or {};
-     aux {"vit_tokens": tuple of tokens entering each layer}).
+    (tokens after `encoder_norm`, in raster order; signals {layer: {"attn": float32[B, 1, N],
+     "scores": float32[B, N], "keys": float32[B, N, h], "keys_heads": float32[B, N, H, h]}} for
+     each layer of `want_signals`; aux {"vit_tokens": tuple of tokens entering each layer}).
   """
   depth = cfg.depth
   stacked = p["Transformer"]["encoderblock"]
@@ -110,12 +110,12 @@ def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Optional[int] 
   tokens = Tokens.from_grid(x, cfg.grid)
   r_sched, prop_attn = plan_lib.tome_schedule(plan, depth)
   selections = plan_lib.vit_selections(plan, depth)
-  special = sorted({l for l in range(depth) if r_sched[l]} | set(selections)
-                   | ({want_signals} if want_signals is not None else set()))
+  want_signals = set(want_signals)
+  special = sorted({l for l in range(depth) if r_sched[l]} | set(selections) | want_signals)
   merged = False  # once ToMe merged, keys carry sizes: proportional attention from then on
   selected = False  # after a selection, padding may exist (fixed-capacity methods)
-  signals: Dict[str, Any] = {}
-  signal_count = None
+  signals: Dict[int, Dict[str, Any]] = {}
+  signal_count = {}
   counts = []
   lo = 0
   for l in special + [depth]:
@@ -127,9 +127,9 @@ def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Optional[int] 
     pl = nl.layer_params(stacked, l)
     counts.append(tokens.num_tokens)
     x, q, k = _attn_half(pl, tokens.x, bias, cfg)
-    if l == want_signals:
-      signals = _signals(q, k, tokens, bias)
-      signal_count = tokens.num_tokens
+    if l in want_signals:
+      signals[l] = _signals(q, k, tokens, bias)
+      signal_count[l] = tokens.num_tokens
     if r_sched[l]:
       tokens = compress.tome.bipartite_merge(tokens.replace(x=x), r_sched[l], keys=k.mean(2))
       merged = True
@@ -146,11 +146,12 @@ def encode(p, image, cfg: SiglipConfig, plan=(), *, want_signals: Optional[int] 
     lo = l + 1
   if merged:  # ToMe scrambles the order on purpose; the LLM gets raster order back
     tokens = cp.sort_by_position(tokens)
-  if signals and tokens.num_tokens != signal_count:
-    raise ValueError(f"post-ViT signals come from ViT layer {want_signals} "
-                     f"({signal_count} tokens) but the ViT stage changed the tokens after it "
-                     f"({tokens.num_tokens}); set signal_layer to the last layer that changes "
-                     "them, or move the ViT-stage methods earlier")
+  for l, count in signal_count.items():
+    if tokens.num_tokens != count:
+      raise ValueError(f"post-ViT signals come from ViT layer {l} ({count} tokens) but the ViT "
+                       f"stage changed the tokens after it ({tokens.num_tokens}); set "
+                       "signal_layer to the last layer that changes them, or move the "
+                       "ViT-stage methods earlier")
   enc = p["Transformer"]["encoder_norm"]
   tokens = tokens.replace(x=nl.layer_norm(tokens.x, enc["scale"], enc["bias"], cfg.norm_eps))
   return tokens, signals, {"vit_tokens": tuple(counts)}
@@ -176,14 +177,16 @@ def frames_to_video(tokens: Tokens, frames: int) -> Tokens:
 
 
 def video_signals(signals, frames: int):
-  """Per-frame ViT signals -> per-clip: attn [B, 1, T*n], scores [B, T*n], keys [B, T*n, h]."""
+  """Per-frame ViT signals {layer: {name: [B*T, ...]}} -> per-clip: attn [B, 1, T*n], scores
+  [B, T*n], keys [B, T*n, h], keys_heads [B, T*n, H, h]."""
   out = {}
-  for name, v in signals.items():
-    bt = v.shape[0]
-    if name == "attn":
-      out[name] = batch_reshape(v, (bt // frames, 1, v.size // bt * frames))
-    elif name == "scores":
-      out[name] = batch_reshape(v, (bt // frames, v.size // bt * frames))
-    else:
-      out[name] = batch_reshape(v, (bt // frames, v.shape[1] * frames, v.shape[-1]))
+  for layer, named in signals.items():
+    out[layer] = {}
+    for name, v in named.items():
+      bt = v.shape[0]
+      if name == "attn":
+        v = batch_reshape(v, (bt // frames, 1, v.size // bt * frames))
+      else:  # token axis 1: the frames' tokens joined
+        v = batch_reshape(v, (bt // frames, v.shape[1] * frames) + v.shape[2:])
+      out[layer][name] = v
   return out
