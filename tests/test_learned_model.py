@@ -97,6 +97,7 @@ def test_qformer_reads_the_prompt_but_not_the_answer():
     (("vit", {"method": "tokenlearner", "budget": 8, "layer": 0}), "acts at stages"),
     (("post_vit", {"method": "qformer", "budget": 8, "use_text": True}), "cannot provide"),
     (("post_vit", {"method": "tokenlearner", "budget": 8, "per_frame": 1}), "True or False"),
+    (("post_proj", {"method": "qformer", "budget": 8, "use_text": 1}), "True or False"),
     (("post_vit", {"method": "perceiver", "budget": 8, "depth": 0}), "positive int"),
     (("post_vit", {"method": "ldpv2", "budget": 16, "name": "a/b"}), "name must be"),
 ])

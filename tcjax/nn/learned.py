@@ -153,6 +153,9 @@ def check_entry(where: str, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   spec = LEARNED[opts["method"]]
   if stage not in spec.stages:
     raise ValueError(f"{where}: {spec.name} acts at stages {spec.stages}, not {stage!r}")
+  if "keep" in opts:
+    raise ValueError(f"{where}: needs 'budget', a positive int (learned compressors take no "
+                     f"'keep': their parameters depend on the number of tokens out)")
   allowed = {"method", "budget", "name", *spec.options}
   unknown = [k for k in opts if k not in allowed]
   if unknown:
@@ -173,6 +176,7 @@ def check_entry(where: str, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     if key not in opts:
       continue
     v = opts[key]
+    default = spec.stage_defaults.get(stage, {}).get(key, default)  # e.g. a None made a bool
     if isinstance(default, bool) and not isinstance(v, bool):
       raise ValueError(f"{where}: {key} must be True or False, got {v!r}")
     if isinstance(default, int) and not isinstance(default, bool) and (
