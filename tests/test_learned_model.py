@@ -143,8 +143,8 @@ def test_checkpoints_carry_the_compressor(tmp_path):
 
 
 def test_config_trains_only_the_compressor():
-  """configs/learned.py freezes the towers by the loop's regex: one step of the real train
-  step + optimizer moves every compressor parameter and no tower parameter; the towers carry
+  """configs/learned.py freezes the towers by the loop's regex: steps of the real train step +
+  optimizer move every compressor parameter and no tower parameter; the towers carry
   no optimizer state and get no gradient."""
   cfg = learned_config.get_config("tokenlearner,budget=8,smoke")
   cfg.model.img = dataclasses.asdict(IMG)
@@ -165,10 +165,12 @@ def test_config_trains_only_the_compressor():
   from tcjax.train import loss_fn  # pylint: disable=g-import-not-at-top
   grads = flat(jax.jit(jax.grad(lambda p: loss_fn(model, frozen(p), batch)[0]))(params))
   moved = {k for k, g in grads.items() if float(jnp.abs(g).max()) > 0}
-  # (The map logits' bias is a softmax shift: the one compressor leaf without a gradient.)
-  assert moved == {k for k in grads if k.startswith("compressor/")} - {
-      "compressor/post_vit_tokenlearner_8/map_out/bias"}
-  state2, metrics = jax.jit(step)(state, batch)
+  compressor = {k for k in grads if k.startswith("compressor/")}
+  # (The map logits' bias shifts a softmax: its gradient is zero up to rounding, either way.)
+  assert compressor - {"compressor/post_vit_tokenlearner_8/map_out/bias"} <= moved <= compressor
+  jstep = jax.jit(step)
+  state2, _ = jstep(state, batch)  # the warm-up's first step has learning rate 0
+  state2, metrics = jstep(state2, batch)
   before, after = flat(params), flat(state2.params)
   changed = {k for k in before if not bool((before[k] == after[k]).all())}
   assert changed == moved
