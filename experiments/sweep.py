@@ -55,6 +55,7 @@ def sweep(cfg) -> Dict[str, Any]:
   import jax  # pylint: disable=g-import-not-at-top
   from tcjax import bundled  # pylint: disable=g-import-not-at-top
   from tcjax.compress import METHODS  # pylint: disable=g-import-not-at-top
+  from tcjax.nn.learned import LEARNED  # pylint: disable=g-import-not-at-top
   from tcjax.data import testbed  # pylint: disable=g-import-not-at-top
   from tcjax.eval import report  # pylint: disable=g-import-not-at-top
   from tcjax.eval import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
@@ -70,7 +71,7 @@ def sweep(cfg) -> Dict[str, Any]:
                                                         ()), cfg.adaptive_capacity)
     settings += [s for s in more if s not in settings]
   options = _options(cfg.options)
-  unknown = sorted(set(options) - set(METHODS) - set(sweep_lib.SCHEDULES))
+  unknown = sorted(set(options) - set(METHODS) - set(sweep_lib.SCHEDULES) - set(LEARNED))
   if unknown:
     raise ValueError(f"config.options: unknown method(s) {unknown}")
   families = tuple(cfg.families)

@@ -174,8 +174,22 @@ def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
   return PaliGemmaConfig(img=img, llm=llm, plan=tuple(plan))
 
 
-def target_shardings(config: PaliGemmaConfig, mesh, rules, fsdp_axis="data"):
-  """{flat name: NamedSharding} for `config`'s parameters under `rules`, from shapes alone.
+def expected_shapes(config: PaliGemmaConfig, flat=None) -> Dict[str, Tuple[int, ...]]:
+  """{flat name: shape} a checkpoint for `config` holds: the towers, and the subtree of every
+  learned compressor of the plan (`compressor/<key>/...`) that `flat` has any array of (a
+  compressor absent as a whole is left to `tcjax.nn.learned.init_missing`)."""
+  from tcjax.nn import learned  # pylint: disable=g-import-not-at-top
+  shapes = dict(_tree.param_shapes(config))
+  extra = learned.param_shapes(config)
+  if extra:
+    keys = {k.split("/")[1] for k in (flat or {}) if k.startswith(learned.SUBTREE + "/")}
+    shapes.update({k: s for k, s in extra.items() if k.split("/")[1] in keys})
+  return shapes
+
+
+def target_shardings(config: PaliGemmaConfig, mesh, rules, fsdp_axis="data", flat=None):
+  """{flat name: NamedSharding} for `config`'s parameters under `rules`, from shapes alone
+  (`flat`: the checkpoint's arrays, for its learned compressors; `expected_shapes`).
 
   None when neither `mesh` nor `rules` is given; ValueError when only one of them is.
   """
@@ -187,7 +201,8 @@ def target_shardings(config: PaliGemmaConfig, mesh, rules, fsdp_axis="data"):
   from tcjax.parallel.rules import param_shardings  # pylint: disable=g-import-not-at-top
 
   # Rules match '/'-joined paths; a flat dict's one-key paths are exactly those names.
-  shapes = {k: jax.ShapeDtypeStruct(s, np.float32) for k, s in _tree.param_shapes(config).items()}
+  shapes = {k: jax.ShapeDtypeStruct(s, np.float32)
+            for k, s in expected_shapes(config, flat).items()}
   return param_shardings(shapes, mesh, rules, fsdp_axis)
 
 
@@ -211,8 +226,8 @@ def finish(flat: Dict[str, Any], config: PaliGemmaConfig, *, dtype=None,
   the host at a time. mesh / rules / fsdp_axis: see `target_shardings`.
   Returns (model, params).
   """
-  _tree.check_flat(flat, _tree.param_shapes(config), source=source)
-  shardings = target_shardings(config, mesh, rules, fsdp_axis)
+  _tree.check_flat(flat, expected_shapes(config, flat), source=source)
+  shardings = target_shardings(config, mesh, rules, fsdp_axis, flat)
   dt = as_numpy_dtype(dtype)
   placed = {}
   for k, leaf in flat.items():

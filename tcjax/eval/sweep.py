@@ -54,6 +54,7 @@ from tcjax.compress.sparsevlm import scored_for
 from tcjax.eval import cost as cost_lib
 from tcjax.eval import runner
 from tcjax.nn import plan as plan_lib
+from tcjax.nn.learned import LEARNED
 from tcjax.nn import sampling
 
 # Plan-level decoder schedules swept beside the registered methods (one pruning layer each;
@@ -86,6 +87,8 @@ class Setting:
       return "-"
     if self.method in METHODS:
       return METHODS[self.method].family
+    if self.method in LEARNED:
+      return LEARNED[self.method].family
     return "sampling"  # PyramidDrop: prompt-attention pruning, as FastV
 
 
@@ -93,9 +96,12 @@ FULL = Setting("full", "-", None)
 
 
 def stages_of(method: str) -> Tuple[str, ...]:
-  """The stages where `method` (a registered method or a SCHEDULES entry) may act."""
+  """The stages where `method` (a registered method, a SCHEDULES entry or a learned
+  compressor of `tcjax.nn.learned.LEARNED`) may act."""
   if method in SCHEDULES:
     return SCHEDULES[method]
+  if method in LEARNED:
+    return LEARNED[method].stages
   return METHODS[method].stages
 
 
@@ -108,11 +114,16 @@ def settings(methods="all", stages="all", budgets: Sequence[int] = (64, 32, 16)
              ) -> List[Setting]:
   """FULL, then every method (sorted by name) at every stage of `stages` where it applies, at
   every budget (a method that keeps no token, `Method.keeps_none`, at the smallest only).
-  methods: "all" or a sequence of names; stages: "all", "primary" (each method at its first
-  stage in PRIMARY order) or a sequence of names. Unknown names raise ValueError.
+  methods: "all" (every training-free method) or a sequence of names, learned compressors
+  (`tcjax.nn.learned.LEARNED`) included: their settings run the `compressor/<key>` parameters
+  of the plan entry {"method", "budget"} (key "<stage>_<method>_<budget>", or the sweep
+  options' "name"), which `params` must hold (a setting without them records the error);
+  stages: "all", "primary" (each method at its first stage in PRIMARY order) or a sequence of
+  names. Unknown names raise ValueError.
   """
-  known = sorted(set(METHODS) - set(SCHEDULES)) + sorted(SCHEDULES)
-  methods = known if methods == "all" else list(_names(methods, "methods"))
+  free = sorted(set(METHODS) - set(SCHEDULES)) + sorted(SCHEDULES)
+  known = free + sorted(LEARNED)
+  methods = free if methods == "all" else list(_names(methods, "methods"))
   primary = stages == "primary"
   stages = STAGES if stages in ("all", "primary") else tuple(_names(stages, "stages"))
   bad = [m for m in methods if m not in known]

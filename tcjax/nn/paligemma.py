@@ -31,6 +31,7 @@ from flax import struct
 
 from tcjax import compress
 from tcjax.nn import gemma
+from tcjax.nn import learned
 from tcjax.nn import plan as plan_lib
 from tcjax.nn import siglip
 from tcjax.nn.config import PaliGemmaConfig
@@ -88,6 +89,8 @@ class PaliGemma(nn.Module):
   def setup(self):
     self.img_params = ParamTree.for_config(self.config, "img")
     self.llm_params = ParamTree.for_config(self.config, "llm")
+    # Learned compressors of the plan, under `compressor/<key>` (no parameters without any).
+    self.compressor = learned.Compressors(entries=learned.compressor_entries(self.config.plan))
 
   def img(self):
     """The `img` parameters (stacked layers gathered one at a time inside their scan)."""
@@ -165,7 +168,8 @@ class PaliGemma(nn.Module):
     sharded token axis; otherwise they are gathered per example here, on purpose (e.g.
     temporal merging compares neighbouring frames), and the decoder re-shards them."""
     later = post_vit + plan_lib.entries(self.config.plan, "post_proj")
-    seq_ok = all(compress.METHODS[o["method"]].token_sharded for _, o in later)
+    seq_ok = all(o["method"] in compress.METHODS and compress.METHODS[o["method"]].token_sharded
+                 for _, o in later)
     return constrain(x, "data", "seq" if seq_ok else None)
 
   def encode_image(self, image, *, signal_layers: Union[None, int, Sequence[int]] = None
@@ -209,8 +213,7 @@ class PaliGemma(nn.Module):
     layer_signals = lambda opts, stage: signals.get(
         plan_lib.entry_signal_layer(opts, stage, depth), {})
     for i, opts in post_vit:
-      tokens = plan_lib.run_entry(opts, tokens, layer_signals(opts, "post_vit"), "post_vit",
-                                  f"plan[{i}] (post_vit, {opts['method']})")
+      tokens = self._run_entry("post_vit", i, opts, tokens, layer_signals(opts, "post_vit"))
     head = p["head"]
     tokens = tokens.replace(x=tokens.x @ head["kernel"] + head["bias"])
     post_proj = plan_lib.entries(plan, "post_proj")
@@ -221,10 +224,25 @@ class PaliGemma(nn.Module):
         extra["text"] = gemma.embed_text(self.llm(), text, cfg.llm)
         extra["text_mask"] = input_mask & (mask_ar == 0)
       for i, opts in post_proj:
-        tokens = plan_lib.run_entry(opts, tokens, {**layer_signals(opts, "post_proj"), **extra},
-                                    "post_proj", f"plan[{i}] (post_proj, {opts['method']})")
+        tokens = self._run_entry("post_proj", i, opts, tokens,
+                                 {**layer_signals(opts, "post_proj"), **extra})
     aux = dict(aux, image_tokens=tokens.num_tokens, image_tokens_valid=tokens.count())
     return tokens.x, tokens, aux
+
+  def _run_entry(self, stage: str, i: int, opts, tokens: Tokens, signals) -> Tokens:
+    """One post_vit / post_proj plan entry: a `tcjax.compress` method, or a learned compressor
+    (`tcjax.nn.learned`) run as the `compressor/<key>` submodule with the signals it needs."""
+    where = f"plan[{i}] ({stage}, {opts['method']})"
+    if not learned.is_learned(opts):
+      return plan_lib.run_entry(opts, tokens, signals, stage, where)
+    kw = {}
+    for s in learned.LEARNED[opts["method"]].needs(opts, stage):
+      if signals.get(s) is None:
+        raise ValueError(f"{where}: needs signal {s!r}" + (
+            ", which exists only when the model is called with text"
+            if s in ("text", "text_mask") else ""))
+      kw[s] = signals[s]
+    return self.compressor(learned.entry_key(stage, opts), tokens, **kw)
 
   def _from_encoded(self, image, encoded):
     """(tokens, signals, aux, post_vit entries) from `encode_image`'s output, checked against

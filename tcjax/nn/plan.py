@@ -27,6 +27,10 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   layer K's own projections, PyramidDrop's lookahead), for methods that use a
                   layer's attention or keys. How the attention is computed and which KV caches
                   drop the pruned tokens the method declares (`register(llm_attn=, llm_kv=)`).
+Learned compressors (`tcjax.nn.learned.LEARNED`: tokenlearner, perceiver, qformer, ldpv2) at
+post_vit / post_proj: method, budget (an int), name (their parameter subtree
+`compressor/<name>`, default "<stage>_<method>_<budget>") and the module's options; the model
+runs the module (`PaliGemma` declares it when the plan names it).
 Schedules (plan-level, not single methods):
   vit "tome":     r (int, (r, inflect) or per-layer list), layers ("all" or indices), prop_attn
                   (True); ToMe between attention and MLP of those ViT blocks.
@@ -68,6 +72,7 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 import jax
 
 from tcjax.compress.registry import METHODS, SIGNALS, STAGES, apply
+from tcjax.nn import learned
 
 # Signals the model can hand a method at each stage.
 STAGE_SIGNALS = {
@@ -137,6 +142,7 @@ def normalize(plan) -> Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]:
     except (TypeError, ValueError):
       raise ValueError(f"plan[{i}] ({stage}): options must be a dict, got {opts!r}") from None
     out.append((stage, _freeze(_check_entry(i, stage, opts))))
+  learned.check_keys(out)
   return tuple(out)
 
 
@@ -159,8 +165,14 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     if method in METHODS:  # a schedule of a registered method's steps: its options too
       _check_method_options(where, METHODS[method], opts)
     return opts
+  if isinstance(method, str) and method in learned.LEARNED:
+    if stage not in learned.STAGES:
+      raise ValueError(f"{where}: learned compressor {method!r} acts at stages "
+                       f"{learned.LEARNED[method].stages}, not {stage!r}")
+    return learned.check_entry(where, stage, opts)
   if not isinstance(method, str) or method not in METHODS:
-    raise ValueError(f"plan[{i}] ({stage}): unknown method {method!r}; known: {sorted(METHODS)}")
+    raise ValueError(f"plan[{i}] ({stage}): unknown method {method!r}; known: {sorted(METHODS)}"
+                     f"; learned compressors: {sorted(learned.LEARNED)}")
   m = METHODS[method]
   if stage not in m.stages:
     raise ValueError(f"{where}: method {method!r} acts at stages {m.stages}, not {stage!r}")
@@ -296,6 +308,8 @@ def entry_signals(opts: Mapping[str, Any], stage: str) -> Tuple[Tuple[str, ...],
   The method's needs and the signals the entry names in "signals" must be there; an entry
   without "signals" passes the method's DEFAULT_SIGNALS that `stage` provides, when present.
   """
+  if stage in learned.STAGES and learned.is_learned(opts):  # a module: its options decide
+    return learned.LEARNED[opts["method"]].needs(opts, stage), ()
   m = METHODS[opts["method"]]
   if "signals" in opts:
     return tuple(s for s in SIGNALS if s in m.needs or s in opts["signals"]), ()

@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import PartitionSpec as P
 
 from tcjax.data import pipeline, testbed
-from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig
+from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig, learned
 from tcjax.parallel import global_batch_from_local, make_mesh, param_shardings
 from tcjax.train.step import TrainState, make_train_step
 
@@ -51,6 +51,21 @@ def model_config(cfg: ml_collections.ConfigDict) -> PaliGemmaConfig:
   plan = tuple((stage, dict(opts)) for stage, opts in m.get("plan", ()))
   return PaliGemmaConfig(img=SiglipConfig(**m.img.to_dict()),
                          llm=GemmaConfig(**m.llm.to_dict()), plan=plan)
+
+
+def plan_choices(cfg: ml_collections.ConfigDict) -> tuple:
+  """`config.model.plan_choices`: plans of which the loop trains one per step, drawn at random
+  (e.g. Matryoshka's nested pooling levels); () trains `config.model.plan` only. Each plan is
+  validated (`tcjax.nn.plan.normalize`)."""
+  from tcjax.nn import plan as plan_lib  # pylint: disable=g-import-not-at-top
+  choices = cfg.model.get("plan_choices", ()) or ()
+  return tuple(plan_lib.normalize(tuple((st, dict(o)) for st, o in p)) for p in choices)
+
+
+def choice_for_step(seed: int, step: int, n: int) -> int:
+  """Which of `n` plan choices trains at `step`: a pure function of (seed, step), so a resumed
+  run draws what an uninterrupted one would."""
+  return int(np.random.default_rng((seed, step)).integers(n))
 
 
 def trainable_mask(params, pattern: str):
@@ -224,6 +239,11 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
     # device), which is also what lets every process of a multi-host run build the same state.
     if cfg.get("init"):  # fine-tune a checkpoint: its config, the plan from cfg.model.plan
       model, params = load_init(cfg.init, plan=model_config(cfg).plan, mesh=mesh, rules=rules)
+      # Learned compressors of the plan the checkpoint lacks (pretrained towers): fresh ones.
+      abstract = jax.eval_shape(init_fn(model, cfg.seed))
+      if learned.SUBTREE in abstract:
+        sh = param_shardings(abstract, mesh, rules)[learned.SUBTREE]
+        params = learned.init_missing(model, params, cfg.seed, out_shardings=sh)
     else:
       model = PaliGemma(model_config(cfg))
       init = init_fn(model, cfg.seed)
@@ -231,6 +251,12 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
     if model.config.llm.vocab_size < tokenizer.vocab_size:
       raise ValueError(f"the model's vocabulary ({model.config.llm.vocab_size}) is smaller than"
                        f" the tokenizer's {tokenizer.vocab_size} ({cfg.tokenizer})")
+    choices = plan_choices(cfg)
+    for plan in choices:  # learned compressors a sampled plan names: fresh ones
+      abstract = jax.eval_shape(init_fn(model.with_plan(plan), cfg.seed))
+      if learned.SUBTREE in abstract:
+        sh = param_shardings(abstract, mesh, rules)[learned.SUBTREE]
+        params = learned.init_missing(model.with_plan(plan), params, cfg.seed, out_shardings=sh)
     tx = make_optimizer(cfg, params)
     create = lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=tx)
     state_sh = _state_shardings(jax.eval_shape(create, params).replace(params=params), mesh)
@@ -259,11 +285,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
     # The state leaves the step as it came in: with Auto axes XLA would otherwise pick its
     # own layouts for some outputs (e.g. MultiSteps' gradient sums), and the next call, seeing
     # new input shardings, would compile the step again.
-    step_fn = jax.jit(make_train_step(model, compute_dtype=cfg.get("compute_dtype"),
-                                      loss_norm=cfg.get("loss_norm", "example"),
-                                      trainable=trainable_mask(params, cfg.trainable)),
-                      donate_argnums=0,
-                      out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
+    def jitted_step(m):
+      return jax.jit(make_train_step(m, compute_dtype=cfg.get("compute_dtype"),
+                                     loss_norm=cfg.get("loss_norm", "example"),
+                                     trainable=trainable_mask(params, cfg.trainable)),
+                     donate_argnums=0,
+                     out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
+
+    step_fn = jitted_step(model)
+    # One step function per sampled plan (each compiled on first use).
+    choice_fns = [jitted_step(model.with_plan(p)) for p in choices]
     writers = _Writers(workdir, is_main)
     eval_families = [f for f in cfg.eval.get("families", cfg.data.families)
                      if f in cfg.data.families and f not in testbed.AUX_FAMILIES]
@@ -284,11 +315,16 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       bar = tqdm(total=cfg.total_steps, initial=start, desc="train", dynamic_ncols=True)
     last_eval: Dict[str, float] = {}
     t0, seen = time.perf_counter(), 0
-    interval: Dict[str, list] = {}  # modality -> step losses since the last log
+    interval: Dict[str, list] = {}  # modality (or sampled plan) -> step losses since the log
     for step in range(start + 1, cfg.total_steps + 1):
       local = {k: v for k, v in next(data_iter).items() if k in _MODEL_INPUTS}
       batch = global_batch_from_local(local, mesh, P("data"))
-      state, metrics = step_fn(state, batch)
+      if choice_fns:
+        choice = choice_for_step(cfg.seed, step, len(choice_fns))
+        state, metrics = choice_fns[choice](state, batch)
+        interval.setdefault(f"plan{choice}", []).append(metrics["loss"])
+      else:
+        state, metrics = step_fn(state, batch)
       seen += len(local["text"]) * jax.process_count()
       interval.setdefault(_modality(local["image"]), []).append(metrics["loss"])
       if step % cfg.log_every == 0 or step == cfg.total_steps:

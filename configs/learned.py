@@ -1,0 +1,108 @@
+"""Train a learned compressor on the bundled model, its towers frozen.
+
+  python -m experiments.train --config configs/learned.py:tokenlearner --workdir DIR
+  python -m experiments.train --config configs/learned.py:perceiver,budget=32 --workdir DIR
+  python -m experiments.train --config configs/learned.py:qformer,stage=post_proj --workdir DIR
+  python -m experiments.train --config configs/learned.py:ldpv2 --workdir DIR
+
+  python -m experiments.train --config configs/learned.py:m3 --workdir DIR
+
+arg: "<method>[,budget=K][,stage=post_vit|post_proj][,smoke]" with method one of
+`tcjax.nn.learned.LEARNED` (tokenlearner, perceiver, qformer, ldpv2). The plan holds one entry,
+the compressor at `stage` with `budget` output tokens (default 16; LDPv2 pools 2 x 2, so 64 of
+the 256 patches); its parameters are `compressor/<stage>_<method>_<budget>/...`, initialised
+fresh, and `trainable` = "compressor/.*": the towers (`img/...`, `llm/...`) get no update and no
+optimizer state. Defaults: TokenLearner, Perceiver and LDPv2 after the ViT (before the frozen
+projector: their outputs stay in the features the projector was trained on); the Q-Former after
+the projector, where its queries read the prompt (InstructBLIP's instruction-aware form).
+Module sizes are scaled to the bundled model's width 96 (the papers' defaults are for 768+ wide
+towers and would be larger than the model itself); override with --config.model.plan.
+
+Only the image families train: a compressor's budget is one number of tokens per example, and
+a 2048-token clip is a different compression problem (train one per modality if needed).
+"smoke": the tiny random model of configs/testbed.py:smoke and a few steps, for tests.
+
+"m3": Matryoshka multimodal training (M3, Cai et al., arXiv 2405.17430): one model serving
+several budgets through nested pooling levels. The official recipe runs every level in each step
+and averages the losses; here each step draws one level (the loop's `model.plan_choices`), a
+cheaper variant M3's authors also describe - a deviation. Levels 256 / 64 / 16 / 4 / 1 tokens
+(k = 1, 2, 4, 8, 16 pooling of the 16 x 16 grid after the ViT: with a linear projector the same
+as after it). M3 has no compressor parameters; it fine-tunes the decoder's attention
+(`llm/layers/attn/.*`, as configs/finetune.py; the paper tunes the LLM), the ViT frozen.
+Evaluate each level with the sweep (`pool` at post_vit, budgets 64 / 16 / 4 / 1).
+"""
+
+import ml_collections
+
+from configs import testbed as testbed_config
+from tcjax.data import testbed
+
+BUNDLED = "tcjax/assets/bundled.npz"
+DEFAULT_STAGE = {"tokenlearner": "post_vit", "perceiver": "post_vit", "qformer": "post_proj",
+                 "ldpv2": "post_vit"}
+DEFAULT_BUDGET = {"tokenlearner": 16, "perceiver": 16, "qformer": 16, "ldpv2": 64}
+M3_LEVELS = (256, 64, 16, 4, 1)  # nested: each level pools 2 x 2 windows of the one before
+
+
+def sizes(method: str, width: int):
+  """Module options scaled to a tower of `width` features."""
+  heads = 4 if width % 4 == 0 else 2
+  return {
+      "tokenlearner": dict(bottleneck_dim=64),
+      "perceiver": dict(depth=2, heads=heads, head_dim=width // heads),
+      "qformer": dict(width=width, depth=2, heads=heads, mlp_dim=4 * width),
+      "ldpv2": dict(),
+  }[method]
+
+
+def parse(arg: str):
+  """"method[,budget=K][,stage=S][,smoke]" -> (method, budget, stage, smoke)."""
+  parts = [p.strip() for p in arg.split(",") if p.strip()]
+  if not parts or parts[0] not in tuple(DEFAULT_STAGE) + ("m3",):
+    raise ValueError(f"configs/learned.py needs a compressor first, one of "
+                     f"{sorted(DEFAULT_STAGE)} or m3; got {arg!r}")
+  method, rest = parts[0], parts[1:]
+  opts = {"budget": DEFAULT_BUDGET.get(method, 64), "stage": DEFAULT_STAGE.get(method, "post_vit"),
+          "smoke": False}
+  for p in rest:
+    key, eq, value = p.partition("=")
+    if key == "smoke" and not eq:
+      opts["smoke"] = True
+    elif key == "budget" and eq and value.isdigit() and int(value) > 0:
+      opts["budget"] = int(value)
+    elif key == "stage" and value in ("post_vit", "post_proj"):
+      opts["stage"] = value
+    else:
+      raise ValueError(f"configs/learned.py: bad argument part {p!r} in {arg!r}; use "
+                       "budget=<int>, stage=post_vit|post_proj or smoke")
+  return method, opts["budget"], opts["stage"], opts["smoke"]
+
+
+def get_config(arg: str = "tokenlearner"):
+  method, budget, stage, smoke = parse(arg)
+  c = testbed_config.get_config("smoke" if smoke else "")
+  c.init = "" if smoke else BUNDLED  # the pretrained towers (config read off the file)
+  if method == "m3":
+    c.trainable = r"llm/layers/attn/.*"
+    c.model.plan_choices = tuple(((stage, {"method": "pool", "budget": b}),)
+                                 for b in M3_LEVELS)
+    c.model.plan = ((stage, {"method": "pool", "budget": budget}),)  # evaluated at the end
+  else:
+    c.trainable = r"compressor/.*"
+    # configs/testbed.py's sizes are the bundled model's (width 96), or the smoke model's.
+    width = c.model.img["width"] if stage == "post_vit" else c.model.llm["width"]
+    c.model.plan = ((stage, {"method": method, "budget": budget, **sizes(method, width)}),)
+  c.data.families = testbed.IMAGE_FAMILIES
+  c.data.max_len = 24
+  c.data.batch_size = dict(image=8 if smoke else 32)
+  c.data.weights = dict(image=1.0)
+  c.total_steps = 4 if smoke else 600
+  c.ckpt_every = 2 if smoke else 200
+  c.log_every = 1 if smoke else 20
+  c.optim.lr = 3e-3 if smoke else 1e-3
+  c.optim.warmup_steps = 1 if smoke else 50
+  c.optim.weight_decay = 0.0
+  c.eval.families = testbed.IMAGE_FAMILIES
+  c.eval.every = 0 if smoke else 600  # once, at the end
+  c.eval.per_family = 8 if smoke else 48
+  return c

@@ -1,0 +1,45 @@
+"""Matryoshka (M3) training: nested pooling levels, one drawn per step by the loop
+(`config.model.plan_choices`, configs/learned.py:m3)."""
+
+import jax
+import numpy as np
+import pytest
+
+import tcjax
+from configs import learned as learned_config
+from tcjax.train import loop
+
+
+def test_levels_are_nested():
+  """Each M3 level is the 2 x 2 size-weighted pooling of the level before it: features are the
+  mean of the four children, every patch's token is the parent of its token one level up."""
+  x = jax.random.normal(jax.random.key(0), (2, 256, 8))
+  tokens = tcjax.Tokens.from_grid(x, (16, 16))
+  levels = [tcjax.compress.pool(tokens, b) for b in learned_config.M3_LEVELS]
+  for fine, coarse in zip(levels, levels[1:]):
+    side = int(round(np.sqrt(fine.num_tokens)))
+    xf = np.asarray(fine.x).reshape(2, side // 2, 2, side // 2, 2, 8)
+    np.testing.assert_allclose(np.asarray(coarse.x),
+                               xf.mean((2, 4)).reshape(2, -1, 8), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(coarse.size), 4 * np.asarray(fine.size).reshape(
+        2, side // 2, 2, side // 2, 2).sum((2, 4)).reshape(2, -1) / 4)
+    r, c = np.divmod(np.asarray(fine.src), side)
+    np.testing.assert_array_equal(np.asarray(coarse.src), (r // 2) * (side // 2) + c // 2)
+
+
+def test_the_loop_draws_every_level_reproducibly():
+  cfg = learned_config.get_config("m3")
+  choices = loop.plan_choices(cfg)
+  assert [dict(p[0][1])["budget"] for p in choices] == list(learned_config.M3_LEVELS)
+  draws = [loop.choice_for_step(cfg.seed, s, len(choices)) for s in range(1, 201)]
+  assert draws == [loop.choice_for_step(cfg.seed, s, len(choices)) for s in range(1, 201)]
+  counts = np.bincount(draws, minlength=len(choices))
+  assert (counts > 20).all(), counts  # ~40 each
+  assert draws != [loop.choice_for_step(cfg.seed + 1, s, len(choices)) for s in range(1, 201)]
+
+
+def test_bad_plan_choices_are_refused():
+  cfg = learned_config.get_config("m3")
+  cfg.model.plan_choices = ((("post_vit", {"method": "pool", "budget": 64, "k": 2}),),)
+  with pytest.raises(ValueError, match="unknown option"):
+    loop.plan_choices(cfg)
