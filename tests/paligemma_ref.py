@@ -63,7 +63,8 @@ def image_embed(p, cfg, image):
   return x @ p["img/head/kernel"] + p["img/head/bias"]
 
 
-def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, hide=None):
+def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, hide=None,
+            states=None):
   """NumPy float64 Gemma over embeddings x [B, S, E] with mask_ar `ar` [B, S] (image tokens 0).
 
   pos: RoPE positions [B, S] (default 0..S-1). prune: {layer K: keep bool[B, S_K]}, the tokens
@@ -73,7 +74,8 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
   at_layer: {layer K: fn(x, pos, ar, attentions so far) -> (x, pos, ar)}, applied to the tokens
   entering layer K after `prune` (e.g. a merge). hide: (positions [B, P], start): query rows at
   RoPE position >= start never attend to keys at those positions, in any layer (tokens dropped
-  from every layer's KV cache after prefill).
+  from every layer's KV cache after prefill). states: a dict that receives "hidden", the final
+  tokens' last-layer states after the final norm [B, S', E].
   Returns (logits of every final token [B, S', V], {layer: attention}, final positions).
   """
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
@@ -140,6 +142,8 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
       h = _rms(h, p[L + "post_ffw_norm/scale"][l], g.norm_eps)
     x = x + h
   x = _rms(x, p["llm/final_norm/scale"], g.norm_eps)
+  if states is not None:
+    states["hidden"] = x
   logits = x @ p["llm/embedder/input_embedding"].T
   if g.final_logits_softcap:
     logits = np.tanh(logits / g.final_logits_softcap) * g.final_logits_softcap
@@ -159,3 +163,15 @@ def paligemma_logits(p, cfg, image, text, mask_ar):
   ar = np.concatenate([np.zeros((text.shape[0], N)), mask_ar], 1)
   logits, _, _ = decoder(p, cfg, x, ar)
   return logits[:, N:]
+
+
+def paligemma_features(p, cfg, image, text, mask_ar):
+  """NumPy float64: (text logits [B, T, V], text states after the final norm [B, T, E],
+  projected image tokens [B, N, E])."""
+  zimg = image_embed(p, cfg, image)
+  x = np.concatenate([zimg, embed_text(p, cfg, text)], 1)
+  N = zimg.shape[1]
+  ar = np.concatenate([np.zeros((text.shape[0], N)), mask_ar], 1)
+  states = {}
+  logits, _, _ = decoder(p, cfg, x, ar, states=states)
+  return logits[:, N:], states["hidden"][:, N:], zimg
