@@ -12,21 +12,17 @@ import pytest
 from flax import traverse_util
 
 from configs import distill as distill_config
-from tcjax.data import pipeline
 from tcjax.nn import learned
-from tcjax.tokenizer import Tokenizer
 from tcjax.train import TrainState, distill, loop
+
+import helpers
 
 STEPS = 4
 
 
 @pytest.fixture(scope="module")
 def batch():
-  cfg = distill_config.get_config("smoke")
-  ds = pipeline.testbed_stream(cfg.data.families, Tokenizer(cfg.tokenizer), split="train",
-                               seed=0, batch_size=8, max_len=cfg.data.max_len)
-  b = ds[0]
-  return {k: b[k] for k in ("image", "text", "mask_ar", "mask_loss", "input_mask")}
+  return helpers.train_batch(distill_config.get_config("smoke"))
 
 
 @pytest.fixture(scope="module")
