@@ -1,4 +1,5 @@
-"""Inputs for contract tests: tokens plus every signal a method declares it needs."""
+"""Test inputs: tokens plus every signal a method declares it needs (contract tests), and a
+training batch of a config's testbed stream (training tests)."""
 
 import jax
 import jax.numpy as jnp
@@ -129,3 +130,15 @@ def scene_clip(seed, batch=2, scenes=(3, 5), grid=(6, 6), dim=8, calm=0.6):
     xs.append(np.concatenate(parts).reshape(-1, dim))
   x = np.stack(xs).astype(np.float32)
   return x, tcjax.Tokens.from_video(jnp.asarray(x), frames=sum(scenes), grid=grid), rng
+
+
+def train_batch(cfg, batch_size=8):
+  """The first `batch_size` examples of config `cfg`'s testbed training stream (its families,
+  tokenizer and max_len): the model's inputs "image", "text", "mask_ar", "mask_loss",
+  "input_mask"."""
+  from tcjax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from tcjax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
+  ds = pipeline.testbed_stream(cfg.data.families, Tokenizer(cfg.tokenizer), split="train",
+                               seed=0, batch_size=batch_size, max_len=cfg.data.max_len)
+  b = ds[0]
+  return {k: b[k] for k in ("image", "text", "mask_ar", "mask_loss", "input_mask")}

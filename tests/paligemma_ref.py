@@ -64,7 +64,7 @@ def image_embed(p, cfg, image):
 
 
 def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, hide=None,
-            hidden=None, override=None):
+            hidden=None, override=None, states=None):
   """NumPy float64 Gemma over embeddings x [B, S, E] with mask_ar `ar` [B, S] (image tokens 0).
 
   pos: RoPE positions [B, S] (default 0..S-1). prune: {layer K: keep bool[B, S_K]}, the tokens
@@ -77,7 +77,8 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
   from every layer's KV cache after prefill).
   hidden: a dict to fill with {layer: the hidden states [B, S_K, E] entering it}, or None.
   override: {layer K: x [B, S_K, E]}: the hidden states entering layer K (after its pruning)
-  replaced, e.g. by merged tokens.
+  replaced, e.g. by merged tokens. states: a dict that receives "hidden", the final tokens'
+  last-layer states after the final norm [B, S', E].
   Returns (logits of every final token [B, S', V], {layer: attention}, final positions).
   """
   p = {k: np.asarray(v, np.float64) for k, v in p.items()}
@@ -130,8 +131,8 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
       m = (m & near) | both_prefix
     if hide is not None:
       hidden_pos, start = hide
-      hidden = (pos[:, :, None] == np.asarray(hidden_pos)[:, None, :]).any(-1)  # [B, keys]
-      m = m & ~((pos[:, :, None] >= start) & hidden[:, None, :])
+      hidden_keys = (pos[:, :, None] == np.asarray(hidden_pos)[:, None, :]).any(-1)  # [B, keys]
+      m = m & ~((pos[:, :, None] >= start) & hidden_keys[:, None, :])
     logit = np.where(m[:, None], logit, -1e30)
     a = _softmax(logit)
     if l in attn_layers:
@@ -148,6 +149,8 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
       h = _rms(h, p[L + "post_ffw_norm/scale"][l], g.norm_eps)
     x = x + h
   x = _rms(x, p["llm/final_norm/scale"], g.norm_eps)
+  if states is not None:
+    states["hidden"] = x
   logits = x @ p["llm/embedder/input_embedding"].T
   if g.final_logits_softcap:
     logits = np.tanh(logits / g.final_logits_softcap) * g.final_logits_softcap
@@ -167,3 +170,15 @@ def paligemma_logits(p, cfg, image, text, mask_ar):
   ar = np.concatenate([np.zeros((text.shape[0], N)), mask_ar], 1)
   logits, _, _ = decoder(p, cfg, x, ar)
   return logits[:, N:]
+
+
+def paligemma_features(p, cfg, image, text, mask_ar):
+  """NumPy float64: (text logits [B, T, V], text states after the final norm [B, T, E],
+  projected image tokens [B, N, E])."""
+  zimg = image_embed(p, cfg, image)
+  x = np.concatenate([zimg, embed_text(p, cfg, text)], 1)
+  N = zimg.shape[1]
+  ar = np.concatenate([np.zeros((text.shape[0], N)), mask_ar], 1)
+  states = {}
+  logits, _, _ = decoder(p, cfg, x, ar, states=states)
+  return logits[:, N:], states["hidden"][:, N:], zimg

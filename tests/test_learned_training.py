@@ -6,22 +6,18 @@ import numpy as np
 import pytest
 
 from configs import learned as learned_config
-from tcjax.data import pipeline
 from tcjax.nn import learned
-from tcjax.tokenizer import Tokenizer
 from tcjax.train import TrainState, make_train_step
 from tcjax.train import loop
+
+import helpers
 
 STEPS = 6
 
 
 @pytest.fixture(scope="module")
 def batch():
-  cfg = learned_config.get_config("tokenlearner")
-  ds = pipeline.testbed_stream(cfg.data.families, Tokenizer(cfg.tokenizer), split="train",
-                               seed=0, batch_size=8, max_len=cfg.data.max_len)
-  b = ds[0]
-  return {k: b[k] for k in ("image", "text", "mask_ar", "mask_loss", "input_mask")}
+  return helpers.train_batch(learned_config.get_config("tokenlearner"))
 
 
 @pytest.mark.parametrize("method", sorted(learned_config.DEFAULT_STAGE))

@@ -202,14 +202,22 @@ def _cells(rng, n: int, cell: int) -> List[Tuple[int, int]]:
 
 
 def _objects(rng, n: int, colors, shapes, size=None) -> List[Dict[str, Any]]:
-  """n non-overlapping shapes, each inside its own 16-px cell, jittered; size `size` px, or
-  8-12 px drawn per object when None."""
+  """n non-overlapping shapes, each inside its own 16-px cell.
+
+  size None: 8 or 12 px, placed on the DIGIT_GRID grid, so that an object covers whole patches
+  of the bundled model and always looks the same to it (the lesson of the digits, above; with
+  8-12 px anywhere, the bundled model's description of a scene named the wrong shapes and
+  colours, experiments/RESULTS.md). An int: that size, jittered anywhere in the cell.
+  """
   out = []
   for (cy, cx), color, shape in zip(_cells(rng, n, 16), colors, shapes):
-    s = int(rng.integers(8, 13)) if size is None else size
-    out.append({"shape": shape, "color": color, "size": s,
-                "y": cy + int(rng.integers(0, 16 - s + 1)),
-                "x": cx + int(rng.integers(0, 16 - s + 1))})
+    if size is None:
+      s = int(rng.choice((8, 12)))
+      y, x = (DIGIT_GRID * int(rng.integers(0, (16 - s) // DIGIT_GRID + 1)) for _ in range(2))
+    else:
+      s = size
+      y, x = (int(rng.integers(0, 16 - s + 1)) for _ in range(2))
+    out.append({"shape": shape, "color": color, "size": s, "y": cy + y, "x": cx + x})
   return out
 
 

@@ -31,8 +31,8 @@ decoding step (the decoding loop's time / the steps it ran: it stops when every 
 batch has emitted EOS), each program's median over
 `latency_reps` calls after a warm-up call, and peak memory as the largest `program_bytes`
 (`compiled.memory_analysis()`) of those programs. Programs several settings share (the ViT, the
-projector, the decoder of one image-token count) are measured once per input shape; the
-decoding loop once per setting (its steps depend on the setting's answers).
+projector, the decoder of one image-token count, a decoding loop over one cache layout) are
+measured once per input shape.
 """
 
 from __future__ import annotations
@@ -640,10 +640,10 @@ class _Timer:
       cache = dec_args[3]
       layout = (jax.tree.structure(cache),
                 tuple((a.shape, str(a.dtype)) for a in jax.tree.leaves(cache)))
-      # The loop stops when every example has emitted EOS: per token = its time / steps run
-      # (the same data every call, so the same steps).
-      key_loop = ("decode", layout, key)
-      loop = self._once(key_loop, lambda: self._measure(dec_fn, *dec_args, out=True))
+      # The loop stops when every example has emitted EOS: per token = its time / the steps
+      # it ran. A step's cost depends on the cache's layout, not on the answers, so the first
+      # setting with a layout measures it for all.
+      loop = self._once(("decode", layout), lambda: self._measure(dec_fn, *dec_args, out=True))
       steps = max(int(loop["out"][1]), 1)
       step = {"seconds": loop["seconds"] / steps, "bytes": loop["bytes"]}
       self.measured[key] = {"prefill": pre, "step": step}

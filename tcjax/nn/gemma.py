@@ -103,7 +103,18 @@ def embed_text(p, text, cfg: GemmaConfig):
 
 def logits(p, x, cfg: GemmaConfig):
   """final norm, tied output embedding, Gemma 2 final soft-cap: float[..., E] -> float[..., V]."""
-  x = nl.rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps)
+  return readout(p, final_norm(p, x, cfg), cfg)
+
+
+def final_norm(p, x, cfg: GemmaConfig):
+  """The final RMSNorm: float[..., E] last-layer states -> float[..., E] as the output embedding
+  reads them."""
+  return nl.rms_norm(x, p["final_norm"]["scale"], cfg.norm_eps)
+
+
+def readout(p, x, cfg: GemmaConfig):
+  """Tied output embedding and Gemma 2 final soft-cap of normed states: float[..., E] ->
+  float[..., V]."""
   out = jnp.einsum("...e,ve->...v", x, p["embedder"]["input_embedding"])
   return nl.softcap(out, cfg.final_logits_softcap)
 

@@ -4,6 +4,8 @@ Follows big_vision's `models/proj/paligemma/paligemma.py` method split and param
 (`img/...`, `llm/...`), so big_vision `.npz` and converted HF checkpoints load without remapping.
 
   text_logits, aux = model.apply({"params": params}, image, text, mask_ar)
+  text_logits, hidden, img_tokens, aux = model.apply(variables, image, text, mask_ar,
+                                                     method=model.features)
   zimg, img_tokens, aux = model.apply(variables, image, text, mask_ar, method=model.embed_image)
   last_logits, cache, aux = model.apply(variables, image, text, mask_ar, method=model.prefill)
   logits, cache = model.apply(variables, token, cache, method=model.decode_step)
@@ -302,12 +304,27 @@ class PaliGemma(nn.Module):
     hooks = plan_lib.llm_hooks(self.config.plan, self.config.llm.depth)
     out, seq, cache, llm_aux = gemma.prefill(self.llm(), seq, img, self.config.llm, hooks,
                                              cache_size=cache_size)
-    return out, seq, cache, {**aux, **llm_aux}
+    return out, seq, cache, {**aux, **llm_aux}, img
 
   def __call__(self, image, text, mask_ar=None, input_mask=None):
     """Training / scoring forward: (text_logits float[B, T, V], aux)."""
-    out, seq, _, aux = self._decoder(image, text, mask_ar, input_mask, 0)
+    out, seq, _, aux, _ = self._decoder(image, text, mask_ar, input_mask, 0)
     return gemma.logits(self.llm(), out[:, seq.n_img:], self.config.llm), aux
+
+  def features(self, image, text, mask_ar=None, input_mask=None):
+    """`__call__` with what distillation compares (`tcjax.train.distill`):
+    (text_logits float[B, T, V], hidden float[B, T, E], image Tokens, aux).
+
+    hidden: the last decoder layer's states at the text positions after the final norm (what
+    the output embedding reads: a scale the norm keeps comparable between two models, where
+    the raw residual stream may grow). image: the projected image tokens as they enter the
+    decoder (x float[B, N, E], after the vit / post_vit / post_proj stages; `src` maps each
+    patch of the grid to the token carrying it).
+    """
+    out, seq, _, aux, img = self._decoder(image, text, mask_ar, input_mask, 0)
+    p, cfg = self.llm(), self.config.llm
+    hidden = gemma.final_norm(p, out[:, seq.n_img:], cfg)
+    return gemma.readout(p, hidden, cfg), hidden, img, aux
 
   def prefill(self, image, text, mask_ar=None, input_mask=None, *, cache_size: int = 0,
               image_tokens=None):
@@ -317,8 +334,8 @@ class PaliGemma(nn.Module):
 
     Returns (logits float[B, V] at each example's last valid prompt token, cache, aux).
     """
-    out, seq, cache, aux = self._decoder(image, text, mask_ar, input_mask, cache_size,
-                                         image_tokens)
+    out, seq, cache, aux, _ = self._decoder(image, text, mask_ar, input_mask, cache_size,
+                                            image_tokens)
     last = jnp.take_along_axis(out, gemma._last_valid(seq.valid)[:, None, None], 1)[:, 0]  # pylint: disable=protected-access
     return gemma.logits(self.llm(), last, self.config.llm), cache, aux
 

@@ -12,7 +12,8 @@
   tb/                 TensorBoard event files (tensorboardX)
   checkpoint.npz      the final parameters as a big_vision `.npz` (written at the end)
 
-Config fields: see `configs/testbed.py`.
+Config fields: see `configs/testbed.py`; a `distill` section (`configs/distill.py`,
+`tcjax.train.distill.Options`) trains the model as a student of a frozen teacher.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from jax.sharding import PartitionSpec as P
 from tcjax.data import pipeline, testbed
 from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig, learned
 from tcjax.parallel import global_batch_from_local, make_mesh, param_shardings
+from tcjax.train import distill, light_encoder
 from tcjax.train.step import TrainState, make_train_step
 
 
@@ -48,9 +50,13 @@ def model_config(cfg: ml_collections.ConfigDict) -> PaliGemmaConfig:
   """`config.model` (img / llm dicts, plan) -> PaliGemmaConfig. Unknown fields are refused by
   the dataclasses."""
   m = cfg.model
-  plan = tuple((stage, dict(opts)) for stage, opts in m.get("plan", ()))
   return PaliGemmaConfig(img=SiglipConfig(**m.img.to_dict()),
-                         llm=GemmaConfig(**m.llm.to_dict()), plan=plan)
+                         llm=GemmaConfig(**m.llm.to_dict()), plan=model_plan(cfg))
+
+
+def model_plan(cfg: ml_collections.ConfigDict) -> tuple:
+  """`config.model.plan` as ((stage, options dict), ...)."""
+  return tuple((stage, dict(opts)) for stage, opts in cfg.model.get("plan", ()))
 
 
 def plan_choices(cfg: ml_collections.ConfigDict) -> tuple:
@@ -115,6 +121,40 @@ def init_fn(model: PaliGemma, seed: int):
   image = jnp.zeros((1, cfg.img.image_size, cfg.img.image_size, 3), jnp.float32)
   text = jnp.ones((1, 4), jnp.int32)
   return lambda: model.init(jax.random.key(seed), image, text, jnp.zeros_like(text))["params"]
+
+
+def distill_options(cfg: ml_collections.ConfigDict):
+  """`config.distill` as `distill.Options`, None without the section (ValueError on unknown
+  or bad fields, and for a lighter student tower together with `config.init`)."""
+  section = cfg.get("distill")
+  if section is None:
+    return None
+  opts = distill.Options.from_config(section)
+  if opts.light and cfg.get("init"):
+    raise ValueError("distill.student_img builds the student from the teacher; it cannot start "
+                     f"from config.init={cfg.init!r} too")
+  return opts
+
+
+def load_teacher(opts, *, mesh=None, rules=None):
+  """(teacher model without a plan, its float32 params) from `opts.teacher` ("" bundled)."""
+  from tcjax import bundled  # pylint: disable=g-import-not-at-top
+  teacher, params = load_init(opts.teacher or bundled.CHECKPOINT, mesh=mesh, rules=rules)
+  return teacher.with_plan(()), params
+
+
+def student_from_teacher(cfg: ml_collections.ConfigDict, opts, teacher: PaliGemma,
+                         teacher_params, *, mesh=None, rules=None):
+  """(student model, params): the teacher's config with `config.model.plan` and the lighter
+  tower `opts.student_img` asks for, its parameters new arrays made from the teacher's
+  (`light_encoder.init_from_teacher`), placed in their shardings when a mesh is given."""
+  config = light_encoder.student_config(teacher.config, plan=model_plan(cfg),
+                                        where="distill.student_img", **dict(opts.student_img))
+  make = lambda p: light_encoder.init_from_teacher(p, teacher.config, config)
+  sh = None
+  if mesh is not None:
+    sh = param_shardings(jax.eval_shape(make, teacher_params), mesh, rules)
+  return PaliGemma(config), jax.jit(make, out_shardings=sh)(teacher_params)
 
 
 # -------------------------------------------------------------------------------------------
@@ -234,11 +274,19 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
   mesh = make_mesh(tuple(cfg.mesh), axis_types="auto")
   rules = tuple(cfg.param_rules)
   is_main = jax.process_index() == 0
+  dopts = distill_options(cfg)
   with jax.set_mesh(mesh):
+    teacher = teacher_params = None
+    if dopts is not None:  # frozen: an argument of the step, never in the train state
+      teacher, teacher_params = load_teacher(dopts, mesh=mesh, rules=rules)
     # Parameters are made straight into their shardings (no host copy of the whole tree per
     # device), which is also what lets every process of a multi-host run build the same state.
-    if cfg.get("init"):  # fine-tune a checkpoint: its config, the plan from cfg.model.plan
-      model, params = load_init(cfg.init, plan=model_config(cfg).plan, mesh=mesh, rules=rules)
+    if cfg.get("init") or teacher is not None:
+      if cfg.get("init"):  # fine-tune a checkpoint: its config, the plan from cfg.model.plan
+        model, params = load_init(cfg.init, plan=model_config(cfg).plan, mesh=mesh, rules=rules)
+      else:  # a distilled student starts as a copy of its teacher (cfg.model's towers unused)
+        model, params = student_from_teacher(cfg, dopts, teacher, teacher_params, mesh=mesh,
+                                             rules=rules)
       # Learned compressors of the plan the checkpoint lacks (pretrained towers): fresh ones.
       abstract = jax.eval_shape(init_fn(model, cfg.seed))
       if learned.SUBTREE in abstract:
@@ -286,11 +334,14 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
     # own layouts for some outputs (e.g. MultiSteps' gradient sums), and the next call, seeing
     # new input shardings, would compile the step again.
     def jitted_step(m):
-      return jax.jit(make_train_step(m, compute_dtype=cfg.get("compute_dtype"),
-                                     loss_norm=cfg.get("loss_norm", "example"),
-                                     trainable=trainable_mask(params, cfg.trainable)),
-                     donate_argnums=0,
-                     out_shardings=(state_sh, jax.sharding.NamedSharding(mesh, P())))
+      kw = dict(compute_dtype=cfg.get("compute_dtype"), loss_norm=cfg.get("loss_norm", "example"),
+                trainable=trainable_mask(params, cfg.trainable))
+      out_sh = (state_sh, jax.sharding.NamedSharding(mesh, P()))
+      if teacher is None:
+        return jax.jit(make_train_step(m, **kw), donate_argnums=0, out_shardings=out_sh)
+      fn = jax.jit(distill.make_distill_step(m, teacher, dopts, **kw), donate_argnums=0,
+                   out_shardings=out_sh)
+      return lambda state, batch: fn(state, batch, teacher_params)
 
     step_fn = jitted_step(model)
     # One step function per sampled plan (each compiled on first use).
