@@ -18,6 +18,11 @@ the projector, where its queries read the prompt (InstructBLIP's instruction-awa
 Module sizes are scaled to the bundled model's width 96 (the papers' defaults are for 768+ wide
 towers and would be larger than the model itself); override with --config.model.plan.
 
+At the end the run writes `DIR/compressors.npz` (the compressor's parameters and plan entry, not
+the towers: `tcjax.nn.learned.save_trained`); the sweep runs it beside the training-free methods:
+
+  python -m experiments.sweep --config.learned=DIR/compressors.npz
+
 Only the image families train: a compressor's budget is one number of tokens per example, and
 a 2048-token clip is a different compression problem (train one per modality if needed).
 "smoke": the tiny random model of configs/testbed.py:smoke and a few steps, for tests.
