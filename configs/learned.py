@@ -6,6 +6,7 @@
   python -m experiments.train --config configs/learned.py:ldpv2 --workdir DIR
 
   python -m experiments.train --config configs/learned.py:m3 --workdir DIR
+  python -m experiments.train --config configs/learned.py:caft --workdir DIR
 
 arg: "<method>[,budget=K][,stage=post_vit|post_proj][,smoke]" with method one of
 `tcjax.nn.learned.LEARNED` (tokenlearner, perceiver, qformer, ldpv2). The plan holds one entry,
@@ -17,6 +18,11 @@ projector: their outputs stay in the features the projector was trained on); the
 the projector, where its queries read the prompt (InstructBLIP's instruction-aware form).
 Module sizes are scaled to the bundled model's width 96 (the papers' defaults are for 768+ wide
 towers and would be larger than the model itself); override with --config.model.plan.
+
+At the end the run writes `DIR/compressors.npz` (the compressor's parameters and plan entry, not
+the towers: `tcjax.nn.learned.save_trained`); the sweep runs it beside the training-free methods:
+
+  python -m experiments.sweep --config.learned=DIR/compressors.npz
 
 Only the image families train: a compressor's budget is one number of tokens per example, and
 a 2048-token clip is a different compression problem (train one per modality if needed).
@@ -30,6 +36,14 @@ cheaper variant M3's authors also describe - a deviation. Levels 256 / 64 / 16 /
 as after it). M3 has no compressor parameters; it fine-tunes the decoder's attention
 (`llm/layers/attn/.*`, as configs/finetune.py; the paper tunes the LLM), the ViT frozen.
 Evaluate each level with the sweep (`pool` at post_vit, budgets 64 / 16 / 4 / 1).
+
+"caft": compression-aware fine-tuning. The whole bundled model is fine-tuned while each step
+draws one training-free plan after the ViT: pooling, VisionZip, ToMe or DivPrune (`CAFT_METHODS`)
+at 64, 32 or 16 tokens (`CAFT_BUDGETS`). It has no compressor parameters; compare the same
+methods and budgets with and without it in the sweep:
+
+  python -m experiments.sweep --config.methods=pool,visionzip,tome,divprune \
+      --config.stages=post_vit --config.checkpoint=DIR/checkpoint.npz
 """
 
 import ml_collections
@@ -42,6 +56,8 @@ DEFAULT_STAGE = {"tokenlearner": "post_vit", "perceiver": "post_vit", "qformer":
                  "ldpv2": "post_vit"}
 DEFAULT_BUDGET = {"tokenlearner": 16, "perceiver": 16, "qformer": 16, "ldpv2": 64}
 M3_LEVELS = (256, 64, 16, 4, 1)  # nested: each level pools 2 x 2 windows of the one before
+CAFT_METHODS = ("pool", "visionzip", "tome", "divprune")  # one per family the issue names
+CAFT_BUDGETS = (64, 32, 16)
 
 
 def sizes(method: str, width: int):
@@ -58,9 +74,9 @@ def sizes(method: str, width: int):
 def parse(arg: str):
   """"method[,budget=K][,stage=S][,smoke]" -> (method, budget, stage, smoke)."""
   parts = [p.strip() for p in arg.split(",") if p.strip()]
-  if not parts or parts[0] not in tuple(DEFAULT_STAGE) + ("m3",):
+  if not parts or parts[0] not in tuple(DEFAULT_STAGE) + ("m3", "caft"):
     raise ValueError(f"configs/learned.py needs a compressor first, one of "
-                     f"{sorted(DEFAULT_STAGE)} or m3; got {arg!r}")
+                     f"{sorted(DEFAULT_STAGE)}, m3 or caft; got {arg!r}")
   method, rest = parts[0], parts[1:]
   opts = {"budget": DEFAULT_BUDGET.get(method, 64), "stage": DEFAULT_STAGE.get(method, "post_vit"),
           "smoke": False}
@@ -82,7 +98,12 @@ def get_config(arg: str = "tokenlearner"):
   method, budget, stage, smoke = parse(arg)
   c = testbed_config.get_config("smoke" if smoke else "")
   c.init = "" if smoke else BUNDLED  # the pretrained towers (config read off the file)
-  if method == "m3":
+  if method == "caft":
+    c.trainable = ".*"
+    c.model.plan_choices = tuple(((stage, {"method": m, "budget": b}),)
+                                 for m in CAFT_METHODS for b in CAFT_BUDGETS)
+    c.model.plan = ((stage, {"method": "pool", "budget": budget}),)  # evaluated at the end
+  elif method == "m3":
     c.trainable = r"llm/layers/attn/.*"
     c.model.plan_choices = tuple(((stage, {"method": "pool", "budget": b}),)
                                  for b in M3_LEVELS)
@@ -100,6 +121,8 @@ def get_config(arg: str = "tokenlearner"):
   c.ckpt_every = 2 if smoke else 200
   c.log_every = 1 if smoke else 20
   c.optim.lr = 3e-3 if smoke else 1e-3
+  if method == "caft" and not smoke:
+    c.optim.lr = 3e-4  # the whole model moves, not a fresh module: a lower rate
   c.optim.warmup_steps = 1 if smoke else 50
   c.optim.weight_decay = 0.0
   c.eval.families = testbed.IMAGE_FAMILIES

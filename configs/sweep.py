@@ -36,6 +36,11 @@ Fields:
   mesh, axis_types: the device mesh (batch on "data"; -1 = every device).
   pictures: images per image family on which every vit / post_vit / post_proj setting's
     retained patches are drawn (retained_<budget>.png; 0: none).
+  checkpoint: a big_vision `.npz` of the bundled model's architecture whose parameters replace
+    the bundled ones (a fine-tuned copy: M3, compression-aware fine-tuning); "" none.
+  learned: comma-separated files of trained compressors (a learned run's `compressors.npz`,
+    `tcjax.nn.learned.save_trained`); each compressor is one more setting, at its stage and
+    budget with the options it was trained with. "" none.
   out: directory for sweep.json, sweep.md and the plots; progress: show the progress bar.
 
 Time: the default is sized for about 5 minutes on a 2-core CPU (experiments/RESULTS.md has the
@@ -79,6 +84,8 @@ def get_config(arg: str = ""):
   c.pictures = 1
   c.mesh = (("data", -1),)
   c.axis_types = "auto"
+  c.checkpoint = ""
+  c.learned = ""
   c.out = "experiments/out/sweep"
   c.progress = True
   if arg == "full":

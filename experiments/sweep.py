@@ -49,6 +49,39 @@ def _options(v, what: str = "options") -> Dict[str, Dict[str, Any]]:
   return opts
 
 
+def _same_model(bundled_model, path: str):
+  """The parameters of the big_vision `.npz` at `path` (a fine-tuned copy of the bundled model:
+  M3, compression-aware fine-tuning) -> (model, params); ValueError when its architecture is not
+  the bundled model's (the tokenizer and the testbed are the bundled model's)."""
+  from tcjax import checkpoints  # pylint: disable=g-import-not-at-top
+  model, params = checkpoints.load_big_vision(path)
+  if model.config != bundled_model.config:
+    raise ValueError(f"config.checkpoint {path}: not the bundled model's architecture "
+                     f"({model.config} vs {bundled_model.config})")
+  return model, params
+
+
+def _with_trained(params, paths):
+  """`params` with the trained compressors of each file in `paths` (`tcjax.nn.learned.
+  save_trained`, e.g. a run's `compressors.npz`) -> (params, one Setting per compressor)."""
+  from tcjax.eval import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  from tcjax.nn import learned  # pylint: disable=g-import-not-at-top
+  subtree = dict(params.get(learned.SUBTREE, {}))
+  settings = []
+  for path in paths:
+    plan, trained = learned.load_trained(path)
+    clash = sorted(set(subtree) & set(trained[learned.SUBTREE]))
+    if clash:
+      raise ValueError(f"config.learned: {path} holds compressor(s) {clash} already loaded; "
+                       "give one a 'name' when training it")
+    subtree.update(trained[learned.SUBTREE])
+    for stage, opts in plan:
+      rest = {k: v for k, v in opts.items() if k not in ("method", "budget")}
+      settings.append(sweep_lib.Setting(opts["method"], stage, opts["budget"],
+                                        tuple(sorted(rest.items()))))
+  return {**params, learned.SUBTREE: subtree}, settings
+
+
 def sweep(cfg) -> Dict[str, Any]:
   """Runs the sweep of `cfg` and writes its outputs -> {"rows", "table", "plots", "seconds",
   "json", "markdown"}."""
@@ -84,6 +117,13 @@ def sweep(cfg) -> Dict[str, Any]:
   if cfg.latency and cfg.latency_reps < 1:
     raise ValueError(f"config.latency_reps must be >= 1, got {cfg.latency_reps}")
   model, params, tok = bundled.load()
+  weights = "the bundled model"
+  if cfg.checkpoint:
+    model, params = _same_model(model, cfg.checkpoint)
+    weights = cfg.checkpoint
+  if cfg.learned:
+    params, trained = _with_trained(params, _names(cfg.learned, "learned", ()))
+    settings += [s for s in trained if s not in settings]
   examples = [testbed.example(f, cfg.split, cfg.seed, i) for f in families
               for i in range(cfg.per_family)]
   mesh = make_mesh(tuple((str(n), int(s)) for n, s in cfg.mesh), cfg.axis_types)
@@ -117,7 +157,7 @@ def sweep(cfg) -> Dict[str, Any]:
   with open(paths["json"], "w") as f:
     json.dump(sweep_lib.clean(info), f, indent=1, default=str)
   with open(paths["markdown"], "w") as f:
-    f.write(f"# Sweep on the bundled model\n\n{len(examples)} testbed examples "
+    f.write(f"# Sweep on {weights}\n\n{len(examples)} testbed examples "
             f"({cfg.per_family} per family), {len(settings)} settings, {seconds:.0f} s "
             f"({cpu_seconds:.0f} s of CPU) on {len(jax.devices())} "
             f"{jax.devices()[0].platform} device(s).\n\n{text}\n\n"

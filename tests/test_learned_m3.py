@@ -43,3 +43,18 @@ def test_bad_plan_choices_are_refused():
   cfg.model.plan_choices = ((("post_vit", {"method": "pool", "budget": 64, "k": 2}),),)
   with pytest.raises(ValueError, match="unknown option"):
     loop.plan_choices(cfg)
+
+
+def test_caft_draws_each_training_free_method_and_budget():
+  """configs/learned.py:caft: one of pooling, VisionZip, ToMe, DivPrune at 64 / 32 / 16 tokens
+  after the ViT per step (each plan valid), the whole model trainable, at a lower rate than a
+  fresh compressor."""
+  cfg = learned_config.get_config("caft")
+  choices = loop.plan_choices(cfg)
+  got = sorted((p[0][0], dict(p[0][1])["method"], dict(p[0][1])["budget"]) for p in choices)
+  assert got == sorted(("post_vit", m, b) for m in ("pool", "visionzip", "tome", "divprune")
+                       for b in (64, 32, 16))
+  assert cfg.trainable == ".*" and cfg.init == learned_config.BUNDLED
+  assert cfg.optim.lr < learned_config.get_config("tokenlearner").optim.lr
+  draws = [loop.choice_for_step(cfg.seed, s, len(choices)) for s in range(1, 601)]
+  assert (np.bincount(draws, minlength=len(choices)) > 20).all()  # ~50 each in 600 steps

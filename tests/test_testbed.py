@@ -248,3 +248,13 @@ def test_digits_sit_on_the_patch_grid():
                     if s <= lo and hi < s + tb.DIGIT_PX]
           assert starts, (fam, i, lo, hi)
         assert d["y"] % tb.DIGIT_GRID == 0 and d["x"] % tb.DIGIT_GRID == 0
+
+
+def test_digits_are_scikit_learns():
+  """The file the testbed reads is the data `sklearn.datasets.load_digits` returns: the even
+  images (pixels / 16) and their labels for train, the odd ones for every other split."""
+  d = load_digits()
+  for split, start in (("train", 0), ("val", 1), ("test", 1)):
+    imgs, labels = tb._digits(split)  # pylint: disable=protected-access
+    np.testing.assert_array_equal(imgs, d.images[start::2].astype(np.float32) / 16.0)
+    np.testing.assert_array_equal(labels, d.target[start::2])

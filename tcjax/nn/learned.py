@@ -232,6 +232,74 @@ def compressor_entries(plan) -> Tuple[Tuple[str, str, int, Tuple[Tuple[str, Any]
   return tuple(out)
 
 
+def save_trained(path: str, params, plan) -> Tuple[str, ...]:
+  """Writes the trained compressors of `plan`'s learned entries to `path` (an `.npz`, without
+  the towers: a few hundred KB where the whole model is MBs) -> the keys written.
+
+  Arrays: "compressor/<key>/<param path>" from `params[SUBTREE]`; beside each key, "entry/<key>"
+  holds its plan entry (stage and options, JSON), so that `load_trained` rebuilds the entry
+  the parameters belong to. ValueError when `plan` has no learned entry or `params` lacks one.
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  arrays, keys = {}, []
+  for stage, opts in plan:
+    opts = dict(opts)
+    if stage not in STAGES or not is_learned(opts):
+      continue
+    key = entry_key(stage, opts)
+    sub = params.get(SUBTREE, {}).get(key)
+    if sub is None:
+      raise ValueError(f"params have no {SUBTREE}/{key} for the plan entry ({stage}, {opts})")
+    for k, v in traverse_util.flatten_dict(sub, sep="/").items():
+      arrays[f"{SUBTREE}/{key}/{k}"] = np.asarray(jax.device_get(v))
+    arrays[f"entry/{key}"] = np.asarray(json.dumps({"stage": stage, **opts}, sort_keys=True))
+    keys.append(key)
+  if not keys:
+    raise ValueError(f"the plan {plan} has no learned compressor to save")
+  with open(path, "wb") as f:
+    np.savez(f, **arrays)
+  return tuple(keys)
+
+
+def load_trained(path: str):
+  """`save_trained`'s file -> (plan entries ((stage, options), ...), {SUBTREE: {key: params}}).
+
+  ValueError naming the file when it is not such a file (an array outside "compressor/" and
+  "entry/", a key without its entry or an entry without arrays, an unknown method).
+  """
+  import json  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from flax import traverse_util  # pylint: disable=g-import-not-at-top
+  with np.load(path) as f:
+    data = {k: f[k] for k in f.files}
+  entries, flat = {}, {}
+  for k, v in data.items():
+    head, _, rest = k.partition("/")
+    if head == "entry" and rest:
+      entries[rest] = json.loads(str(v))
+    elif head == SUBTREE and "/" in rest:
+      flat[rest] = v
+    else:
+      raise ValueError(f"{path}: array {k!r} is neither {SUBTREE}/<key>/... nor entry/<key>: "
+                       f"not a file of trained compressors (tcjax.nn.learned.save_trained)")
+  tree = traverse_util.unflatten_dict(flat, sep="/")
+  if set(tree) != set(entries) or not entries:
+    raise ValueError(f"{path}: compressor keys {sorted(tree)} and entries {sorted(entries)} "
+                     f"differ (or are empty)")
+  plan = []
+  for key, e in sorted(entries.items()):
+    stage = e.pop("stage", None)
+    if stage not in STAGES or e.get("method") not in LEARNED:
+      raise ValueError(f"{path}: entry {key!r} is not a learned compressor at {STAGES}: "
+                       f"{dict(e, stage=stage)}")
+    if entry_key(stage, e) != key:
+      raise ValueError(f"{path}: entry {key!r} gives parameter key {entry_key(stage, e)!r}")
+    plan.append((stage, e))
+  return tuple(plan), {SUBTREE: tree}
+
+
 def _dummy_inputs(config):
   """A one-example image and prompt for initialising `config`'s model (shapes only matter)."""
   image = jnp.zeros((1, config.img.image_size, config.img.image_size, 3), jnp.float32)

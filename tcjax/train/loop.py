@@ -11,6 +11,8 @@
   metrics.jsonl       one JSON object per logged step / evaluation
   tb/                 TensorBoard event files (tensorboardX)
   checkpoint.npz      the final parameters as a big_vision `.npz` (written at the end)
+  compressors.npz     with learned compressors in the plan: their parameters alone, with their
+                      plan entries (`tcjax.nn.learned.save_trained`; the sweep's `learned`)
 
 Config fields: see `configs/testbed.py`; a `distill` section (`configs/distill.py`,
 `tcjax.train.distill.Options`) trains the model as a student of a frozen teacher.
@@ -414,4 +416,7 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       final = multihost_utils.process_allgather(state.params, tiled=True)  # every process
       if is_main:
         save_big_vision(os.path.join(workdir, "checkpoint.npz"), final)
+        if learned.compressor_entries(model.config.plan):  # the compressors alone, to ship
+          learned.save_trained(os.path.join(workdir, "compressors.npz"), final,
+                               model.config.plan)
   return {"params": state.params, "step": int(state.step), "eval": last_eval}
