@@ -41,7 +41,9 @@ NNNN = round(c / S * 1023), in the order y0 x0 y1 x1 (`loc_tokens` / `parse_loc`
 from __future__ import annotations
 
 import functools
+import importlib.util
 import itertools
+import os
 import re
 from typing import Any, Dict, List, Tuple
 
@@ -146,8 +148,6 @@ def _digits_file() -> np.ndarray:
   row, the data `sklearn.datasets.load_digits` returns. Read straight from the installed
   package: importing scikit-learn itself took 5-16 s of this CPU, 0.03 s for the file
   (measured), a large part of the README's five-minute main job."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  import os  # pylint: disable=g-import-not-at-top
   spec = importlib.util.find_spec("sklearn")  # locates the package without importing it
   if spec is None or not spec.submodule_search_locations:
     raise ImportError("the testbed's digits come with scikit-learn: pip install scikit-learn")

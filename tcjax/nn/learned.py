@@ -31,12 +31,15 @@ Grid-based compressors (LDPv2) keep the bookkeeping of the pooling they do (`poo
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
 
 from tcjax.compress import primitives as P
 from tcjax.compress.registry import FAMILIES, METHODS
@@ -240,9 +243,6 @@ def save_trained(path: str, params, plan) -> Tuple[str, ...]:
   holds its plan entry (stage and options, JSON), so that `load_trained` rebuilds the entry
   the parameters belong to. ValueError when `plan` has no learned entry or `params` lacks one.
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   arrays, keys = {}, []
   for stage, opts in plan:
     opts = dict(opts)
@@ -269,9 +269,6 @@ def load_trained(path: str):
   ValueError naming the file when it is not such a file (an array outside "compressor/" and
   "entry/", a key without its entry or an entry without arrays, an unknown method).
   """
-  import json  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   with np.load(path) as f:
     data = {k: f[k] for k in f.files}
   entries, flat = {}, {}
@@ -314,7 +311,6 @@ def param_shapes(config) -> Dict[str, Tuple[int, ...]]:
   if not entries:
     return {}
   from tcjax.nn.paligemma import PaliGemma  # pylint: disable=g-import-not-at-top
-  from flax import traverse_util  # pylint: disable=g-import-not-at-top
   model = PaliGemma(config)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *_dummy_inputs(config))["params"])
   flat = traverse_util.flatten_dict(shapes.get(SUBTREE, {}), sep="/")
