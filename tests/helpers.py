@@ -17,6 +17,8 @@ CASES = {
     "prunevid": dict(frames=4, grid=(4, 4), budget=24),
     "prunevid_llm": dict(frames=4, grid=(4, 4), budget=16),
     "holitom": dict(frames=4, grid=(4, 4), budget=16),
+    "dycoke": dict(frames=4, grid=(4, 4), budget=40),
+    "mustdrop_merge": dict(frames=1, grid=(6, 6), budget=30),
 }
 DEFAULT_CASE = dict(frames=1, grid=(8, 8), budget=16)
 
@@ -58,11 +60,15 @@ def make_signals(name, tokens, seed=0, num_queries=3, text_len=5):
     elif s == "text":
       out[s] = jax.random.normal(keys[3], (b, text_len, d))
     elif s == "text_mask":
-      rows = num_queries if "attn_heads" in METHODS[name].needs else text_len
+      rows = num_queries if {"attn", "attn_heads"} & set(METHODS[name].needs) else text_len
       lengths = jnp.arange(b) % (rows - 1) + 2
       out[s] = jnp.arange(rows)[None] < lengths[:, None]
     elif s == "rng":
       out[s] = keys[5]
+    elif s == "vit_scores":
+      out[s] = jax.random.uniform(keys[4], (b, n))
+    elif s == "image_count":  # every token entered the decoder
+      out[s] = jnp.full((b,), n, jnp.int32)
     elif s == "attn_heads":  # 2 heads
       out[s] = jax.nn.softmax(3 * jax.random.normal(keys[6], (b, 2, num_queries, n)), -1)
     elif s == "rope_logits":  # positive, as near the diagonal of real RoPE logits

@@ -72,6 +72,8 @@ def test_method_entries_take_only_their_options(stage, name):
   if used & LAYER_SIGNALS:
     reads |= {"post_vit": {"signal_layer"}, "post_proj": {"signal_layer"},
               "llm": {"attn_from"}}.get(stage, set())
+  if "vit_scores" in used and stage == "llm":  # the ViT layer of the scores (MustDrop)
+    reads.add("signal_layer")
   for key, value in PLAN_KEYS.items():
     plan = _entry(stage, name, **{key: value})
     if key in reads:

@@ -4,7 +4,8 @@
 one by name. Every method module registers itself on import, below.
 """
 
-from tcjax.compress.registry import METHODS, Method, apply, register
+from tcjax.compress.registry import (DECODE_POLICIES, METHODS, DecodePolicy, Method, apply,
+                                     apply_decode, init_decode, register, register_decode)
 from tcjax.compress.primitives import to_grid, unmerge
 
 # Methods, one file each. Keep this list sorted.
@@ -13,12 +14,14 @@ from tcjax.compress.cdpruner import cdpruner
 from tcjax.compress.dart import dart
 from tcjax.compress.divprune import divprune
 from tcjax.compress.dpc_knn import dpc_knn
+from tcjax.compress.dycoke import dycoke
 from tcjax.compress.fastervlm import fastervlm
 from tcjax.compress.fastv import fastv
 from tcjax.compress.fastvid import fastvid
 from tcjax.compress.framefusion import framefusion
 from tcjax.compress.holitom import holitom, holitom_llm
 from tcjax.compress.keynorm import keynorm
+from tcjax.compress.mustdrop import mustdrop, mustdrop_merge
 from tcjax.compress.pool import pool
 from tcjax.compress.prumerge import prumerge, prumerge_plus
 from tcjax.compress.prunevid import prunevid, prunevid_llm
@@ -36,4 +39,5 @@ from tcjax.compress.visionzip import visionzip
 from tcjax.compress.vispruner import vispruner
 from tcjax.compress.vtw import vtw
 
-__all__ = ["METHODS", "Method", "apply", "register", "to_grid", "unmerge"] + sorted(METHODS)
+__all__ = ["DECODE_POLICIES", "DecodePolicy", "METHODS", "Method", "apply", "apply_decode",
+           "init_decode", "register", "register_decode", "to_grid", "unmerge"] + sorted(METHODS)

@@ -16,7 +16,11 @@ STAGES = ("vit", "post_vit", "post_proj", "llm")
 # method reduces the heads as its official code does. `attn_heads` (the decoder's prompt-row
 # attention per head) and `rope_logits` (the RoPE term of those logits) exist in the decoder.
 SIGNALS = ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_heads", "text",
-           "text_mask", "text_keys", "rng")
+           "text_mask", "text_keys", "rng", "vit_scores", "image_count")
+# `vit_scores` (llm stage, float32[B, N]): the ViT's mean received attention at the entry's
+# `signal_layer`, read for each image token at the ViT output token carrying its origin patch
+# (MustDrop's key set); `image_count` (llm stage, int32[B]): the valid image tokens entering the
+# decoder, before any llm-stage step. The model computes either only when an entry needs it.
 # How the decoder serves an llm-stage method (`register(llm_attn=, llm_kv=)`):
 #   llm_attn  "model": attention signals are the layer's own softmax (RoPE, prefix-LM mask);
 #             "raw": softmax of q k^T before RoPE over every valid token, no mask (PruneVid).
@@ -25,6 +29,20 @@ SIGNALS = ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_heads", 
 #             decoding attends to the kept tokens only, in every layer.
 LLM_ATTN = ("model", "raw")
 LLM_KV = ("after", "all")
+
+# The decode stage: policies that act on the KV cache while decoding, one token at a time
+# (`DecodePolicy`, `register_decode`). The stage is not in STAGES: its entries are not Tokens ->
+# Tokens methods.
+DECODE_STAGE = "decode"
+# What a decode policy acting at decoder layer L may ask for (`register_decode(needs=)`), each
+# over the n image entries of the KV cache that layer L - 1 attends (the same tokens as layer
+# L's unless an llm-stage step prunes at L):
+#   attn        float32[B, n]: the new token's attention at layer L - 1 (the layer's own softmax
+#               over every cache entry, its mask, mean over the query heads);
+#   attn_heads  float32[B, H, n]: the same per query head;
+#   kept        bool[B, n]: the entries that reach the last layer's cache (what the prefill's
+#               llm-stage steps kept to the end).
+DECODE_SIGNALS = ("attn", "attn_heads", "kept")
 
 # Options that take one of a few fixed values, per method. `tcjax.nn.plan.normalize` checks them
 # when a plan is built, long before the method is traced (each method checks again when called).
@@ -53,6 +71,7 @@ OPTIONAL_TYPES: Dict[str, Dict[str, str]] = {
     "cdpruner": {"theta": "float", "cache_gram": "bool"},
     "dart": {"num_pivots": "int"},
     "divprune": {"cache_gram": "bool"},
+    "dycoke": {"prune": "float"},
     "framefusion": {"cost": "float"},
     "holitom": {"retain_ratio": "float"},
     "pool": {"window": "int"},
@@ -192,6 +211,105 @@ def apply(name: str, tokens, budget: int, **signals_and_options):
     raise ValueError(f"method {name!r} takes no argument(s) {unknown}; "
                      f"signals {list(method.needs)}, options {sorted(method.options)}")
   return method.fn(tokens, budget, **signals_and_options)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePolicy:
+  """A decode-time KV-cache policy: which image entries of the cache layers >= L attend to.
+
+  The model keeps the cache whole (static shapes): a policy only masks image entries, from its
+  layer L to the last layer, one decoding step at a time. Its state rides in the cache.
+
+  Attributes:
+    name: registry key (`DECODE_POLICIES`); a plan names it in a ("decode", {"method": name,
+      "layer": L, <options>}) entry.
+    step: `step(state, *, valid, <signals>, <options>) -> (state, keep)`, per decoding step;
+      valid: bool[B, n] the image entries present in the cache that layer L - 1 attends; keep:
+      bool[B, n] the entries layers >= L may attend this step (a subset of `valid`).
+    init: `init(valid, **options) -> state` (any pytree of arrays batched on axis 0), once after
+      the prefill.
+    family: one of FAMILIES.
+    needs: decode signals the step reads (DECODE_SIGNALS); the model computes only those.
+    options: static options and their defaults, read from `step`'s signature.
+    paper: short citation.
+    choices: {option: allowed values} for options with fixed values (checked in the plan).
+  """
+
+  name: str
+  step: Callable[..., Any]
+  init: Callable[..., Any]
+  family: str
+  needs: Tuple[str, ...]
+  options: Dict[str, Any]
+  paper: str
+  choices: Dict[str, Tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+  optional_types: Dict[str, str] = dataclasses.field(default_factory=dict)
+
+  def __repr__(self):
+    return (f"DecodePolicy({self.name}: {self.family}; needs {_listed(self.needs)}; options "
+            f"{_listed(_defaults(self.options))}; paper {self.paper or '-'})")
+
+
+DECODE_POLICIES: Dict[str, DecodePolicy] = {}
+
+
+def register_decode(name: str, *, family: str, init: Callable[..., Any],
+                    needs: Tuple[str, ...] = (), paper: str = "",
+                    choices: Dict[str, Tuple[Any, ...]] = None,
+                    optional_types: Dict[str, str] = None):
+  """Decorator adding a decode-time policy's `step` function to DECODE_POLICIES (see
+  `DecodePolicy`). Keyword-only arguments of `step` other than `valid` and the DECODE_SIGNALS
+  are its options."""
+  if family not in FAMILIES:
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+  if not set(needs) <= set(DECODE_SIGNALS):
+    raise ValueError(f"needs must be a subset of {DECODE_SIGNALS}, got {needs}")
+
+  def wrap(fn):
+    if name in DECODE_POLICIES:
+      raise ValueError(f"decode policy {name!r} registered twice")
+    params = inspect.signature(fn).parameters
+    options = {k: p.default for k, p in params.items()
+               if p.kind is p.KEYWORD_ONLY and k not in DECODE_SIGNALS and k != "valid"}
+    bad = sorted(set(choices or {}) - set(options))
+    if bad:
+      raise ValueError(f"decode policy {name!r}: choices for unknown option(s) {bad}")
+    DECODE_POLICIES[name] = DecodePolicy(name, fn, init, family, tuple(needs), options, paper,
+                                         dict(choices or {}), dict(optional_types or {}))
+    return fn
+
+  return wrap
+
+
+def apply_decode(name: str, state, *, valid, **signals_and_options):
+  """One step of decode policy `name`: (state, keep bool[B, n]) (see `DecodePolicy.step`).
+
+  Raises ValueError for an unknown policy, a missing signal, or an option it lacks.
+  """
+  if name not in DECODE_POLICIES:
+    raise ValueError(f"unknown decode policy {name!r}; known: {sorted(DECODE_POLICIES)}")
+  policy = DECODE_POLICIES[name]
+  missing = [s for s in policy.needs if signals_and_options.get(s) is None]
+  if missing:
+    raise ValueError(f"decode policy {name!r} needs signal(s) {missing}")
+  unknown = sorted(set(signals_and_options) - set(policy.needs) - set(policy.options))
+  if unknown:
+    raise ValueError(f"decode policy {name!r} takes no argument(s) {unknown}; signals "
+                     f"{list(policy.needs)}, options {sorted(policy.options)}")
+  return policy.step(state, valid=valid, **signals_and_options)
+
+
+def init_decode(name: str, valid, **options):
+  """The state of decode policy `name` before the first decoding step (`DecodePolicy.init`)."""
+  if name not in DECODE_POLICIES:
+    raise ValueError(f"unknown decode policy {name!r}; known: {sorted(DECODE_POLICIES)}")
+  policy = DECODE_POLICIES[name]
+  unknown = sorted(set(options) - set(policy.options))
+  if unknown:
+    raise ValueError(f"decode policy {name!r} takes no option(s) {unknown}; options "
+                     f"{sorted(policy.options)}")
+  return policy.init(valid, **{k: v for k, v in options.items()
+                               if k in inspect.signature(policy.init).parameters})
 
 
 def _listed(items) -> str:

@@ -23,7 +23,7 @@ v1.5's recycled clusters: their size grew).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -60,7 +60,8 @@ class Segment:
   """KV cache of layers [first_layer, first_layer + Ls), which all see the same tokens.
 
   k, v: float[Ls, B, C, K, h] (post-RoPE keys); pos: int32[B, C]; valid: bool[B, C];
-  length: static entries written by prefill (decoding appends at length + step).
+  length: static entries written by prefill (decoding appends at length + step); n_img: static
+  count of the image entries at its head.
   """
 
   k: jax.Array
@@ -69,15 +70,26 @@ class Segment:
   valid: jax.Array
   length: int = struct.field(pytree_node=False)
   first_layer: int = struct.field(pytree_node=False)
+  n_img: int = struct.field(pytree_node=False, default=0)
 
 
 @struct.dataclass
 class Cache:
-  """segments: tuple of Segment; step: int32[] tokens decoded; next_pos: int32[B]."""
+  """segments: tuple of Segment; step: int32[] tokens decoded; next_pos: int32[B].
+
+  Decode-time KV policies (`plan.DecodeHook`, the plan's decode stage) ride in the cache, so
+  that `decode_step` needs no plan: decode_hooks (static) says which policies act from which
+  layer, decode_state holds each one's state (a pytree batched on axis 0), n_image (static) is
+  the number of image tokens that entered the decoder (their RoPE positions are 0 .. n_image - 1,
+  the range of the keep tables).
+  """
 
   segments: Tuple[Segment, ...]
   step: jax.Array
   next_pos: jax.Array
+  decode_state: Tuple[Any, ...] = ()
+  decode_hooks: Tuple[Any, ...] = struct.field(pytree_node=False, default=())
+  n_image: int = struct.field(pytree_node=False, default=0)
 
 
 def scale(cfg: GemmaConfig) -> float:
@@ -222,15 +234,20 @@ def _layer_mask(cfg: GemmaConfig, layer, glob, loc):
 
 
 def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib.LLMHook] = (),
-            *, cache_size: int = 0) -> Tuple[jax.Array, Seq, Cache, Dict[str, Any]]:
+            *, cache_size: int = 0, decode_hooks: Sequence[plan_lib.DecodeHook] = (),
+            image_signals: Optional[Dict[str, Any]] = None
+            ) -> Tuple[jax.Array, Seq, Cache, Dict[str, Any]]:
   """Runs every decoder layer over `seq`, pruning image tokens where `hooks` say.
 
   Args:
     p: the `llm` parameter subtree.
     seq: image + text sequence (`embed` order); img: the N image tokens' bookkeeping
       (pos / size / mask / src of their origin on the image grid), x unused.
-    hooks: pruning steps (plan.llm_hooks), sorted by layer.
+    hooks: pruning steps (plan.llm_hooks), sorted by layer; a hook's `vit_layer` resolved.
     cache_size: extra cache entries reserved for decoding.
+    decode_hooks: decode-time KV policies (plan.decode_hooks); their state starts in the cache.
+    image_signals: per-image-token signals from before the decoder that hooks may need:
+      {"vit_scores": {ViT layer: float32[B, N]}} (`PaliGemma.embed_image`).
 
   Returns:
     (x: float[B, S', E] output of the last layer, the final Seq (S' = N' + T tokens), the KV
@@ -252,6 +269,10 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
   if any(h.raters for h in hooks):
     raters = _sparsevlm_raters(seq)
   n_initial = seq.n_img
+  # Per-image-token signals carried along the pruning steps (gathered with the kept tokens).
+  carried = {("vit_scores", l): v
+             for l, v in dict((image_signals or {}).get("vit_scores", {})).items()}
+  image_count = img.count() if any("image_count" in h.signals for h in hooks) else None
   segments, counts, valid_counts, kept_pos, rows = [], [], [], [], []
   seg_img = []  # image tokens at the head of each segment's cache
   lo = 0
@@ -287,7 +308,17 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
       q0, k0, _ = _qkv(pl, seq.x, cfg)
       prev = (nl.rope(q0, seq.pos, cfg.rope_base), nl.rope(k0, seq.pos, cfg.rope_base), stop,
               q0, k0)
-    seq, img, attn = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
+    extra = {}
+    if "image_count" in hook.signals:
+      extra["image_count"] = image_count
+    if "vit_scores" in hook.signals:
+      if ("vit_scores", hook.vit_layer) not in carried:
+        raise ValueError(f"llm {hook.method} at layer {hook.layer} needs signal 'vit_scores' "
+                         f"(ViT layer {hook.vit_layer}'s attention), which the decoder only has "
+                         "when the model embeds the image itself (not from image_tokens=)")
+      extra["vit_scores"] = carried[("vit_scores", hook.vit_layer)]
+    seq, img, attn, idx = _prune(p, seq, img, hook, prev, raters, n_initial, cfg, extra)
+    carried = {key: jnp.take_along_axis(v, idx, 1) for key, v in carried.items()}
     kept_pos.append(jnp.where(img.mask, seq.pos[:, :seq.n_img], -1))
     if hook.kv == "all":  # the earlier layers' caches drop the pruned image tokens too
       segments = [_keep_image_entries(sg, n_sg, kept_pos[-1])
@@ -295,8 +326,13 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     rows.append(attn)
     lo = stop
   last = _last_valid(seq.valid)
+  states = []
+  for h in decode_hooks:  # each decode-time policy's state before the first step
+    seg = _segment_of(segments, h.signal_layer)
+    states.append(compress.init_decode(h.method, seg.valid[:, :seg.n_img], **dict(h.options)))
   cache = Cache(segments=tuple(segments), step=jnp.zeros((), jnp.int32),
-                next_pos=jnp.take_along_axis(seq.pos, last[:, None], 1)[:, 0] + 1)
+                next_pos=jnp.take_along_axis(seq.pos, last[:, None], 1)[:, 0] + 1,
+                decode_state=tuple(states), decode_hooks=tuple(decode_hooks), n_image=n_initial)
   aux = {"llm_tokens": tuple(counts), "llm_valid_tokens": jnp.stack(valid_counts, -1),
          "image_tokens_kept": img.count(), "llm_kept_pos": tuple(kept_pos),
          "llm_attn": tuple(rows)}
@@ -323,7 +359,7 @@ def _segment(ks, vs, seq: Seq, first_layer: int, cache_size: int) -> Segment:
   return Segment(k=jnp.pad(k, pad), v=jnp.pad(v, pad),
                  pos=jnp.pad(seq.pos, ((0, 0), (0, cache_size))),
                  valid=jnp.pad(seq.valid, ((0, 0), (0, cache_size))),
-                 length=seq.x.shape[1], first_layer=first_layer)
+                 length=seq.x.shape[1], first_layer=first_layer, n_img=seq.n_img)
 
 
 def _sparsevlm_raters(seq: Seq):
@@ -337,8 +373,12 @@ def _sparsevlm_raters(seq: Seq):
 _FEATURES = {"dart": "final_norm"}  # DART: cosine similarity after the model's final RMSNorm
 
 
-def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: GemmaConfig):
-  """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows)."""
+def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: GemmaConfig,
+           extra=None):
+  """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows,
+  idx int32[B, N']: the input image token each output token's hidden state came from).
+  extra: signals computed before the decoder ({"vit_scores": float32[B, N], "image_count":
+  int32[B]}), for the hooks that need them."""
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
   budget, size_options = plan_lib.hook_size(hook, n, n_initial, where)
@@ -356,7 +396,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
     x_img, x_txt = (nl.rms_norm(a, p["final_norm"]["scale"], cfg.norm_eps) for a in (x_img, x_txt))
   want = set(hook.signals)  # what the plan entry passes (plan.entry_signals)
   signals = {"text": x_txt, "text_mask": text_ok,
-             "rng": jax.random.fold_in(jax.random.key(hook.seed), hook.layer)}
+             "rng": jax.random.fold_in(jax.random.key(hook.seed), hook.layer), **(extra or {})}
   rows = None
   if {"attn", "scores", "attn_heads"} & want:
     qa, ka = q, k
@@ -410,7 +450,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
             valid=new_valid,
             mask_ar=jnp.concatenate([take(seq.mask_ar[:, :n], idx), seq.mask_ar[:, n:]], 1),
             n_img=budget)
-  return seq, after.replace(x=seq.x[:, :budget]), rows
+  return seq, after.replace(x=seq.x[:, :budget]), rows, idx
 
 
 def representatives(before: Tokens, after: Tokens) -> jax.Array:
@@ -463,9 +503,24 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
   The token goes at position `cache.next_pos` and into cache slot `length + step` of every
   segment (the same slot for the whole batch; per-example positions keep RoPE right for
   prompts of different lengths). A cache that is full clamps the slot: reserve `cache_size`.
+
+  Decode-time KV policies (`cache.decode_hooks`, from the plan's decode stage): a policy acting
+  from layer L steps once per token, on the decode signals it declares, computed at layer L - 1
+  (the new token's attention row there: that layer runs on its own), or before the first layer
+  when it reads no attention; its keep mask over the image entries becomes a table by RoPE
+  position, and every layer >= L (in any segment) attends only the image entries it keeps. The
+  cache stays whole: pruned entries are masked, never removed. Without policies the step is the
+  plain segment-by-segment scan.
   """
   x = embed_text(p, token[:, None], cfg)
   pos = cache.next_pos
+  hooks = cache.decode_hooks
+  states = list(cache.decode_state)
+  tables = [None] * len(hooks)  # per policy: bool[B, n_image] keep table by RoPE position
+  reads_attn = [bool({"attn", "attn_heads"} & set(h.signals)) for h in hooks]
+  for i, h in enumerate(hooks):  # policies that read no attention decide before layer 0
+    if not reads_attn[i]:
+      states[i], tables[i] = _policy_step(h, states[i], cache, None)
   segments = []
   for seg in cache.segments:
     slot = (seg.length + cache.step).astype(jnp.int32)
@@ -477,21 +532,126 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
       loc = glob & ((pos[:, None, None] - seg_pos[:, None, :]) < cfg.sliding_window)
     lo = seg.first_layer
     hi = lo + seg.k.shape[0]
-
-    # The segment's stacked cache rides in the loop's carry and each layer writes its one new
-    # entry in place: as scanned inputs / outputs, every step copied the whole cache several
-    # times (10 decoding steps of the bundled model, 64 examples at 282 slots: 178 -> 71 ms).
-    def body(carry, args, slot=slot, glob=glob, loc=loc, lo=lo):
-      x, ks, vs = carry
-      pl, l, _ = args
-      q, k, v = _project(pl, x, pos[:, None], cfg)
-      ks = _write_layer(ks, k.astype(ks.dtype), l - lo, slot)
-      vs = _write_layer(vs, v.astype(vs.dtype), l - lo, slot)
-      o = nl.attention(q, ks[l - lo], vs[l - lo], mask=_layer_mask(cfg, l, glob, loc),
-                       scale=scale(cfg), cap=cfg.attn_logits_softcap)
-      return (_finish(pl, x, o, cfg), ks, vs), None
-
-    (x, ks, vs), _ = nl.scan_layers(body, (x, seg.k, seg.v), p["layers"], lo, hi)
+    ks, vs = seg.k, seg.v
+    # Layers whose attention row a policy reads run on their own; the rest in scans.
+    cuts = sorted({h.layer - 1 for i, h in enumerate(hooks)
+                   if reads_attn[i] and lo <= h.layer - 1 < hi})
+    start = lo
+    for stop in cuts + [hi]:
+      masks = _policy_masks(hooks, tables, seg, cache.n_image)
+      if stop > start:
+        x, ks, vs = _decode_layers(p, x, ks, vs, start, stop, lo, slot, pos, glob, loc, masks,
+                                   cfg)
+      if stop == hi:
+        break
+      x, ks, vs, rows = _decode_layer_rows(p, x, ks, vs, stop, lo, slot, pos, glob, loc, masks,
+                                           cfg)
+      for i, h in enumerate(hooks):
+        if reads_attn[i] and h.layer - 1 == stop:
+          states[i], tables[i] = _policy_step(h, states[i], cache, rows)
+      start = stop + 1
     segments.append(seg.replace(k=ks, v=vs, pos=seg_pos, valid=seg_valid))
   out = logits(p, x[:, 0], cfg)
-  return out, Cache(segments=tuple(segments), step=cache.step + 1, next_pos=pos + 1)
+  return out, cache.replace(segments=tuple(segments), step=cache.step + 1, next_pos=pos + 1,
+                            decode_state=tuple(states))
+
+
+def _decode_mask(cfg: GemmaConfig, layer, glob, loc, masks):
+  """bool[B, 1, C]: what the new token may attend at (traced) layer `layer`: the layer's mask,
+  and for each active policy [(first layer, bool[B, 1, C])] its mask from that layer on."""
+  m = _layer_mask(cfg, layer, glob, loc)
+  for first, keep in masks:
+    m = m & jnp.where(layer >= first, keep, True)
+  return m
+
+
+def _decode_layers(p, x, ks, vs, start, stop, lo, slot, pos, glob, loc, masks, cfg):
+  """Layers [start, stop) of a segment starting at `lo` as one scan, writing the new entry."""
+
+  # The segment's stacked cache rides in the loop's carry and each layer writes its one new
+  # entry in place: as scanned inputs / outputs, every step copied the whole cache several
+  # times (10 decoding steps of the bundled model, 64 examples at 282 slots: 178 -> 71 ms).
+  def body(carry, args):
+    x, ks, vs = carry
+    pl, l, _ = args
+    q, k, v = _project(pl, x, pos[:, None], cfg)
+    ks = _write_layer(ks, k.astype(ks.dtype), l - lo, slot)
+    vs = _write_layer(vs, v.astype(vs.dtype), l - lo, slot)
+    o = nl.attention(q, ks[l - lo], vs[l - lo], mask=_decode_mask(cfg, l, glob, loc, masks),
+                     scale=scale(cfg), cap=cfg.attn_logits_softcap)
+    return (_finish(pl, x, o, cfg), ks, vs), None
+
+  (x, ks, vs), _ = nl.scan_layers(body, (x, ks, vs), p["layers"], start, stop)
+  return x, ks, vs
+
+
+def _decode_layer_rows(p, x, ks, vs, layer, lo, slot, pos, glob, loc, masks, cfg):
+  """Decoder layer `layer` alone, with the new token's attention probabilities per query head
+  over the segment's cache: (x, ks, vs, float32[B, H, C])."""
+  pl = nl.layer_params(p["layers"], layer)
+  q, k, v = _project(pl, x, pos[:, None], cfg)
+  ks = _write_layer(ks, k.astype(ks.dtype), layer - lo, slot)
+  vs = _write_layer(vs, v.astype(vs.dtype), layer - lo, slot)
+  mask = _decode_mask(cfg, layer, glob, loc, masks)
+  o = nl.attention(q, ks[layer - lo], vs[layer - lo], mask=mask, scale=scale(cfg),
+                   cap=cfg.attn_logits_softcap)
+  rows = nl.attention_rows(q, ks[layer - lo], mask=mask, scale=scale(cfg),
+                           cap=cfg.attn_logits_softcap, per_head=True)[:, :, 0]
+  return _finish(pl, x, o, cfg), ks, vs, rows
+
+
+def _segment_of(segments, layer: int) -> Segment:
+  """The cache segment holding decoder layer `layer`."""
+  for seg in segments:
+    if seg.first_layer <= layer < seg.first_layer + seg.k.shape[0]:
+      return seg
+  raise ValueError(f"no cache segment holds decoder layer {layer}")
+
+
+def _position_table(pos, keep, n_image: int):
+  """bool[B, n_image]: True at the RoPE positions of the entries `keep: bool[B, n]` marks
+  (`pos: int32[B, n]`); image tokens sit at positions 0 .. n_image - 1."""
+  idx = jnp.where(keep, pos, n_image)  # out of range: dropped
+  return jax.vmap(lambda i: jnp.zeros((n_image,), bool).at[i].set(True, mode="drop"))(idx)
+
+
+def _read_table(table, seg: Segment):
+  """bool[B, n_img] the table's value at each image entry of `seg` (by its RoPE position)."""
+  n = seg.n_img
+  return jnp.take_along_axis(table, jnp.clip(seg.pos[:, :n], 0, table.shape[1] - 1), 1)
+
+
+def _policy_masks(hooks, tables, seg: Segment, n_image: int):
+  """[(first layer, bool[B, 1, C])] of the policies that have decided: for `seg`'s cache, each
+  one's kept image entries and every other entry."""
+  out = []
+  c = seg.k.shape[2]
+  for h, table in zip(hooks, tables):
+    if table is None:
+      continue
+    img = _read_table(table, seg)
+    rest = jnp.ones((img.shape[0], c - seg.n_img), bool)
+    out.append((h.layer, jnp.concatenate([img, rest], 1)[:, None, :]))
+  return out
+
+
+def _policy_step(hook, state, cache: Cache, rows):
+  """One decoding step of a decode-time policy: (state, keep table bool[B, n_image]).
+
+  rows: float32[B, H, C] the new token's attention at layer hook.layer - 1 (None for a policy
+  reading no attention)."""
+  seg = _segment_of(cache.segments, hook.signal_layer)
+  n = seg.n_img
+  valid = seg.valid[:, :n]
+  kw = dict(hook.options)
+  if "attn" in hook.signals:
+    kw["attn"] = rows[..., :n].mean(1)
+  if "attn_heads" in hook.signals:
+    kw["attn_heads"] = rows[..., :n]
+  if "kept" in hook.signals:  # the entries that reach the last layer's cache
+    last = cache.segments[-1]
+    final = _position_table(last.pos[:, :last.n_img], last.valid[:, :last.n_img],
+                            cache.n_image)
+    kw["kept"] = _read_table(final, seg) & valid
+  state, keep = compress.apply_decode(hook.method, state, valid=valid, **kw)
+  return state, _position_table(seg.pos[:, :n], keep & valid, cache.n_image)

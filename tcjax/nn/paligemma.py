@@ -58,6 +58,16 @@ def _check_text(text, mask_ar, input_mask):
   return text, mask_ar.astype(jnp.int32), input_mask.astype(bool)
 
 
+def _vit_scores(vit_out: Tokens, scores, tokens: Tokens):
+  """float32[B, N]: for each of `tokens` (after the post-ViT stages), the ViT signal layer's
+  score of the ViT output token that carried its origin patch (`vit_out.src`); 0 on padding.
+
+  vit_out: the ViT output Tokens [B, N0]; scores: float32[B, N0] over them."""
+  carrier = jnp.take_along_axis(vit_out.src, tokens.linear_pos(), 1)  # int32[B, N]
+  s = jnp.take_along_axis(scores, jnp.maximum(carrier, 0), 1)
+  return jnp.where(tokens.mask & (carrier >= 0), s, 0.0).astype(jnp.float32)
+
+
 def _vit_plan(plan) -> tuple:
   """The vit-stage entries of a normalized plan (what `encode_image` depends on)."""
   return tuple(e for e in plan if e[0] == "vit")
@@ -211,6 +221,7 @@ class PaliGemma(nn.Module):
       tokens, signals, aux, _, post_vit = self._vit_stage(p, image, framewise_ok=True)
     else:
       tokens, signals, aux, post_vit = self._from_encoded(image, encoded)
+    vit_out = tokens  # the ViT output, whose signals the llm entries' `vit_scores` read
     depth = cfg.img.depth
     layer_signals = lambda opts, stage: signals.get(
         plan_lib.entry_signal_layer(opts, stage, depth), {})
@@ -229,6 +240,10 @@ class PaliGemma(nn.Module):
         tokens = self._run_entry("post_proj", i, opts, tokens,
                                  {**layer_signals(opts, "post_proj"), **extra})
     aux = dict(aux, image_tokens=tokens.num_tokens, image_tokens_valid=tokens.count())
+    score_layers = plan_lib.vit_score_layers(plan, depth)
+    if score_layers:  # only when an llm entry asks for `vit_scores` (MustDrop's key set)
+      aux["vit_scores"] = {l: _vit_scores(vit_out, signals[l]["scores"], tokens)
+                           for l in score_layers}
     return tokens.x, tokens, aux
 
   def _run_entry(self, stage: str, i: int, opts, tokens: Tokens, signals) -> Tokens:
@@ -301,9 +316,14 @@ class PaliGemma(nn.Module):
     # padding leaves no holes in RoPE.
     pos = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), 1) - 1, 0)
     seq = gemma.Seq(x=x, pos=pos, valid=valid, mask_ar=ar, n_img=img.num_tokens)
-    hooks = plan_lib.llm_hooks(self.config.plan, self.config.llm.depth)
-    out, seq, cache, llm_aux = gemma.prefill(self.llm(), seq, img, self.config.llm, hooks,
-                                             cache_size=cache_size)
+    cfg = self.config
+    hooks = tuple(h if h.vit_layer is None else dataclasses.replace(
+        h, vit_layer=plan_lib.resolve_layer(h.vit_layer, cfg.img.depth, "signal_layer"))
+                  for h in plan_lib.llm_hooks(cfg.plan, cfg.llm.depth))
+    image_signals = {"vit_scores": aux.pop("vit_scores")} if "vit_scores" in aux else None
+    out, seq, cache, llm_aux = gemma.prefill(
+        self.llm(), seq, img, cfg.llm, hooks, cache_size=cache_size,
+        decode_hooks=plan_lib.decode_hooks(cfg.plan, cfg.llm.depth), image_signals=image_signals)
     return out, seq, cache, {**aux, **llm_aux}, img
 
   def __call__(self, image, text, mask_ar=None, input_mask=None):

@@ -71,7 +71,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 
-from tcjax.compress.registry import METHODS, SIGNALS, STAGES, apply
+from tcjax.compress.registry import (DECODE_POLICIES, DECODE_STAGE, METHODS, SIGNALS, STAGES,
+                                     apply)
 from tcjax.nn import learned
 
 # Signals the model can hand a method at each stage.
@@ -80,15 +81,18 @@ STAGE_SIGNALS = {
     "post_vit": ("scores", "attn", "keys", "keys_heads", "rng"),
     "post_proj": ("scores", "attn", "keys", "keys_heads", "text", "text_mask", "rng"),
     "llm": ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_heads", "text",
-            "text_mask", "text_keys", "rng"),
+            "text_mask", "text_keys", "rng", "vit_scores", "image_count"),
 }
+# Every stage a plan entry may name: the Tokens stages, then the decode stage (decode-time KV
+# policies, `compress.registry.DECODE_POLICIES`).
+PLAN_STAGES = STAGES + (DECODE_STAGE,)
 # Optional signals an entry passes unless its "signals" says otherwise: those the official method
 # uses. Any other optional signal is a variant, passed only when the entry names it.
 DEFAULT_SIGNALS = {"dart": ("text", "text_mask", "text_keys"), "fastv": ("text_mask",)}
 # The ViT layer whose attention / keys feed a post_vit / post_proj entry without "signal_layer":
 # the penultimate one (-2, as VisionZip and FasterVLM), except where the official method reads
 # another (PruMerge: the q / k hooks on the last layer).
-DEFAULT_SIGNAL_LAYER = {"prumerge": -1, "prumerge_plus": -1}
+DEFAULT_SIGNAL_LAYER = {"prumerge": -1, "prumerge_plus": -1, "mustdrop": -1}
 # Signals that come from a layer's attention (the ViT signal layer, decoder layer K-1 or K).
 _LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "keys_heads", "text_keys")
 # Keys the plan reads in entries of `tcjax.compress` methods; the others go to the method.
@@ -135,8 +139,8 @@ def normalize(plan) -> Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]:
     if not isinstance(entry, (tuple, list)) or len(entry) != 2:
       raise ValueError(f"plan[{i}] must be a (stage, options) pair, got {entry!r}")
     stage, opts = entry
-    if stage not in STAGES:
-      raise ValueError(f"plan[{i}]: stage must be one of {STAGES}, got {stage!r}")
+    if stage not in PLAN_STAGES:
+      raise ValueError(f"plan[{i}]: stage must be one of {PLAN_STAGES}, got {stage!r}")
     try:
       opts = dict(opts)
     except (TypeError, ValueError):
@@ -157,6 +161,8 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   if method is None:
     raise ValueError(f"plan[{i}] ({stage}): options need a 'method'")
   where = f"plan[{i}] ({stage}, {method})"
+  if stage == DECODE_STAGE:
+    return _check_decode_entry(i, where, method, opts)
   if isinstance(method, str) and is_schedule(stage, method):
     _check_keys(where, opts, _SCHEDULES[stage][method])
     if method == "tome":
@@ -200,6 +206,8 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     allowed.add("signal_layer")
   if used & set(_LAYER_SIGNALS) and stage == "llm":
     allowed.add("attn_from")
+  if "vit_scores" in used and stage == "llm":  # the ViT layer whose attention gives the scores
+    allowed.add("signal_layer")
   _check_keys(where, opts, allowed)
   if ("budget" in opts) == ("keep" in opts):
     raise ValueError(f"{where}: needs exactly one of 'budget' (int) or 'keep' (fraction)")
@@ -215,6 +223,22 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
       raise ValueError(f"{where}: {key} must be an int, got {opts[key]!r}")
   _check_attn_from(where, opts)
   _check_method_options(where, m, opts)
+  return opts
+
+
+def _check_decode_entry(i: int, where: str, method, opts: Dict[str, Any]) -> Dict[str, Any]:
+  """A decode-stage entry: a registered decode policy, its decoder layer, its own options."""
+  if not isinstance(method, str) or method not in DECODE_POLICIES:
+    raise ValueError(f"plan[{i}] ({DECODE_STAGE}): unknown decode policy {method!r}; known: "
+                     f"{sorted(DECODE_POLICIES)}")
+  policy = DECODE_POLICIES[method]
+  _check_keys(where, opts, {"method", "layer", *policy.options})
+  if "layer" not in opts:
+    raise ValueError(f"{where}: needs 'layer' (the first decoder layer whose attention to the "
+                     "image entries of the KV cache the policy restricts)")
+  if not _is_int(opts["layer"]):
+    raise ValueError(f"{where}: layer must be an int, got {opts['layer']!r}")
+  _check_method_options(where, policy, opts)
   return opts
 
 
@@ -375,7 +399,9 @@ class LLMHook:
   raters: SparseVLM rater selection; options: the method's own options (e.g. fastv's `query`:
   which prompt rows score); signals: the signals it gets (`entry_signals`); seed: for `rng`;
   attn, kv: how the decoder computes its attention signals and which caches drop the pruned
-  tokens (the method's `llm_attn` / `llm_kv`, `compress.registry.LLM_ATTN` / `LLM_KV`).
+  tokens (the method's `llm_attn` / `llm_kv`, `compress.registry.LLM_ATTN` / `LLM_KV`);
+  vit_layer: the ViT layer of its `vit_scores` as the entry names it (`signal_layer`, may be
+  negative; the model resolves it), None when it takes none.
   """
 
   layer: int
@@ -388,6 +414,7 @@ class LLMHook:
   seed: int = 0
   attn: str = "model"
   kv: str = "after"
+  vit_layer: Optional[int] = None
 
 
 def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
@@ -417,16 +444,54 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
       continue
     must, maybe = entry_signals(opts, "llm")  # the decoder provides every signal
     size = ("budget", opts["budget"]) if "budget" in opts else ("keep", opts["keep"])
+    vit_layer = None
+    if "vit_scores" in must + maybe:
+      vit_layer = opts.get("signal_layer", DEFAULT_SIGNAL_LAYER.get(method, -2))
     hooks.append(LLMHook(resolve_layer(opts["layer"], depth, where), method, size,
                          attn_from or "prev",
                          options=tuple(sorted(method_options(opts).items())),
                          signals=must + maybe, seed=opts.get("seed", 0),
-                         attn=METHODS[method].llm_attn, kv=METHODS[method].llm_kv))
+                         attn=METHODS[method].llm_attn, kv=METHODS[method].llm_kv,
+                         vit_layer=vit_layer))
   hooks.sort(key=lambda h: h.layer)  # stable: plan order within a layer
   for h in hooks:
     if h.attn_from == "prev" and h.layer == 0 and set(h.signals) & set(_LAYER_SIGNALS):
       raise ValueError(f"llm {h.method} at layer 0 has no previous layer's attention or keys;"
                        " use attn_from='next' or layer >= 1")
+  return tuple(hooks)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeHook:
+  """A decode-time KV policy (`compress.registry.DECODE_POLICIES`) acting from decoder layer
+  `layer` on: at each decoding step the layers >= `layer` attend only the image entries of the
+  cache its step keeps. method: the policy's name; options: its own options; signals: the
+  decode signals it reads (its `needs`), computed at layer `layer` - 1."""
+
+  layer: int
+  method: str
+  options: Tuple[Tuple[str, Any], ...] = ()
+  signals: Tuple[str, ...] = ()
+
+  @property
+  def signal_layer(self) -> int:
+    """The layer whose cache holds the image entries the policy sees (its attention for
+    `attn`): layer - 1, or 0 for a policy at layer 0 (which may not read attention)."""
+    return max(self.layer - 1, 0)
+
+
+def decode_hooks(plan, depth: int) -> Tuple[DecodeHook, ...]:
+  """The (normalized) plan's decode-stage entries as DecodeHooks, sorted by layer (stable)."""
+  hooks = []
+  for i, opts in entries(plan, DECODE_STAGE):
+    where = f"plan[{i}] ({DECODE_STAGE}, {opts['method']})"
+    policy = DECODE_POLICIES[opts["method"]]
+    layer = resolve_layer(opts["layer"], depth, where)
+    if layer == 0 and set(policy.needs) & {"attn", "attn_heads"}:
+      raise ValueError(f"{where}: a policy reading the attention of layer - 1 needs layer >= 1")
+    own = tuple(sorted((k, v) for k, v in opts.items() if k in policy.options))
+    hooks.append(DecodeHook(layer, policy.name, own, tuple(policy.needs)))
+  hooks.sort(key=lambda h: h.layer)
   return tuple(hooks)
 
 
@@ -493,20 +558,32 @@ def needed_signals(plan, stages: Sequence[str]):
 
 
 def entry_signal_layer(opts: Mapping[str, Any], stage: str, depth: int) -> Optional[int]:
-  """The ViT layer (resolved) whose attention / keys a post_vit / post_proj entry reads: its
-  "signal_layer", else DEFAULT_SIGNAL_LAYER of its method, else -2; None if it reads none."""
-  if stage not in ("post_vit", "post_proj"):
+  """The ViT layer (resolved) whose attention / keys a post_vit / post_proj entry reads, or
+  whose mean received attention becomes an llm entry's `vit_scores`: its "signal_layer", else
+  DEFAULT_SIGNAL_LAYER of its method, else -2; None if it reads none."""
+  if stage == "llm":
+    if is_schedule(stage, opts["method"]) or "vit_scores" not in sum(
+        entry_signals(opts, stage), ()):
+      return None
+  elif stage not in ("post_vit", "post_proj"):
     return None
-  if not set(sum(entry_signals(opts, stage), ())) & set(_LAYER_SIGNALS):
+  elif not set(sum(entry_signals(opts, stage), ())) & set(_LAYER_SIGNALS):
     return None
   layer = opts.get("signal_layer", DEFAULT_SIGNAL_LAYER.get(opts["method"], -2))
   return resolve_layer(layer, depth, "signal_layer")
 
 
 def signal_layers(plan, depth: int) -> Tuple[int, ...]:
-  """The ViT layers (ascending) whose attention / keys feed the post_vit / post_proj entries."""
+  """The ViT layers (ascending) whose attention / keys feed the post_vit / post_proj entries, and
+  whose received attention gives the llm entries' `vit_scores`."""
   layers = {entry_signal_layer(opts, st, depth)
-            for st in ("post_vit", "post_proj") for _, opts in entries(plan, st)}
+            for st in ("post_vit", "post_proj", "llm") for _, opts in entries(plan, st)}
+  return tuple(sorted(layers - {None}))
+
+
+def vit_score_layers(plan, depth: int) -> Tuple[int, ...]:
+  """The ViT layers (ascending, resolved) whose `vit_scores` the llm entries need; () for none."""
+  layers = {entry_signal_layer(opts, "llm", depth) for _, opts in entries(plan, "llm")}
   return tuple(sorted(layers - {None}))
 
 
