@@ -74,7 +74,9 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
   at_layer: {layer K: fn(x, pos, ar, attentions so far) -> (x, pos, ar)}, applied to the tokens
   entering layer K after `prune` (e.g. a merge). hide: (positions [B, P], start): query rows at
   RoPE position >= start never attend to keys at those positions, in any layer (tokens dropped
-  from every layer's KV cache after prefill).
+  from every layer's KV cache after prefill); or a list of rules (positions [B, P], start,
+  first_layer, stop): rows at positions in [start, stop) hide those keys in layers >=
+  first_layer (decode-time KV policies: -1 pads positions).
   hidden: a dict to fill with {layer: the hidden states [B, S_K, E] entering it}, or None.
   override: {layer K: x [B, S_K, E]}: the hidden states entering layer K (after its pruning)
   replaced, e.g. by merged tokens. states: a dict that receives "hidden", the final tokens'
@@ -129,10 +131,14 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
     if g.version == 2 and g.sliding_window and l % 2 == 0:
       near = (pos[:, :, None] - pos[:, None, :]) < g.sliding_window
       m = (m & near) | both_prefix
-    if hide is not None:
-      hidden_pos, start = hide
+    for rule in ([] if hide is None else hide if isinstance(hide, list) else [hide]):
+      hidden_pos, start = rule[:2]
+      first, stop = (tuple(rule[2:]) + (0, np.inf))[:2] if len(rule) > 2 else (0, np.inf)
+      if l < first:
+        continue
       hidden_keys = (pos[:, :, None] == np.asarray(hidden_pos)[:, None, :]).any(-1)  # [B, keys]
-      m = m & ~((pos[:, :, None] >= start) & hidden_keys[:, None, :])
+      rows = (pos >= start) & (pos < stop)  # [B, q]
+      m = m & ~(rows[:, :, None] & hidden_keys[:, None, :])
     logit = np.where(m[:, None], logit, -1e30)
     a = _softmax(logit)
     if l in attn_layers:
