@@ -106,6 +106,8 @@ SLOW = frozenset({
     "tests/test_dycoke.py::test_pruning_nothing_leaves_the_model_unchanged",
     "tests/test_dycoke.py::test_clip_through_ttm_and_kv_policy",
     "tests/test_dycoke.py::test_decoding_equals_reference_other_gates_and_gemma2",
+    "tests/test_mustdrop.py::test_whole_plan_with_the_vit_merge",
+    "tests/test_mustdrop.py::test_dropping_nothing_leaves_the_model_unchanged",
 })
 
 

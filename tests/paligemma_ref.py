@@ -133,7 +133,8 @@ def decoder(p, cfg, x, ar, pos=None, prune=None, attn_layers=(), at_layer=None, 
       m = (m & near) | both_prefix
     for rule in ([] if hide is None else hide if isinstance(hide, list) else [hide]):
       hidden_pos, start = rule[:2]
-      first, stop = (tuple(rule[2:]) + (0, np.inf))[:2] if len(rule) > 2 else (0, np.inf)
+      first = rule[2] if len(rule) > 2 else 0
+      stop = rule[3] if len(rule) > 3 else np.inf
       if l < first:
         continue
       hidden_keys = (pos[:, :, None] == np.asarray(hidden_pos)[:, None, :]).any(-1)  # [B, keys]
