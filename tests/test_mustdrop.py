@@ -371,5 +371,5 @@ def test_vit_scores_need_the_image():
                                                   method=plain.embed_image))
   m = model.with_plan((("llm", {"method": "mustdrop", "layer": 1, "keep": 1.0}),))
   with pytest.raises(ValueError, match="vit_scores"):
-    jax.eval_shape(lambda: m.apply({"params": params}, None, text, image_tokens=toks,
-                                   method=m.prefill))
+    jax.eval_shape(lambda t: m.apply({"params": params}, None, text, image_tokens=t,
+                                    method=m.prefill), toks)
