@@ -102,7 +102,7 @@ def kept(out):
 # ---- Stage 1: TTM. ----
 
 
-@pytest.mark.parametrize("frames", [5, 8, 32])
+@pytest.mark.parametrize("frames", [5, 32])
 def test_ttm_matches_official(frames):
   t = clip_tokens(frames, seed=frames)
   p = 16
@@ -346,6 +346,9 @@ def _check_decoding_against_reference(version, gate):
     want, _, _ = ref.decoder(flat, config, x, ar, hide=list(rules))
     np.testing.assert_allclose(logits[s], want[:, -1], atol=2e-4, rtol=2e-4, err_msg=f"step {s}")
   assert any(r[0].max() >= 0 for r in rules)  # something was pruned
+  if (version, gate) == (1, "official"):  # generate's loop carries the policy in the cache
+    gen = tcjax.generate(model, params, image, text, max_new_tokens=steps, plan=plan)
+    np.testing.assert_array_equal(np.asarray(gen), tokens)
 
 
 def test_pruning_nothing_leaves_the_model_unchanged():

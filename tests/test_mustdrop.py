@@ -373,3 +373,17 @@ def test_vit_scores_need_the_image():
   with pytest.raises(ValueError, match="vit_scores"):
     jax.eval_shape(lambda t: m.apply({"params": params}, None, text, image_tokens=t,
                                     method=m.prefill), toks)
+
+
+def test_the_sweep_lists_and_plans_them():
+  from tcjax.eval import sweep as sweep_lib  # pylint: disable=g-import-not-at-top
+  settings = sweep_lib.settings(["dycoke", "mustdrop", "mustdrop_merge"], "all", (8,))
+  assert [(s.method, s.stage, s.family) for s in settings[1:]] == [
+      ("dycoke", "post_vit", "merging"), ("dycoke", "post_proj", "merging"),
+      ("mustdrop", "llm", "cross_modal"), ("mustdrop_merge", "vit", "merging"),
+      ("mustdrop_merge", "post_vit", "merging")]
+  kw = dict(n_tokens=256, frames=1, vit_depth=3, vit_layer=0, llm_layer=1)
+  plan = plan_lib.normalize(sweep_lib.plan_for(settings[3], **kw))
+  # The llm entry reads the ViT's last layer: the sweep decodes it from the image.
+  assert plan_lib.vit_score_layers(plan, 3) == (2,)
+  assert plan_lib.normalize(sweep_lib.plan_for(settings[4], options={"window": 2}, **kw))

@@ -296,7 +296,9 @@ def apply_decode(name: str, state, *, valid, **signals_and_options):
   if unknown:
     raise ValueError(f"decode policy {name!r} takes no argument(s) {unknown}; signals "
                      f"{list(policy.needs)}, options {sorted(policy.options)}")
-  return policy.step(state, valid=valid, **signals_and_options)
+  state, keep = policy.step(state, valid=valid, **signals_and_options)
+  chex.assert_shape(keep, valid.shape)  # the post-condition: one flag per image entry
+  return state, keep
 
 
 def init_decode(name: str, valid, **options):

@@ -15,7 +15,9 @@ Sharing (so that the sweep costs little more than its decoders):
   - the ViT runs once per batch (`PaliGemma.encode_image`, with the signals of every ViT layer
     a setting reads: each method's own default, or `signal_layer` for all), and every post_vit
     / post_proj setting starts from it;
-  - every llm setting starts from the uncompressed projected tokens (`prefill(image_tokens=)`);
+  - every llm setting starts from the uncompressed projected tokens (`prefill(image_tokens=)`),
+    except one whose entry reads the ViT's attention (`vit_scores`: MustDrop's key set), which
+    runs its own ViT from the image;
   - only vit settings run their own ViT;
   - each setting's compression is one jitted function, compiled once per input shape; the
     decoder (prefill + greedy decoding) is compiled once per image-token count for every
@@ -381,6 +383,10 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
     # Pictures of vision-side settings on images (at the llm stage nothing is cut before the
     # decoder; a clip's picture would be one per frame).
     keep_src = bool(g.picture_idx) and st.stage in ("vit", "post_vit", "post_proj")
+    # An llm entry reading the ViT's attention (MustDrop's key set, `vit_scores`) decodes from
+    # the image: its decoder runs its own ViT for them (the projected tokens do not carry them).
+    from_image = st.stage == "llm" and plan is not None and bool(
+        plan_lib.vit_score_layers(plan, cfg.img.depth))
     with _mesh_context(opts.mesh):
       if plan is not None:
         try:
@@ -396,8 +402,10 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
               toks = fn(variables, image if st.stage == "vit" else enc, text, mask)
             else:  # FULL and the llm stage decode the uncompressed tokens
               toks = full_toks
-            out = runner.answer_batch(dec, variables["params"], tokenizer, None, text, mask,
-                                      max_new_tokens=opts.max_new_tokens, image_tokens=toks)
+            out = runner.answer_batch(dec, variables["params"], tokenizer,
+                                      image if from_image else None, text, mask,
+                                      max_new_tokens=opts.max_new_tokens,
+                                      image_tokens=None if from_image else toks)
             if gname not in costs[si]:
               vit = vit_seen[plan] if st.stage == "vit" else enc.vit_tokens
               merged = plan_lib.tome_schedule(plan, cfg.img.depth)[0]  # ToMe: before the MLP
@@ -620,19 +628,21 @@ class _Timer:
     plain = lambda v, im: base.apply(v, im, method=base.encode_image)
     return self._once("vit", lambda: self._measure(plain, self.variables, self.image))
 
-  def _decoder(self, dec, toks) -> Tuple[Dict[str, Any], Dict[str, Any]]:
-    """(prefill, decode step) measurements of decoder `dec` on image tokens `toks`: the two
+  def _decoder(self, dec, toks, from_image: bool = False
+               ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    """(prefill, decode step) measurements of decoder `dec` on image tokens `toks` (from the
+    image, ViT included, with `from_image`: an llm entry reading `vit_scores`): the two
     programs `runner.answer_batch` ran on this batch (`sampling.generate_programs`, called as
     the accuracy pass calls them, so their executables are reused, not compiled again); the
     decode step is the decoding loop's time / the steps it ran (it stops at the batch's last
     EOS)."""
     opts = self.opts
-    key = ("decoder", dec.config.plan, toks.x.shape, self.text.shape)
+    key = ("decoder", dec.config.plan, toks.x.shape, self.text.shape, from_image)
     if key not in self.measured:
       programs = sampling.generate_programs(
-          dec, self.variables["params"], None, self.text, max_new_tokens=opts.max_new_tokens,
-          prefix_mask=np.asarray(self.mask).astype(bool), eos_id=self.eos_id,
-          pad_id=self.pad_id, image_tokens=toks)
+          dec, self.variables["params"], self.image if from_image else None, self.text,
+          max_new_tokens=opts.max_new_tokens, prefix_mask=np.asarray(self.mask).astype(bool),
+          eos_id=self.eos_id, pad_id=self.pad_id, image_tokens=None if from_image else toks)
       pre_fn, pre_args = programs["prefill"]
       dec_fn, dec_args = programs["decode"]
       pre = self._measure(pre_fn, *pre_args)
@@ -666,7 +676,9 @@ class _Timer:
           self.full_embed, self.variables, self.enc, self.text, self.mask))
     if "out" in embed:
       toks = embed.pop("out")
-    prefill, step = self._decoder(dec, toks)
+    from_image = setting.stage == "llm" and bool(
+        plan_lib.vit_score_layers(plan, self.base.config.img.depth))
+    prefill, step = self._decoder(dec, toks, from_image)
     programs = {"vit": vit, "compress": embed, "decoder": prefill, "decode_step": step}
     programs = {k: None if p is None else {"seconds": float(p["seconds"]),
                                            "bytes": int(p["bytes"])}

@@ -8,7 +8,8 @@ A plan is an ordered tuple of `(stage, options)` pairs (docs/architecture.md):
    ("post_proj", {"method": "text_relevance", "keep": 0.5}),   # after the projector, with text
    ("llm", {"method": "fastv", "layer": 2, "keep": 0.5}),      # inside the decoder at layer K
    ("llm", {"method": "pyramiddrop", "layers": (2, 4), "ratios": (0.5, 0.25)}),
-   ("llm", {"method": "sparsevlm", "layers": (1, 3), "budgets": (96, 48)}))
+   ("llm", {"method": "sparsevlm", "layers": (1, 3), "budgets": (96, 48)}),
+   ("decode", {"method": "dycoke", "layer": 3, "prune": 0.8}))  # KV policy while decoding
 
 Entry options of a `tcjax.compress` method (every other key is one of the method's own options):
   budget / keep   tokens kept: an int, or a fraction of the tokens present (round, >= 1); exactly
@@ -27,6 +28,13 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   layer K's own projections, PyramidDrop's lookahead), for methods that use a
                   layer's attention or keys. How the attention is computed and which KV caches
                   drop the pruned tokens the method declares (`register(llm_attn=, llm_kv=)`).
+                  An entry whose method takes `vit_scores` (MustDrop) also reads signal_layer:
+                  the ViT layer whose received attention gives the scores (default
+                  DEFAULT_SIGNAL_LAYER[method], else -2).
+Decode-time KV policies (`compress.registry.DECODE_POLICIES`: dycoke, mustdrop) at the decode
+stage: method, layer L (the layers >= L attend only the image entries the policy keeps at each
+decoding step; a policy reading attention reads layer L - 1's, so L >= 1) and the policy's own
+options; no budget. `decode_hooks` expands them; the model carries them in the KV cache.
 Learned compressors (`tcjax.nn.learned.LEARNED`: tokenlearner, perceiver, qformer, ldpv2) at
 post_vit / post_proj: method, budget (an int), name (their parameter subtree
 `compressor/<name>`, default "<stage>_<method>_<budget>") and the module's options; the model
