@@ -108,6 +108,7 @@ SLOW = frozenset({
     "tests/test_dycoke.py::test_decoding_equals_reference_other_gates_and_gemma2",
     "tests/test_mustdrop.py::test_whole_plan_with_the_vit_merge",
     "tests/test_mustdrop.py::test_dropping_nothing_leaves_the_model_unchanged",
+    "tests/test_mustdrop.py::test_sweep_runs_mustdrop_in_the_decoder",
 })
 
 

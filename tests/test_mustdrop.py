@@ -387,3 +387,23 @@ def test_the_sweep_lists_and_plans_them():
   # The llm entry reads the ViT's last layer: the sweep decodes it from the image.
   assert plan_lib.vit_score_layers(plan, 3) == (2,)
   assert plan_lib.normalize(sweep_lib.plan_for(settings[4], options={"window": 2}, **kw))
+
+
+def test_sweep_runs_mustdrop_in_the_decoder(tmp_path):
+  """The sweep's llm stage decodes a MustDrop setting from the image (its key set needs the
+  ViT's attention), latency included, without errors."""
+  from configs.sweep import get_config  # pylint: disable=g-import-not-at-top
+  from experiments import sweep as sweep_cli  # pylint: disable=g-import-not-at-top
+  cfg = get_config("tiny")
+  cfg.out = str(tmp_path / "out")
+  cfg.methods, cfg.stages, cfg.budgets = "mustdrop", "llm", (64,)
+  cfg.families, cfg.per_family = ("count",), 2
+  cfg.latency, cfg.latency_reps = True, 1
+  sweep_cli.sweep(cfg)
+  import json  # pylint: disable=g-import-not-at-top
+  rows = {r["setting"]: r for r in json.loads((tmp_path / "out" / "sweep.json").read_text())
+          ["rows"]}
+  r = rows["mustdrop@llm/64"]
+  assert r["errors"] == {} and len(r["answers"]) == 2
+  assert "latency_error" not in r["cost_per_family"]["count"]
+  assert r["decode_seconds"] > 0

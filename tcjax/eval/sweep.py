@@ -410,7 +410,8 @@ def run(model, params, tokenizer, examples: Sequence[Dict[str, Any]],
               vit = vit_seen[plan] if st.stage == "vit" else enc.vit_tokens
               merged = plan_lib.tome_schedule(plan, cfg.img.depth)[0]  # ToMe: before the MLP
               costs[si][gname] = _cost(cfg, dec, variables, text, mask, toks, llm_counts,
-                                       param_bytes, vit, merged, g.frames, opts.max_len)
+                                       param_bytes, vit, merged, g.frames, opts.max_len,
+                                       image if from_image else None)
             if keep_src:  # the picture examples in this batch: which token carries each patch
               src = None
               for r in chunk:
@@ -574,13 +575,14 @@ def _fail(errs: Dict[str, str], g: _Group, e: BaseException) -> None:
 
 
 def _cost(cfg, dec, variables, text, mask, toks, cache, param_bytes, vit_tokens, vit_merged,
-          frames, text_len) -> Dict[str, float]:
+          frames, text_len, image=None) -> Dict[str, float]:
   """Per-example cost of one setting on one input shape; the decoder's token counts traced
-  once per (decoder plan, image-token count)."""
-  key = (dec.config.plan, toks.x.shape, text.shape)
+  once per (decoder plan, image-token count). image: the images, for a decoder that starts
+  from them (an llm entry reading `vit_scores`); else it starts from `toks`."""
+  key = (dec.config.plan, toks.x.shape, text.shape, image is None)
   if key not in cache:
-    cache[key] = runner.token_counts(dec, variables["params"], None, text, mask,
-                                     image_tokens=toks)
+    cache[key] = runner.token_counts(dec, variables["params"], image, text, mask,
+                                     image_tokens=toks if image is None else None)
   counts = dict(cache[key], vit_tokens=vit_tokens, vit_merged=vit_merged, frames=frames)
   return dict(runner.cost(cfg, counts, text_len, param_bytes),
               llm_tokens_per_layer=[int(n) for n in counts["llm_tokens"]])
