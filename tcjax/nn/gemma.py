@@ -20,7 +20,8 @@ retained tokens keep their RoPE positions and decoding continues from the last p
 with "reindex" (official PyramidDrop and SparseVLM v1.5) the survivors are renumbered by rank
 among the valid tokens (`renumber`: image survivors 0..n'-1, the text right after), and each
 segment decodes from its own cache length, so the layers before the step keep numbering past
-the tokens they still hold (`Segment.pos_offset`). A merging method's output hidden states
+the tokens they still hold (`Segment.pos_offset`; caches that dropped pruned entries with
+`llm_kv="all"` keep their own numbering, holes included). A merging method's output hidden states
 replace the image tokens' (each at its representative's position); so do the tokens a selecting
 method merged on the side (SparseVLM v1.5's recycled clusters: their size grew).
 """
