@@ -15,10 +15,15 @@ In-LLM pruning (`plan.LLMHook`) splits the layers into segments of fixed sequenc
 segment runs as one `lax.scan` over its stacked parameters and owns its slice of the KV cache,
 so layers after a pruning step cache only the retained tokens (and, for a method registered with
 `llm_kv="all"`, the earlier segments mask the pruned image entries out of their caches too).
-Retained tokens keep their original RoPE positions; decoding continues from the last position
-+ 1. A merging method's output hidden states replace the image tokens' (each at its
-representative's position); so do the tokens a selecting method merged on the side (SparseVLM
-v1.5's recycled clusters: their size grew).
+Positions after a step follow the hook's `positions` (`plan.POSITIONS`): with "original" the
+retained tokens keep their RoPE positions and decoding continues from the last position + 1;
+with "reindex" (official PyramidDrop and SparseVLM v1.5) the survivors are renumbered by rank
+among the valid tokens (`renumber`: image survivors 0..n'-1, the text right after), and each
+segment decodes from its own cache length, so the layers before the step keep numbering past
+the tokens they still hold (`Segment.pos_offset`; caches that dropped pruned entries with
+`llm_kv="all"` keep their own numbering, holes included). A merging method's output hidden states
+replace the image tokens' (each at its representative's position); so do the tokens a selecting
+method merged on the side (SparseVLM v1.5's recycled clusters: their size grew).
 """
 
 from __future__ import annotations
@@ -60,7 +65,10 @@ class Segment:
   """KV cache of layers [first_layer, first_layer + Ls), which all see the same tokens.
 
   k, v: float[Ls, B, C, K, h] (post-RoPE keys); pos: int32[B, C]; valid: bool[B, C];
-  length: static entries written by prefill (decoding appends at length + step).
+  length: static entries written by prefill (decoding appends at length + step);
+  pos_offset: int32[B] or None (0): a decoded token's position in these layers is
+  `Cache.next_pos + pos_offset` (a segment before a step with positions="reindex" numbers its
+  tokens past the ones the later layers dropped).
   """
 
   k: jax.Array
@@ -69,15 +77,26 @@ class Segment:
   valid: jax.Array
   length: int = struct.field(pytree_node=False)
   first_layer: int = struct.field(pytree_node=False)
+  pos_offset: Any = None
 
 
 @struct.dataclass
 class Cache:
-  """segments: tuple of Segment; step: int32[] tokens decoded; next_pos: int32[B]."""
+  """segments: tuple of Segment; step: int32[] tokens decoded; next_pos: int32[B] the position
+  of the next token in the last segment (every segment's, unless a step renumbered positions:
+  `Segment.pos_offset`)."""
 
   segments: Tuple[Segment, ...]
   step: jax.Array
   next_pos: jax.Array
+
+
+def renumber(valid) -> jax.Array:
+  """int32[B, S] RoPE positions counting the valid tokens of `valid: bool[B, S]`: each valid
+  token's rank among them (0..n-1 in order; padding repeats the last one before it, 0 at the
+  start). The decoder's input positions (big_vision: cumsum(input_mask) - 1), and the
+  survivors' after a step with positions="reindex"."""
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), 1) - 1, 0)
 
 
 def scale(cfg: GemmaConfig) -> float:
@@ -236,7 +255,9 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     (x: float[B, S', E] output of the last layer, the final Seq (S' = N' + T tokens), the KV
      cache, aux {"llm_tokens": static tokens entering each layer, "llm_valid_tokens":
      int32[B, L] valid tokens entering each layer, "image_tokens_kept": int32[B],
-     "llm_kept_pos": per hook int32[B, N'] RoPE positions of the kept image tokens (-1 on
+     "llm_kept_pos": per hook int32[B, N'] the positions the kept image tokens had entering
+     the decoder (which tokens stay; -1 on padding), "llm_positions": per cache segment (in
+     layer order, as `Cache.segments`) int32[B, S_j] the RoPE positions its layers use (-1 on
      padding), "llm_attn": per hook the float32[B, T, N] prompt-row attention it scored with
      (mean over heads; None when the method needs none)}).
   """
@@ -254,6 +275,8 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
   n_initial = seq.n_img
   segments, counts, valid_counts, kept_pos, rows = [], [], [], [], []
   seg_img = []  # image tokens at the head of each segment's cache
+  orig = seq.pos  # each token's position entering the decoder: which token it is
+  seg_orig, seg_pos = [], []  # per segment: its tokens' `orig`, and their RoPE positions
   lo = 0
   for stop in sorted(at) + [depth]:
     seq = seq.replace(x=constrain(seq.x, "data", "seq"))
@@ -277,6 +300,8 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     if stop > lo:
       segments.append(_segment(ks, vs, seq, lo, cache_size))
       seg_img.append(seq.n_img)
+      seg_orig.append(orig)
+      seg_pos.append(seq.pos)
       counts += [seq.x.shape[1]] * (stop - lo)
       valid_counts += [seq.valid.sum(-1)] * (stop - lo)
     if stop == depth:
@@ -287,27 +312,46 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
       q0, k0, _ = _qkv(pl, seq.x, cfg)
       prev = (nl.rope(q0, seq.pos, cfg.rope_base), nl.rope(k0, seq.pos, cfg.rope_base), stop,
               q0, k0)
-    seq, img, attn = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
-    kept_pos.append(jnp.where(img.mask, seq.pos[:, :seq.n_img], -1))
+    n_img = seq.n_img
+    seq, img, attn, idx = _prune(p, seq, img, hook, prev, raters, n_initial, cfg)
+    orig = unshard_axis(orig, 1)
+    orig = jnp.concatenate([jnp.take_along_axis(orig[:, :n_img], idx, 1), orig[:, n_img:]], 1)
+    if hook.positions == "reindex":
+      seq = seq.replace(pos=renumber(seq.valid))
+    elif hook.positions != "original":
+      raise ValueError(f"llm {hook.method} at layer {hook.layer}: positions must be one of "
+                       f"{plan_lib.POSITIONS}, got {hook.positions!r}")
+    kept_pos.append(jnp.where(img.mask, orig[:, :seq.n_img], -1))
     if hook.kv == "all":  # the earlier layers' caches drop the pruned image tokens too
-      segments = [_keep_image_entries(sg, n_sg, kept_pos[-1])
-                  for sg, n_sg in zip(segments, seg_img)]
+      segments = [_keep_image_entries(sg, n_sg, o, kept_pos[-1])
+                  for sg, n_sg, o in zip(segments, seg_img, seg_orig)]
     rows.append(attn)
     lo = stop
-  last = _last_valid(seq.valid)
-  cache = Cache(segments=tuple(segments), step=jnp.zeros((), jnp.int32),
-                next_pos=jnp.take_along_axis(seq.pos, last[:, None], 1)[:, 0] + 1)
+  next_pos = _next_pos(seq.pos, seq.valid)
+  if any(h.positions != "original" for h in hooks):
+    # Each segment decodes from its own numbering: the next position after its last token.
+    segments = [sg.replace(pos_offset=_next_pos(sp, sg.valid[:, :sg.length]) - next_pos)
+                for sg, sp in zip(segments, seg_pos)]
+  cache = Cache(segments=tuple(segments), step=jnp.zeros((), jnp.int32), next_pos=next_pos)
   aux = {"llm_tokens": tuple(counts), "llm_valid_tokens": jnp.stack(valid_counts, -1),
          "image_tokens_kept": img.count(), "llm_kept_pos": tuple(kept_pos),
+         "llm_positions": tuple(jnp.where(sg.valid[:, :sg.length], sp, -1)
+                                for sg, sp in zip(segments, seg_pos)),
          "llm_attn": tuple(rows)}
   return x, seq, cache, aux
 
 
-def _keep_image_entries(seg: Segment, n_img: int, kept_pos) -> Segment:
-  """The segment with its first `n_img` (image) cache entries valid only where their RoPE
-  position is one of `kept_pos: int32[B, K]` (-1: none); positions are unique per example."""
-  kept = (seg.pos[:, :n_img, None] == kept_pos[:, None, :]).any(-1)
-  return seg.replace(valid=seg.valid.at[:, :n_img].set(seg.valid[:, :n_img] & kept))
+def _next_pos(pos, valid):
+  """int32[B]: the position after the last valid token's."""
+  return jnp.take_along_axis(pos, _last_valid(valid)[:, None], 1)[:, 0] + 1
+
+
+def _keep_image_entries(seg: Segment, n_img: int, orig, kept) -> Segment:
+  """The segment with its first `n_img` (image) cache entries valid only where their token (its
+  position entering the decoder, `orig: int32[B, S]`) is one of `kept: int32[B, K]` (-1: none);
+  those positions are unique per example."""
+  hit = (orig[:, :n_img, None] == kept[:, None, :]).any(-1)
+  return seg.replace(valid=seg.valid.at[:, :n_img].set(seg.valid[:, :n_img] & hit))
 
 
 def _last_valid(valid):
@@ -338,7 +382,9 @@ _FEATURES = {"dart": "final_norm"}  # DART: cosine similarity after the model's 
 
 
 def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: GemmaConfig):
-  """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows)."""
+  """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows,
+  int32[B, N'] the image token each output slot comes from). The survivors keep their
+  positions (the caller renumbers them for positions="reindex")."""
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
   budget, size_options = plan_lib.hook_size(hook, n, n_initial, where)
@@ -410,7 +456,7 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
             valid=new_valid,
             mask_ar=jnp.concatenate([take(seq.mask_ar[:, :n], idx), seq.mask_ar[:, n:]], 1),
             n_img=budget)
-  return seq, after.replace(x=seq.x[:, :budget]), rows
+  return seq, after.replace(x=seq.x[:, :budget]), rows, idx
 
 
 def representatives(before: Tokens, after: Tokens) -> jax.Array:
@@ -460,14 +506,15 @@ def _write_layer(stack, new, layer, slot):
 def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Cache]:
   """One token `int32[B]` through every layer with the cache -> (logits float[B, V], cache).
 
-  The token goes at position `cache.next_pos` and into cache slot `length + step` of every
-  segment (the same slot for the whole batch; per-example positions keep RoPE right for
-  prompts of different lengths). A cache that is full clamps the slot: reserve `cache_size`.
+  The token goes at position `cache.next_pos` (+ the segment's `pos_offset`) and into cache slot
+  `length + step` of every segment (the same slot for the whole batch; per-example positions
+  keep RoPE right for prompts of different lengths). A cache that is full clamps the slot:
+  reserve `cache_size`.
   """
   x = embed_text(p, token[:, None], cfg)
-  pos = cache.next_pos
   segments = []
   for seg in cache.segments:
+    pos = cache.next_pos if seg.pos_offset is None else cache.next_pos + seg.pos_offset
     slot = (seg.length + cache.step).astype(jnp.int32)
     seg_pos = _write(seg.pos, pos[:, None], slot)
     seg_valid = _write(seg.valid, jnp.ones_like(seg.valid[:, :1]), slot)
@@ -481,7 +528,7 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
     # The segment's stacked cache rides in the loop's carry and each layer writes its one new
     # entry in place: as scanned inputs / outputs, every step copied the whole cache several
     # times (10 decoding steps of the bundled model, 64 examples at 282 slots: 178 -> 71 ms).
-    def body(carry, args, slot=slot, glob=glob, loc=loc, lo=lo):
+    def body(carry, args, slot=slot, glob=glob, loc=loc, lo=lo, pos=pos):
       x, ks, vs = carry
       pl, l, _ = args
       q, k, v = _project(pl, x, pos[:, None], cfg)
@@ -494,4 +541,4 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
     (x, ks, vs), _ = nl.scan_layers(body, (x, seg.k, seg.v), p["layers"], lo, hi)
     segments.append(seg.replace(k=ks, v=vs, pos=seg_pos, valid=seg_valid))
   out = logits(p, x[:, 0], cfg)
-  return out, Cache(segments=tuple(segments), step=cache.step + 1, next_pos=pos + 1)
+  return out, Cache(segments=tuple(segments), step=cache.step + 1, next_pos=cache.next_pos + 1)
