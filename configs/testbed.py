@@ -189,9 +189,9 @@ def get_config(arg: str = ""):
     c.data.weights = dict(image=0.75, video=0.15, audio=0.1)
   if arg == "stage10":  # stage 9's mix with `nth` ("digit 2 of the number") drawn twice
     c.init = STAGE9
-    c.total_steps = 2000
+    c.total_steps = 1000
     c.optim.warmup_steps = 50
-    c.eval.every = 1000
+    c.eval.every = 500
     c.data.families = ("count", "binding", "binding", "glyph", "digit", "digit", "number",
                        "number", "nth", "nth", "locate", "locate", "describe", "video", "audio")
     c.data.weights = dict(image=0.75, video=0.15, audio=0.1)
