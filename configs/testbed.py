@@ -34,7 +34,9 @@ long run from stage 7 on every family, with `binding` and `number` (still near a
 question-blind guess and at 0) drawn twice and clips drawn more often. Stage 9 starts from
 stage 8 after the testbed put binding's and the clips' shapes on the patch grid (8 or 12 px),
 because stage 8 described those scenes with wrong shapes and colours; binding is drawn three
-times and the lone glyph twice (its 0.84 per-glyph accuracy caps `number`).
+times and the lone glyph twice (its 0.84 per-glyph accuracy caps `number`). Stage 10 adds the
+training-only `nth` family ("digit 2 of the number"), because stage 9 answered `number` with one
+glyph read and repeated: reading the k-th glyph on request is the step before reading in order.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -53,14 +55,16 @@ STAGE5 = "experiments/bundled_run5/checkpoint.npz"  # stage 5's
 STAGE6 = "experiments/bundled_run6/checkpoint.npz"  # stage 6's
 STAGE7 = "experiments/bundled_run7/checkpoint.npz"  # stage 7's
 STAGE8 = "experiments/bundled_run8/checkpoint.npz"  # stage 8's
-STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9")
+STAGE9 = "experiments/bundled_run9/checkpoint.npz"  # stage 9's
+STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9",
+          "stage10")
 
 
 def get_config(arg: str = ""):
-  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage9" (its later stages), or
+  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage10" (its later stages), or
   "smoke" (a tiny model, a few steps, for tests)."""
   if arg not in STAGES + ("smoke",):
-    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage9' or 'smoke'")
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage10' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -148,7 +152,7 @@ def get_config(arg: str = ""):
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "describe", "video", "audio")
     c.data.max_len = 32
-  if arg in ("stage6", "stage7", "stage8", "stage9"):  # per-example loss, bf16, locate twice
+  if arg in ("stage6", "stage7", "stage8", "stage9", "stage10"):  # per-example loss, bf16, locate twice
     c.loss_norm = "example"
     c.compute_dtype = "bfloat16"
     c.optim.lr = 1e-3
@@ -182,5 +186,13 @@ def get_config(arg: str = ""):
     c.data.families = ("count", "binding", "binding", "binding", "glyph", "glyph", "digit",
                        "digit", "number", "number", "locate", "locate", "describe", "video",
                        "audio")
+    c.data.weights = dict(image=0.75, video=0.15, audio=0.1)
+  if arg == "stage10":  # stage 9's mix with `nth` ("digit 2 of the number") drawn twice
+    c.init = STAGE9
+    c.total_steps = 1000
+    c.optim.warmup_steps = 50
+    c.eval.every = 500
+    c.data.families = ("count", "binding", "binding", "glyph", "digit", "digit", "number",
+                       "number", "nth", "nth", "locate", "locate", "describe", "video", "audio")
     c.data.weights = dict(image=0.75, video=0.15, audio=0.1)
   return c

@@ -2,7 +2,9 @@
 
   python -m experiments.report experiments/out/sweep/sweep.json \
       [--adaptive experiments/out/sweep_adaptive/sweep.json] \
-      [--modalities experiments/out/sweep_modalities/sweep.json]
+      [--modalities experiments/out/sweep_modalities/sweep.json] \
+      [--learned experiments/out/sweep_learned/sweep.json] \
+      [--finetuned CAFT=experiments/out/caft_before/sweep.json,experiments/out/caft/sweep.json]
 
 Prints markdown: the published findings checked on the testbed (random and pooling baselines at
 moderate budgets; text-agnostic selection before the decoder against pruning inside it; diversity
@@ -183,6 +185,54 @@ def modality_table(rows) -> str:
   return "\n".join(lines)
 
 
+def _family_cells(r) -> str:
+  return " | ".join(_fmt(r["per_family"].get(f)) for f in IMAGE_FAMILIES) + \
+      f" | {_fmt(image_accuracy(r))} |"
+
+
+def learned_table(rows, learned_methods: Sequence[str]) -> str:
+  """Per budget: each learned compressor's accuracy per image family and their mean, beside the
+  training-free setting with the best mean image accuracy at that budget (rows of
+  `learned_methods` are the learned ones; every other compressed row is training-free)."""
+  lines = ["| budget | setting | " + " | ".join(IMAGE_FAMILIES) + " | mean |",
+           "|---|---|" + "---|" * (len(IMAGE_FAMILIES) + 1)]
+  for b in budgets(rows):
+    at = [r for r in compressed(rows) if r["budget"] == b and image_accuracy(r) is not None]
+    learned = sorted((r for r in at if r["method"] in learned_methods), key=lambda r: r["setting"])
+    free = [r for r in at if r["method"] not in learned_methods]
+    if not learned:
+      continue
+    for r in learned:
+      lines.append(f"| {b} | {r['setting']} | " + _family_cells(r))
+    if free:
+      best = max(free, key=image_accuracy)
+      lines.append(f"| {b} | best training-free: {best['setting']} | " + _family_cells(best))
+  return "\n".join(lines)
+
+
+def finetuned_table(base_rows, tuned_rows) -> str:
+  """The same settings (method, stage, budget) before and after fine-tuning the model: mean image
+  accuracy of each, and the change per family."""
+  key = lambda r: (r["method"], r["stage"], r["budget"])
+  base = {key(r): r for r in compressed(base_rows)}
+  lines = ["| setting | before | after | " + " | ".join(f"{f} change" for f in IMAGE_FAMILIES)
+           + " |", "|---|---|---|" + "---|" * len(IMAGE_FAMILIES)]
+  full = [r for r in tuned_rows if r["budget"] is None][:1] + \
+      sorted(compressed(tuned_rows), key=lambda r: (-r["budget"], r["setting"]))
+  base_full = [r for r in base_rows if r["budget"] is None][:1]
+  for r in full:
+    b = base_full[0] if r["budget"] is None and base_full else base.get(key(r))
+    if b is None:
+      continue
+    changes = []
+    for f in IMAGE_FAMILIES:
+      x, y = b["per_family"].get(f), r["per_family"].get(f)
+      changes.append("-" if x is None or y is None else f"{y - x:+.2f}")
+    lines.append(f"| {r['setting']} | {_fmt(image_accuracy(b))} | {_fmt(image_accuracy(r))} | "
+                 + " | ".join(changes) + " |")
+  return "\n".join(lines)
+
+
 def report(rows, adaptive_rows=None, modality_rows=None) -> str:
   """Every table; the modality table from `modality_rows` when given (a sweep with clips),
   otherwise from `rows`."""
@@ -210,6 +260,12 @@ def main(argv=None):
   ap.add_argument("--adaptive", default=None, help="sweep.json of configs/sweep.py:adaptive")
   ap.add_argument("--modalities", default=None,
                   help="sweep.json of configs/sweep.py:modalities (image, video, audio)")
+  ap.add_argument("--learned", default=None,
+                  help="sweep.json of a sweep with --config.learned (trained compressors), set "
+                       "beside the best training-free setting of the main sweep per budget")
+  ap.add_argument("--finetuned", action="append", default=[], metavar="LABEL=BEFORE,AFTER",
+                  help="two sweep.json of the same settings, on the bundled model and on a "
+                       "fine-tuned copy (--config.checkpoint): e.g. CAFT, M3; repeatable")
   a = ap.parse_args(argv)
 
   def rows_of(path):
@@ -218,7 +274,20 @@ def main(argv=None):
     with open(path) as f:
       return json.load(f)["rows"]
 
-  print(report(rows_of(a.sweep), rows_of(a.adaptive), rows_of(a.modalities)))
+  rows = rows_of(a.sweep)
+  out = [report(rows, rows_of(a.adaptive), rows_of(a.modalities))]
+  if a.learned:
+    from tcjax.nn.learned import LEARNED  # pylint: disable=g-import-not-at-top
+    out.append("### Learned compressors against the best training-free setting (image "
+               "accuracy)\n\n" + learned_table(rows + rows_of(a.learned), tuple(LEARNED)))
+  for spec in a.finetuned:
+    label, eq, paths = spec.partition("=")
+    before, comma, after = paths.partition(",")
+    if not (label and eq and comma and before and after):
+      ap.error(f"--finetuned {spec!r}: use LABEL=BEFORE.json,AFTER.json")
+    out.append(f"### {label}: the same settings before and after fine-tuning (image accuracy)"
+               "\n\n" + finetuned_table(rows_of(before), rows_of(after)))
+  print("\n\n".join(out))
 
 
 if __name__ == "__main__":

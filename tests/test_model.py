@@ -168,20 +168,26 @@ def _keep_masks(kept_pos, layers, n_text):
   return prune
 
 
-PRUNE_PLANS = {
-    "fastv": ((("llm", {"method": "fastv", "layer": 2, "keep": 0.25}),), (2,)),
+PRUNE_PLANS = {  # (plan, pruning layers, positions renumbered 0..n-1 from those layers on)
+    "fastv": ((("llm", {"method": "fastv", "layer": 2, "keep": 0.25}),), (2,), False),
+    # official PyramidDrop renumbers (the default; "original" in tests/test_positions.py)
     "pyramiddrop": ((("llm", {"method": "pyramiddrop", "layers": (1, 3),
-                              "ratios": (0.5, 0.25)}),), (1, 3)),
-    "dart": ((("llm", {"method": "dart", "layer": 2, "budget": 6}),), (2,)),
+                              "ratios": (0.5, 0.25)}),), (1, 3), True),
+    "dart": ((("llm", {"method": "dart", "layer": 2, "budget": 6}),), (2,), False),
 }
+
+
+def _renumber(x, pos, ar, _):
+  return x, np.broadcast_to(np.arange(x.shape[1], dtype=np.float64), x.shape[:2]), ar
 
 
 @pytest.mark.parametrize("name", sorted(PRUNE_PLANS))
 def test_pruned_prefill_then_decode_equals_pruned_reference(setup, name):
   """KV-cached decoding after in-LLM pruning = running the pruned sequence from scratch (NumPy,
-  no cache) with the same original positions, at every step."""
+  no cache) with the same positions (the original ones, or renumbered 0..n-1 at each pruning
+  layer for PyramidDrop), at every step."""
   config, model, params, flat = setup
-  plan, layers = PRUNE_PLANS[name]
+  plan, layers, reindex = PRUNE_PLANS[name]
   m = model.with_plan(plan)
   image, text, _ = inputs(seed=5, t_suffix=0)
   B, steps = text.shape[0], 4
@@ -196,7 +202,8 @@ def test_pruned_prefill_then_decode_equals_pruned_reference(setup, name):
     x = np.concatenate([zimg, ref.embed_text(flat, config, ids)], 1)
     ar = np.concatenate([np.zeros((B, N + T_PREFIX)), np.ones((B, s))], 1)
     prune = _keep_masks(aux["llm_kept_pos"], layers, ids.shape[1])
-    want, _, _ = ref.decoder(flat, config, x, ar, prune=prune)
+    want, _, _ = ref.decoder(flat, config, x, ar, prune=prune,
+                             at_layer={l: _renumber for l in layers} if reindex else None)
     np.testing.assert_allclose(np.asarray(logits), want[:, -1], atol=1e-4, rtol=1e-4,
                                err_msg=f"step {s}")
     if s == steps:

@@ -234,6 +234,7 @@ def test_official_layers_and_plan():
   hooks = plan_lib.llm_hooks(plan, 18)
   assert [h.layer for h in hooks] == [2, 4, 7, 9]
   assert all(h.vit_layer == -1 and h.attn_from == "prev" for h in hooks)
+  assert all(h.positions == "reindex" for h in hooks)  # official: survivors renumbered
   assert set(hooks[0].signals) == {"attn", "text_mask", "vit_scores", "image_count"}
   assert plan_lib.signal_layers(plan, 27) == (26,)  # the ViT's last layer feeds the key set
   (h,) = plan_lib.decode_hooks(plan, 18)
@@ -290,8 +291,10 @@ def test_prefill_and_decoding_equal_reference():
   image, text, _ = inputs(seed=21, t_suffix=0)
   b, steps, first = text.shape[0], 3, 0
   g_thr, i_thr = 0.06, 0.08
+  # Original positions, so that the NumPy decoder's pruning (which keeps them) is the reference
+  # (the official renumbering, the entries' default, is tested in test_positions.py).
   plan = tuple(("llm", {"method": "mustdrop", "layer": l, "keep": 1.0, "global_thr": g_thr,
-                        "individual_thr": i_thr}) for l in HOOKS)
+                        "individual_thr": i_thr, "positions": "original"}) for l in HOOKS)
   plan += (("decode", {"method": "mustdrop", "layer": first}),)
   logits, aux, tokens = _decode_run(model, params, plan, image, text, steps)
   # The key set from the ViT's last layer (mean received attention: SigLIP has no [CLS]).

@@ -20,15 +20,16 @@ LAYER_SIGNALS = {"attn", "attn_heads", "keys", "keys_heads", "scores", "text_key
 # Every key the plan itself reads somewhere, with a valid value.
 PLAN_KEYS = {"layer": 1, "seed": 3, "signal_layer": 1, "attn_from": "next", "signals": (),
              "r": 2, "layers": (1, 2), "prop_attn": False, "ratios": (0.5, 0.25),
-             "budgets": (8, 4), "keeps": (0.5, 0.25)}
+             "budgets": (8, 4), "keeps": (0.5, 0.25), "positions": "reindex"}
 SCHEDULES = {
     ("vit", "tome"): {"method": "tome", "r": 2},
     ("llm", "pyramiddrop"): {"method": "pyramiddrop", "layers": (1, 2), "ratios": (0.5, 0.25)},
     ("llm", "sparsevlm"): {"method": "sparsevlm", "layers": (1, 2), "budgets": (8, 4)},
 }
 SCHEDULE_KEYS = {("vit", "tome"): {"r", "layers", "prop_attn"},
-                 ("llm", "pyramiddrop"): {"layers", "ratios", "attn_from"},
-                 ("llm", "sparsevlm"): {"layers", "budgets", "attn_from", "version", "heads"}}
+                 ("llm", "pyramiddrop"): {"layers", "ratios", "attn_from", "positions"},
+                 ("llm", "sparsevlm"): {"layers", "budgets", "attn_from", "positions", "version",
+                                        "heads"}}
 
 
 def _method_cases():
@@ -67,6 +68,8 @@ def test_method_entries_take_only_their_options(stage, name):
   _fails(_entry(stage, name, version="v9.9"), "'version'", where)
   used = _signals_used(stage, name)
   reads = {"signals"} | ({"layer"} if stage in ("vit", "llm") else set())
+  if stage == "llm":
+    reads.add("positions")
   if "rng" in used:
     reads.add("seed")
   if used & LAYER_SIGNALS:
@@ -121,6 +124,10 @@ def test_method_entry_values(stage, name):
     _fails(_entry(stage, name, layer="1"), "layer", where)
   if stage == "llm" and _signals_used(stage, name) & LAYER_SIGNALS:
     _fails(_entry(stage, name, attn_from="later"), "attn_from", where)
+  if stage == "llm":
+    for v in plan_lib.POSITIONS:
+      plan_lib.normalize(_entry(stage, name, positions=v))
+    _fails(_entry(stage, name, positions="renumber"), "positions", "'renumber'", where)
   for s in m.optional:  # every optional signal the stage has can be asked for, no other
     plan = _entry(stage, name, signals=(s,))
     if s in plan_lib.STAGE_SIGNALS[stage]:
@@ -165,6 +172,8 @@ def test_tome_schedule_values(opts, word):
     ("pyramiddrop", {"layers": 1, "ratios": (0.5,)}, "layers"),
     ("pyramiddrop", {"layers": ("1",), "ratios": (0.5,)}, "layers"),
     ("pyramiddrop", {"layers": (1,), "ratios": (0.5,), "attn_from": "later"}, "attn_from"),
+    ("pyramiddrop", {"layers": (1,), "ratios": (0.5,), "positions": "keep"}, "positions"),
+    ("sparsevlm", {"layers": (1,), "budgets": (8,), "positions": "keep"}, "positions"),
     ("sparsevlm", {"layers": (1,)}, "exactly one"),
     ("sparsevlm", {"layers": (1,), "budgets": (8,), "keeps": (0.5,)}, "exactly one"),
     ("sparsevlm", {"layers": (1,), "budgets": (0,)}, "budgets"),

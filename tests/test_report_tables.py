@@ -1,6 +1,8 @@
 """experiments.report (the tables of experiments/REPORT.md) on hand-made sweep rows: every
 number below is worked out by hand from the rows."""
 
+import pytest
+
 from experiments import report
 
 
@@ -75,3 +77,52 @@ def test_cli_prints_every_table(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count("### ") == 6 and "| fastv (llm) |" in out  # fastv: only in the modality rows
   assert "| random (post_vit) | 0.40 | 0.50 | 1.00 |" in out  # 0.3/0.75, 0.4/0.8, 0.5/0.5
+
+
+def image_row(setting, method, budget, accs):
+  """A row over the five image families, accuracies in IMAGE_FAMILIES order."""
+  return row(setting, method, "post_vit", budget, "pooling",
+             dict(zip(report.IMAGE_FAMILIES, accs)))
+
+
+FREE = [image_row("full", "full", None, [1.0, 1.0, 0.5, 0.0, 0.5]),
+        image_row("pool@post_vit/16", "pool", 16, [0.8, 0.6, 0.2, 0.0, 0.4]),    # mean 0.40
+        image_row("random@post_vit/16", "random", 16, [0.5, 0.5, 0.5, 0.0, 0.5]),  # mean 0.40
+        image_row("tome@post_vit/16", "tome", 16, [0.9, 0.9, 0.3, 0.0, 0.4]),    # mean 0.50
+        image_row("pool@post_vit/64", "pool", 64, [1.0, 1.0, 0.5, 0.0, 0.5])]    # mean 0.60
+LEARNED_ROWS = [image_row("perceiver@post_vit/16", "perceiver", 16, [1.0, 1.0, 0.4, 0.1, 0.0])]
+
+
+def test_learned_beside_the_best_training_free():
+  t = report.learned_table(FREE + LEARNED_ROWS, ("perceiver", "tokenlearner"))
+  lines = t.splitlines()
+  # perceiver: mean of 1, 1, .4, .1, 0 = 0.50; the best training-free at 16 is tome (0.50 >
+  # 0.40); budget 64 has no learned row, so no line
+  assert lines[2:] == [
+      "| 16 | perceiver@post_vit/16 | 1.00 | 1.00 | 0.40 | 0.10 | 0.00 | 0.50 |",
+      "| 16 | best training-free: tome@post_vit/16 | 0.90 | 0.90 | 0.30 | 0.00 | 0.40 | 0.50 |"]
+
+
+def test_finetuned_before_and_after():
+  after = [image_row("full", "full", None, [1.0, 0.8, 0.5, 0.0, 0.5]),
+           image_row("pool@post_vit/16", "pool", 16, [0.9, 0.8, 0.2, 0.0, 0.6]),
+           image_row("tome@post_vit/32", "tome", 32, [1.0, 1.0, 1.0, 1.0, 1.0])]  # no "before"
+  t = report.finetuned_table(FREE, after).splitlines()
+  assert t[2:] == ["| full | 0.60 | 0.56 | +0.00 | -0.20 | +0.00 | +0.00 | +0.00 |",
+                   "| pool@post_vit/16 | 0.40 | 0.50 | +0.10 | +0.20 | +0.00 | +0.00 | +0.20 |"]
+
+
+def test_cli_learned_and_finetuned(tmp_path, capsys):
+  import json
+  paths = {}
+  for name, rows in (("main", FREE), ("learned", LEARNED_ROWS), ("after", FREE[:2])):
+    paths[name] = tmp_path / f"{name}.json"
+    paths[name].write_text(json.dumps({"rows": rows}))
+  report.main([str(paths["main"]), "--learned", str(paths["learned"]),
+               "--finetuned", f"CAFT={paths['main']},{paths['after']}"])
+  out = capsys.readouterr().out
+  assert "### Learned compressors" in out and "### CAFT: the same settings" in out
+  assert "| 16 | best training-free: tome@post_vit/16 |" in out
+  assert "| pool@post_vit/16 | 0.40 | 0.40 | +0.00 |" in out
+  with pytest.raises(SystemExit):
+    report.main([str(paths["main"]), "--finetuned", "CAFT=only_one.json"])

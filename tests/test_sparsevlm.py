@@ -212,7 +212,9 @@ def test_in_the_decoder_matches_numpy(version):
   """A step at layer 2 (official pruning_loc 1): raters from the input embeddings, scores from
   layer 1's attention (v2.0: per head, corrected by the RoPE-only logits, 2 priority heads of
   4), kept tokens and v1.5's recycled cluster from the hidden states entering layer 2; the
-  prefill logits equal the NumPy decoder run on that pruned and merged sequence."""
+  prefill logits equal the NumPy decoder run on that pruned and merged sequence, renumbered
+  0..n-1 from layer 2 on for v1.5 and at the original positions for v2.0 (the official
+  positions of each version, the plan's default)."""
   rng = np.random.default_rng(1)
   flat = {k: (rng.normal(size=s) / np.sqrt(s[-2] if len(s) > 1 else s[-1])).astype(np.float32)
           for k, s in ckpt.param_shapes(CONFIG).items()}
@@ -246,5 +248,8 @@ def test_in_the_decoder_matches_numpy(version):
       merged[b, c] = feat
   assert aux["llm_tokens"][-1] == N + 6 - (N - scored) + (version == "v1.5")
   x2 = np.stack([merged[b, keep[b]] for b in range(2)])
-  want, _, _ = ref.decoder(flat, CONFIG, x0, ar, prune={2: keep}, override={2: x2})
+  renumber = {2: lambda x, pos, ar, _: (x, np.broadcast_to(np.arange(x.shape[1], dtype=float),
+                                                           x.shape[:2]), ar)}
+  want, _, _ = ref.decoder(flat, CONFIG, x0, ar, prune={2: keep}, override={2: x2},
+                           at_layer=renumber if version == "v1.5" else None)
   np.testing.assert_allclose(np.asarray(logits), want[:, -1], atol=2e-4, rtol=2e-4)

@@ -116,6 +116,22 @@ def test_number_reads_left_to_right():
     assert 3 <= len(ds) <= 4 and all(b["x"] - a["x"] >= tb.DIGIT_PX for a, b in zip(ds, ds[1:]))
 
 
+def test_nth_is_the_kth_digit_from_the_left():
+  """`nth` asks for the k-th glyph of a `number` scene, counted from 1 at the left; the label is
+  scikit-learn's for the glyph whose column is the k-th smallest."""
+  seen_k = set()
+  for i in range(N):
+    ex = tb.example("nth", "train", 0, i)
+    k = int(ex["prefix"].split()[1])
+    assert ex["prefix"] == f"digit {k} of the number", i
+    xs = sorted(d["x"] for d in ex["scene"]["digits"])
+    d = next(d for d in ex["scene"]["digits"] if d["x"] == xs[k - 1])
+    assert ex["suffix"] == str(sk_label("train", d["image"])), i
+    assert 1 <= k <= len(xs)
+    seen_k.add(k)
+  assert seen_k == {1, 2, 3, 4}
+
+
 def test_locate_box_holds_the_glyph():
   """The decoded <loc> box (to a pixel of rounding) contains every lit pixel of the asked
   digit's glyph, and that digit carries the asked label."""

@@ -1,7 +1,10 @@
 """FastV: "An Image is Worth 1/2 Tokens After Layer 2" (Chen et al., arXiv 2403.06764).
 
 At decoder layer K, rank the visual tokens by the attention they received in layer K-1 (mean
-over heads) and keep the top ones, in original order and with their original positions.
+over heads) and keep the top ones, in original order and with their original positions (official
+`position_ids = keep_indexs` in pkunlp-icler/FastV `src/transformers/src/transformers/models/
+llama/modeling_llama.py` and `src/FastV/lmms-eval/fastv_kvcache.py`: the plan entry's default
+`positions="original"`; "reindex" renumbers them).
 Official code uses only the LAST token's attention row (`query="last"`, the default); the paper's
 wording is the attention received from the other tokens (`query="mean"`: mean over the given
 query rows, e.g. the text tokens).

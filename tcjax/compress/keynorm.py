@@ -4,7 +4,10 @@ FlashAttention-compatible saliency. ViTCoP (arXiv 2601.17818, official code chas
 `vitcop_modeling_llama.py`) prunes at a decoder layer K by the key cache of layer K-1 (post-RoPE,
 one entry per key/value head), averaged over the heads, and keeps the tokens with the SMALLEST
 L2 norm (small key norm ~ high received attention): the default, `heads="mean", order="smallest",
-norm="l2"`. This is ViTCoP's deep-layer rule alone (its shallow layer also clusters the tokens).
+norm="l2"`. This is ViTCoP's deep-layer rule alone (its shallow layer also clusters the tokens);
+in the decoder the kept tokens keep their positions (`position_ids = all_keep`: the kept tokens'
+indices, for the deep rule alone their original positions; the plan entry's default
+`positions="original"`).
 DART (arXiv 2502.11494) picks its pivots by the LARGEST L1 norm of the keys with the heads
 concatenated: `heads="concat", order="largest", norm="l1"`.
 

@@ -47,11 +47,15 @@ Not followed (static shapes, batches, the Tokens contract):
     below one token per window), `mustdrop` drops the lowest-g non-key tokens.
   - batches: the official merges the same number of windows in every example of a batch (the
     minimum over the batch) and filters with example 0's attention; here each example is its own.
-  - order and positions: the official puts the merged tokens first (in window-score order), then
-    the unmerged ones (raster), and renumbers positions contiguously after each filter (and,
-    while decoding, each layer counts positions by its own cache length, an artefact of
-    SparseVLM's code); here tokens keep their raster order and their original positions, so
-    the decoder's RoPE positions are those of the unpruned sequence.
+  - order: the official puts the merged tokens first (in window-score order), then the
+    unmerged ones (raster); here tokens keep their raster order (the Tokens contract), so the
+    decoder sees them in raster order.
+  - positions: followed. After each filter the official renumbers the survivors 0..n-1
+    (`position_ids.narrow`) and each layer decodes at its own cache length; the llm entries'
+    default `positions` is "reindex" (`plan.OFFICIAL_POSITIONS`), which does both. One
+    difference remains in decoding: the official cuts the caches of layers 2 .. 14 to the final
+    set, so a generated token's position there is that shorter cache's length; here those
+    caches keep their entries (masked by the decode policy) and count them.
   - grids: the official asserts the grid divides by the window (24 / 3). PaliGemma's 16 x 16
     does not divide by 3: use `window=2` or `4` (and re-tune `threshold`); a window that does
     not divide the grid is a ValueError.

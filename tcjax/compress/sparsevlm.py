@@ -25,7 +25,11 @@ The official algorithm, followed here (the decoder's side is in `tcjax.nn.gemma`
     the highest s are clustered by DPC-KNN (the C nearest neighbours set the density,
     `dpc_knn.dpc_centres`) into C = int(R / 10) + 1 tokens, the plain means of their hidden
     states after layer l, which join the visual tokens (`recycled`, `output_size`).
-  Positions: official v1.5 renumbers the survivors 0..n-1; v2.0 keeps the original ones.
+  Positions: official v1.5 renumbers the survivors 0..n-1 (`position_ids` cut to the kept length)
+    and decodes every layer at its own cache length (`get_usable_length`); v2.0 keeps the
+    original ones (`batch_index_select(position_ids, ...)`). The plan's schedule follows the
+    version by default (`positions`: "reindex" for v1.5, "original" for v2.0; either can be
+    asked for, `tcjax.nn.plan.OFFICIAL_POSITIONS`).
 
 In tcjax a step is a hook at the input of decoder layer l + 1 whose signals come from layer l
 (attn_from="prev"): the official `pruning_loc` l is the plan's layer l + 1, so [2, 6, 15] is
@@ -34,10 +38,9 @@ In tcjax a step is a hook at the input of decoder layer l + 1 whose signals come
 each step `scored`; called directly, `budget` is the number of tokens out.
 
 Not followed (static shapes, batches, the Tokens contract):
-  - positions: the decoder keeps the original RoPE positions after every step, for both
-    versions (official v1.5 renumbers them);
   - recycled tokens sit at their centre's raster position, not after the kept tokens in centre
-    order; each takes its centre's RoPE position;
+    order; each takes its centre's RoPE position (renumbered with the others under v1.5's
+    "reindex", so its number is its rank in raster order, not after the kept tokens);
   - priority heads are chosen per example (the official code chooses them from the first
     example of the batch, written for batch 1);
   - density ties go to the lower index (the official code adds U(0, 1) * 1e-6 noise; the `rng`

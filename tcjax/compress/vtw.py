@@ -27,10 +27,10 @@ so the text computes exactly what it computes with the visual tokens deleted; th
 only adds padding). Expressed this way, withdrawal needs no change to the model or to the
 in-LLM hook protocol: any pruning step may leave padding behind.
 
-Not ported (neither is the official default): `pe_type` other than "keep" (re-index the text at
-layer K and decode from that layer's cache length: the decoder keeps original positions for every
-in-LLM method), and `mode="random"` (an ablation dropping as many random tokens of the whole
-sequence, text included, as there are visual tokens).
+The official alternative `pe_type` (re-index the text at layer K and decode from that layer's
+cache length) is the plan entry's `positions="reindex"`; the default, "original", is
+`pe_type="keep"`. Not ported (not the official default): `mode="random"` (an ablation dropping
+as many random tokens of the whole sequence, text included, as there are visual tokens).
 
 Finding K (official `--findk`, `lmms_eval/__main__.py`): for each candidate layer 5..L-1 run the
 prompt with withdrawal at that layer and take the last token's logits; `withdrawal_kl` compares

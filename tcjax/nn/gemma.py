@@ -15,10 +15,15 @@ In-LLM pruning (`plan.LLMHook`) splits the layers into segments of fixed sequenc
 segment runs as one `lax.scan` over its stacked parameters and owns its slice of the KV cache,
 so layers after a pruning step cache only the retained tokens (and, for a method registered with
 `llm_kv="all"`, the earlier segments mask the pruned image entries out of their caches too).
-Retained tokens keep their original RoPE positions; decoding continues from the last position
-+ 1. A merging method's output hidden states replace the image tokens' (each at its
-representative's position); so do the tokens a selecting method merged on the side (SparseVLM
-v1.5's recycled clusters: their size grew).
+Positions after a step follow the hook's `positions` (`plan.POSITIONS`): with "original" the
+retained tokens keep their RoPE positions and decoding continues from the last position + 1;
+with "reindex" (official PyramidDrop and SparseVLM v1.5) the survivors are renumbered by rank
+among the valid tokens (`renumber`: image survivors 0..n'-1, the text right after), and each
+segment decodes from its own cache length, so the layers before the step keep numbering past
+the tokens they still hold (`Segment.pos_offset`; caches that dropped pruned entries with
+`llm_kv="all"` keep their own numbering, holes included). A merging method's output hidden states
+replace the image tokens' (each at its representative's position); so do the tokens a selecting
+method merged on the side (SparseVLM v1.5's recycled clusters: their size grew).
 """
 
 from __future__ import annotations
@@ -60,8 +65,12 @@ class Segment:
   """KV cache of layers [first_layer, first_layer + Ls), which all see the same tokens.
 
   k, v: float[Ls, B, C, K, h] (post-RoPE keys); pos: int32[B, C]; valid: bool[B, C];
-  length: static entries written by prefill (decoding appends at length + step); n_img: static
-  count of the image entries at its head.
+  length: static entries written by prefill (decoding appends at length + step);
+  first_layer: static; pos_offset: int32[B] or None (0): a decoded token's position in these
+  layers is `Cache.next_pos + pos_offset` (a segment before a step with positions="reindex"
+  numbers its tokens past the ones the later layers dropped); n_img: static count of the image
+  entries at its head; img_ids: int32[B, n_img] or None: which token each image entry is (its
+  position entering the decoder, unchanged by renumbering; decode-time policies key on it).
   """
 
   k: jax.Array
@@ -70,18 +79,22 @@ class Segment:
   valid: jax.Array
   length: int = struct.field(pytree_node=False)
   first_layer: int = struct.field(pytree_node=False)
+  pos_offset: Any = None
   n_img: int = struct.field(pytree_node=False, default=0)
+  img_ids: Any = None
 
 
 @struct.dataclass
 class Cache:
-  """segments: tuple of Segment; step: int32[] tokens decoded; next_pos: int32[B].
+  """segments: tuple of Segment; step: int32[] tokens decoded; next_pos: int32[B] the position
+  of the next token in the last segment (every segment's, unless a step renumbered positions:
+  `Segment.pos_offset`).
 
   Decode-time KV policies (`plan.DecodeHook`, the plan's decode stage) ride in the cache, so
   that `decode_step` needs no plan: decode_hooks (static) says which policies act from which
   layer, decode_state holds each one's state (a pytree batched on axis 0), n_image (static) is
-  the number of image tokens that entered the decoder (their RoPE positions are 0 .. n_image - 1,
-  the range of the keep tables).
+  the number of image tokens that entered the decoder (their positions entering it, the
+  segments' `img_ids`, are 0 .. n_image - 1: the range of the keep tables).
   """
 
   segments: Tuple[Segment, ...]
@@ -90,6 +103,14 @@ class Cache:
   decode_state: Tuple[Any, ...] = ()
   decode_hooks: Tuple[Any, ...] = struct.field(pytree_node=False, default=())
   n_image: int = struct.field(pytree_node=False, default=0)
+
+
+def renumber(valid) -> jax.Array:
+  """int32[B, S] RoPE positions counting the valid tokens of `valid: bool[B, S]`: each valid
+  token's rank among them (0..n-1 in order; padding repeats the last one before it, 0 at the
+  start). The decoder's input positions (big_vision: cumsum(input_mask) - 1), and the
+  survivors' after a step with positions="reindex"."""
+  return jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), 1) - 1, 0)
 
 
 def scale(cfg: GemmaConfig) -> float:
@@ -253,7 +274,9 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     (x: float[B, S', E] output of the last layer, the final Seq (S' = N' + T tokens), the KV
      cache, aux {"llm_tokens": static tokens entering each layer, "llm_valid_tokens":
      int32[B, L] valid tokens entering each layer, "image_tokens_kept": int32[B],
-     "llm_kept_pos": per hook int32[B, N'] RoPE positions of the kept image tokens (-1 on
+     "llm_kept_pos": per hook int32[B, N'] the positions the kept image tokens had entering
+     the decoder (which tokens stay; -1 on padding), "llm_positions": per cache segment (in
+     layer order, as `Cache.segments`) int32[B, S_j] the RoPE positions its layers use (-1 on
      padding), "llm_attn": per hook the float32[B, T, N] prompt-row attention it scored with
      (mean over heads; None when the method needs none)}).
   """
@@ -275,6 +298,8 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
   image_count = img.count() if any("image_count" in h.signals for h in hooks) else None
   segments, counts, valid_counts, kept_pos, rows = [], [], [], [], []
   seg_img = []  # image tokens at the head of each segment's cache
+  orig = seq.pos  # each token's position entering the decoder: which token it is
+  seg_orig, seg_pos = [], []  # per segment: its tokens' `orig`, and their RoPE positions
   lo = 0
   for stop in sorted(at) + [depth]:
     seq = seq.replace(x=constrain(seq.x, "data", "seq"))
@@ -298,6 +323,8 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     if stop > lo:
       segments.append(_segment(ks, vs, seq, lo, cache_size))
       seg_img.append(seq.n_img)
+      seg_orig.append(orig)
+      seg_pos.append(seq.pos)
       counts += [seq.x.shape[1]] * (stop - lo)
       valid_counts += [seq.valid.sum(-1)] * (stop - lo)
     if stop == depth:
@@ -317,33 +344,54 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
                          f"(ViT layer {hook.vit_layer}'s attention), which the decoder only has "
                          "when the model embeds the image itself (not from image_tokens=)")
       extra["vit_scores"] = carried[("vit_scores", hook.vit_layer)]
+    n_img = seq.n_img
     seq, img, attn, idx = _prune(p, seq, img, hook, prev, raters, n_initial, cfg, extra)
     carried = {key: jnp.take_along_axis(v, idx, 1) for key, v in carried.items()}
-    kept_pos.append(jnp.where(img.mask, seq.pos[:, :seq.n_img], -1))
+    orig = unshard_axis(orig, 1)
+    orig = jnp.concatenate([jnp.take_along_axis(orig[:, :n_img], idx, 1), orig[:, n_img:]], 1)
+    if hook.positions == "reindex":
+      seq = seq.replace(pos=renumber(seq.valid))
+    elif hook.positions != "original":
+      raise ValueError(f"llm {hook.method} at layer {hook.layer}: positions must be one of "
+                       f"{plan_lib.POSITIONS}, got {hook.positions!r}")
+    kept_pos.append(jnp.where(img.mask, orig[:, :seq.n_img], -1))
     if hook.kv == "all":  # the earlier layers' caches drop the pruned image tokens too
-      segments = [_keep_image_entries(sg, n_sg, kept_pos[-1])
-                  for sg, n_sg in zip(segments, seg_img)]
+      segments = [_keep_image_entries(sg, n_sg, o, kept_pos[-1])
+                  for sg, n_sg, o in zip(segments, seg_img, seg_orig)]
     rows.append(attn)
     lo = stop
-  last = _last_valid(seq.valid)
+  next_pos = _next_pos(seq.pos, seq.valid)
+  if any(h.positions != "original" for h in hooks):
+    # Each segment decodes from its own numbering: the next position after its last token.
+    segments = [sg.replace(pos_offset=_next_pos(sp, sg.valid[:, :sg.length]) - next_pos)
+                for sg, sp in zip(segments, seg_pos)]
+  if decode_hooks:  # which token each segment's image entry is: the policies key on it
+    segments = [sg.replace(img_ids=o[:, :sg.n_img]) for sg, o in zip(segments, seg_orig)]
   states = []
   for h in decode_hooks:  # each decode-time policy's state before the first step
     seg = _segment_of(segments, h.signal_layer)
     states.append(compress.init_decode(h.method, seg.valid[:, :seg.n_img], **dict(h.options)))
-  cache = Cache(segments=tuple(segments), step=jnp.zeros((), jnp.int32),
-                next_pos=jnp.take_along_axis(seq.pos, last[:, None], 1)[:, 0] + 1,
+  cache = Cache(segments=tuple(segments), step=jnp.zeros((), jnp.int32), next_pos=next_pos,
                 decode_state=tuple(states), decode_hooks=tuple(decode_hooks), n_image=n_initial)
   aux = {"llm_tokens": tuple(counts), "llm_valid_tokens": jnp.stack(valid_counts, -1),
          "image_tokens_kept": img.count(), "llm_kept_pos": tuple(kept_pos),
+         "llm_positions": tuple(jnp.where(sg.valid[:, :sg.length], sp, -1)
+                                for sg, sp in zip(segments, seg_pos)),
          "llm_attn": tuple(rows)}
   return x, seq, cache, aux
 
 
-def _keep_image_entries(seg: Segment, n_img: int, kept_pos) -> Segment:
-  """The segment with its first `n_img` (image) cache entries valid only where their RoPE
-  position is one of `kept_pos: int32[B, K]` (-1: none); positions are unique per example."""
-  kept = (seg.pos[:, :n_img, None] == kept_pos[:, None, :]).any(-1)
-  return seg.replace(valid=seg.valid.at[:, :n_img].set(seg.valid[:, :n_img] & kept))
+def _next_pos(pos, valid):
+  """int32[B]: the position after the last valid token's."""
+  return jnp.take_along_axis(pos, _last_valid(valid)[:, None], 1)[:, 0] + 1
+
+
+def _keep_image_entries(seg: Segment, n_img: int, orig, kept) -> Segment:
+  """The segment with its first `n_img` (image) cache entries valid only where their token (its
+  position entering the decoder, `orig: int32[B, S]`) is one of `kept: int32[B, K]` (-1: none);
+  those positions are unique per example."""
+  hit = (orig[:, :n_img, None] == kept[:, None, :]).any(-1)
+  return seg.replace(valid=seg.valid.at[:, :n_img].set(seg.valid[:, :n_img] & hit))
 
 
 def _last_valid(valid):
@@ -376,9 +424,10 @@ _FEATURES = {"dart": "final_norm"}  # DART: cosine similarity after the model's 
 def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: GemmaConfig,
            extra=None):
   """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows,
-  idx int32[B, N']: the input image token each output token's hidden state came from).
-  extra: signals computed before the decoder ({"vit_scores": float32[B, N], "image_count":
-  int32[B]}), for the hooks that need them."""
+  int32[B, N'] the image token each output slot comes from). The survivors keep their
+  positions (the caller renumbers them for positions="reindex"). extra: signals computed before
+  the decoder ({"vit_scores": float32[B, N], "image_count": int32[B]}), for the hooks that need
+  them."""
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
   budget, size_options = plan_lib.hook_size(hook, n, n_initial, where)
@@ -500,29 +549,30 @@ def _write_layer(stack, new, layer, slot):
 def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Cache]:
   """One token `int32[B]` through every layer with the cache -> (logits float[B, V], cache).
 
-  The token goes at position `cache.next_pos` and into cache slot `length + step` of every
-  segment (the same slot for the whole batch; per-example positions keep RoPE right for
-  prompts of different lengths). A cache that is full clamps the slot: reserve `cache_size`.
+  The token goes at position `cache.next_pos` (+ the segment's `pos_offset`) and into cache slot
+  `length + step` of every segment (the same slot for the whole batch; per-example positions
+  keep RoPE right for prompts of different lengths). A cache that is full clamps the slot:
+  reserve `cache_size`.
 
   Decode-time KV policies (`cache.decode_hooks`, from the plan's decode stage): a policy acting
   from layer L steps once per token, on the decode signals it declares, computed at layer L - 1
   (the new token's attention row there: that layer runs on its own), or before the first layer
-  when it reads no attention; its keep mask over the image entries becomes a table by RoPE
-  position, and every layer >= L (in any segment) attends only the image entries it keeps. The
-  cache stays whole: pruned entries are masked, never removed. Without policies the step is the
-  plain segment-by-segment scan.
+  when it reads no attention; its keep mask over the image entries becomes a table by token
+  (`Segment.img_ids`, the position entering the decoder), and every layer >= L (in any
+  segment) attends only the image entries it keeps. The cache stays whole: pruned entries are
+  masked, never removed. Without policies the step is the plain segment-by-segment scan.
   """
   x = embed_text(p, token[:, None], cfg)
-  pos = cache.next_pos
   hooks = cache.decode_hooks
   states = list(cache.decode_state)
-  tables = [None] * len(hooks)  # per policy: bool[B, n_image] keep table by RoPE position
+  tables = [None] * len(hooks)  # per policy: bool[B, n_image] keep table by token
   reads_attn = [bool({"attn", "attn_heads"} & set(h.signals)) for h in hooks]
   for i, h in enumerate(hooks):  # policies that read no attention decide before layer 0
     if not reads_attn[i]:
       states[i], tables[i] = _policy_step(h, states[i], cache, None)
   segments = []
   for seg in cache.segments:
+    pos = cache.next_pos if seg.pos_offset is None else cache.next_pos + seg.pos_offset
     slot = (seg.length + cache.step).astype(jnp.int32)
     seg_pos = _write(seg.pos, pos[:, None], slot)
     seg_valid = _write(seg.valid, jnp.ones_like(seg.valid[:, :1]), slot)
@@ -552,8 +602,8 @@ def decode_step(p, token, cache: Cache, cfg: GemmaConfig) -> Tuple[jax.Array, Ca
       start = stop + 1
     segments.append(seg.replace(k=ks, v=vs, pos=seg_pos, valid=seg_valid))
   out = logits(p, x[:, 0], cfg)
-  return out, cache.replace(segments=tuple(segments), step=cache.step + 1, next_pos=pos + 1,
-                            decode_state=tuple(states))
+  return out, cache.replace(segments=tuple(segments), step=cache.step + 1,
+                            next_pos=cache.next_pos + 1, decode_state=tuple(states))
 
 
 def _decode_mask(cfg: GemmaConfig, layer, glob, loc, masks):
@@ -608,17 +658,16 @@ def _segment_of(segments, layer: int) -> Segment:
   raise ValueError(f"no cache segment holds decoder layer {layer}")
 
 
-def _position_table(pos, keep, n_image: int):
-  """bool[B, n_image]: True at the RoPE positions of the entries `keep: bool[B, n]` marks
-  (`pos: int32[B, n]`); image tokens sit at positions 0 .. n_image - 1."""
-  idx = jnp.where(keep, pos, n_image)  # out of range: dropped
+def _position_table(ids, keep, n_image: int):
+  """bool[B, n_image]: True for the tokens of the entries `keep: bool[B, n]` marks (`ids:
+  int32[B, n]`, each entry's position entering the decoder, in 0 .. n_image - 1)."""
+  idx = jnp.where(keep, ids, n_image)  # out of range: dropped
   return jax.vmap(lambda i: jnp.zeros((n_image,), bool).at[i].set(True, mode="drop"))(idx)
 
 
 def _read_table(table, seg: Segment):
-  """bool[B, n_img] the table's value at each image entry of `seg` (by its RoPE position)."""
-  n = seg.n_img
-  return jnp.take_along_axis(table, jnp.clip(seg.pos[:, :n], 0, table.shape[1] - 1), 1)
+  """bool[B, n_img] the table's value at each image entry of `seg` (by `seg.img_ids`)."""
+  return jnp.take_along_axis(table, jnp.clip(seg.img_ids, 0, table.shape[1] - 1), 1)
 
 
 def _policy_masks(hooks, tables, seg: Segment, n_image: int):
@@ -650,8 +699,7 @@ def _policy_step(hook, state, cache: Cache, rows):
     kw["attn_heads"] = rows[..., :n]
   if "kept" in hook.signals:  # the entries that reach the last layer's cache
     last = cache.segments[-1]
-    final = _position_table(last.pos[:, :last.n_img], last.valid[:, :last.n_img],
-                            cache.n_image)
+    final = _position_table(last.img_ids, last.valid[:, :last.n_img], cache.n_image)
     kw["kept"] = _read_table(final, seg) & valid
   state, keep = compress.apply_decode(hook.method, state, valid=valid, **kw)
-  return state, _position_table(seg.pos[:, :n], keep & valid, cache.n_image)
+  return state, _position_table(seg.img_ids, keep & valid, cache.n_image)

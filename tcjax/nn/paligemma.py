@@ -314,7 +314,7 @@ class PaliGemma(nn.Module):
                                                        image_tokens=image_tokens)
     # Positions count valid tokens only (big_vision: cumsum(input_mask) - 1), so merged-away
     # padding leaves no holes in RoPE.
-    pos = jnp.maximum(jnp.cumsum(valid.astype(jnp.int32), 1) - 1, 0)
+    pos = gemma.renumber(valid)
     seq = gemma.Seq(x=x, pos=pos, valid=valid, mask_ar=ar, n_img=img.num_tokens)
     cfg = self.config
     hooks = tuple(h if h.vit_layer is None else dataclasses.replace(

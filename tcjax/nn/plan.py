@@ -23,10 +23,13 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   penultimate layer, as VisionZip and FasterVLM). Entries may read different
                   layers: the ViT provides the signals of each.
   llm:            layer K (the hidden states entering decoder layer K are pruned, or merged by
-                  a merging method; original RoPE positions are kept), attn_from ("prev":
-                  attention / keys of layer K-1, the official signal of FastV and DART; "next":
-                  layer K's own projections, PyramidDrop's lookahead), for methods that use a
-                  layer's attention or keys. How the attention is computed and which KV caches
+                  a merging method), attn_from ("prev": attention / keys of layer K-1, the
+                  official signal of FastV and DART; "next": layer K's own projections,
+                  PyramidDrop's lookahead), for methods that use a layer's attention or keys;
+                  positions ("original": the survivors keep their RoPE positions; "reindex":
+                  they are renumbered 0..n-1 and decoding continues from the cache length;
+                  default: the method's official choice, OFFICIAL_POSITIONS - "original" for
+                  every single method but mustdrop). How the attention is computed and which KV caches
                   drop the pruned tokens the method declares (`register(llm_attn=, llm_kv=)`).
                   An entry whose method takes `vit_scores` (MustDrop) also reads signal_layer:
                   the ViT layer whose received attention gives the scores (default
@@ -43,7 +46,8 @@ Schedules (plan-level, not single methods):
   vit "tome":     r (int, (r, inflect) or per-layer list), layers ("all" or indices), prop_attn
                   (True); ToMe between attention and MLP of those ViT blocks.
   llm "pyramiddrop": layers + ratios (of the image tokens entering the LLM), attention of the
-                  last prompt token, attn_from ("next").
+                  last prompt token, attn_from ("next"), positions ("reindex", official: the
+                  survivors renumbered after every step; "original").
   llm "sparsevlm": layers + budgets (or keeps: fractions of the tokens present), one
                   `tcjax.compress.sparsevlm` step per layer, on the attention of layer - 1
                   (attn_from "prev": official pruning_loc l is layer l + 1), raters chosen once
@@ -51,7 +55,8 @@ Schedules (plan-level, not single methods):
                   hold, the tokens kept by score (at most the tokens present - 1), and v1.5's
                   recycled clusters come on top (`sparsevlm.output_size`); the method's own
                   options: version ("v1.5", official default; "v2.0"), heads (v2.0's priority
-                  heads, 14). Original RoPE positions are kept (official v1.5 renumbers).
+                  heads, 14); positions (default the version's official one: v1.5 "reindex",
+                  v2.0 "original").
 
 Signals. A method always gets the signals it needs (`METHODS[name].needs`). Its optional signals
 (`Method.optional`) change what it computes, so the entry chooses them: "signals" names the
@@ -66,7 +71,7 @@ called with text); naming a signal the stage can never provide is an error.
 Validation. `normalize` (run whenever a PaliGemmaConfig is built) refuses any key an entry's
 method or schedule does not read, checks the type of every plan option and of every method
 option whose default is a bool, an int or a float, the value of every option with fixed choices
-(`compress.registry.CHOICES`, attn_from, signals) and the shape of schedules. What depends on
+(`compress.registry.CHOICES`, attn_from, positions, signals) and the shape of schedules. What depends on
 the model (budget <= tokens present, layer < depth) and the range of a method's numeric options
 (and the options whose default is None) are checked when the method runs. Every error is a
 ValueError naming the entry, `plan[i] (stage, method)`, and the option.
@@ -104,14 +109,45 @@ DEFAULT_SIGNAL_LAYER = {"prumerge": -1, "prumerge_plus": -1, "mustdrop": -1}
 # Signals that come from a layer's attention (the ViT signal layer, decoder layer K-1 or K).
 _LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "keys_heads", "text_keys")
 # Keys the plan reads in entries of `tcjax.compress` methods; the others go to the method.
-_PLAN_KEYS = ("method", "budget", "keep", "signals", "seed", "layer", "signal_layer", "attn_from")
+_PLAN_KEYS = ("method", "budget", "keep", "signals", "seed", "layer", "signal_layer", "attn_from",
+              "positions")
 # Plan-level schedules that are not single `tcjax.compress` methods, and the keys each reads.
 _SCHEDULES = {
     "vit": {"tome": ("method", "r", "layers", "prop_attn")},
-    "llm": {"pyramiddrop": ("method", "layers", "ratios", "attn_from"),
-            "sparsevlm": ("method", "layers", "budgets", "keeps", "attn_from", "version",
-                          "heads")},
+    "llm": {"pyramiddrop": ("method", "layers", "ratios", "attn_from", "positions"),
+            "sparsevlm": ("method", "layers", "budgets", "keeps", "attn_from", "positions",
+                          "version", "heads")},
 }
+# RoPE positions of the tokens that stay after an llm-stage step (the entry option "positions"):
+#   "original"  each keeps the position it had (pruned tokens leave holes); decoding continues
+#               from the last position + 1.
+#   "reindex"   the survivors are renumbered 0..n-1 by rank among the valid tokens (image, then
+#               text, contiguously) and RoPE uses the new numbers in every later layer; decoding
+#               continues in those layers from the number of tokens their cache holds.
+POSITIONS = ("original", "reindex")
+# The official choice where it is not "original" (an entry without "positions" follows it):
+#   pyramiddrop  Cooperx521/PyramidDrop `llava/model/modeling_llama_pdrop.py`: `pdrop_rank_drop`
+#                gives the kept sequence the positions 0..len-1, and decoding lowers the position
+#                by the tokens dropped at each stage (`pdrop_forward`).
+#   sparsevlm    Gumpest/SparseVLMs `llava/model/language_model/modelling_sparse_llama.py`: v1.5
+#                (branch v1.5, and main without USE_VERSION=2_0) cuts `position_ids` to the kept
+#                length (0..n-1) and decodes each layer at its own cache length
+#                (`get_usable_length`); v2.0 keeps the kept tokens' positions
+#                (`batch_index_select(position_ids, ...)`).
+# The others keep the original positions in their official code: FastV (pkunlp-icler/FastV,
+# `src/transformers/.../llama/modeling_llama.py` and `src/FastV/lmms-eval/fastv_kvcache.py`:
+# `position_ids = keep_indexs`), DART (`DART_K_norm` in ZichenWen1/DART's LLaVA model, and the
+# llmc port `llmc/compression/token_reduction/dart.py`: the kept indices), VTW (lzhxmu/VTW
+# `llava/model/language_model/VTW.py`: `pe_type = "keep"`; its other pe_type is "reindex"),
+# keynorm / ViTCoP's deep step (chaser682/ViTCoP `vitcop_modeling_llama.py`: `position_ids =
+# all_keep`), holitom_llm (cokeshao/HoliTom `holitom/modeling_qwen2.py`: `keep_indexs`) and
+# prunevid_llm (Visual-AI/PruneVid `models/pllava/elastic_cache.py`: `position_ids[:, index_list]`,
+# decoding from the unpruned length); methods with no official in-LLM code keep them too.
+#   mustdrop     liuting20/MustDrop `llava/model/language_model/modelling_sparse_llama.py` (built
+#                on SparseVLM v1.5): `position_ids.narrow(1, 0, ...)` after each filter gives the
+#                survivors 0..n-1; decoding counts each layer's own cache length.
+OFFICIAL_POSITIONS = {"pyramiddrop": "reindex", "sparsevlm": {"v1.5": "reindex", "v2.0": "original"},
+                      "mustdrop": "reindex"}
 # How a per-layer ToMe r list is stored (plans freeze lists to tuples, and a tuple r means
 # (r, inflect)).
 _PER_LAYER = "per_layer"
@@ -208,6 +244,8 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   allowed = {"method", "budget", "keep", "signals", *m.options}
   if stage in ("vit", "llm"):
     allowed.add("layer")
+  if stage == "llm":
+    allowed.add("positions")
   if "rng" in used:
     allowed.add("seed")
   if used & set(_LAYER_SIGNALS) and stage in ("post_vit", "post_proj"):
@@ -230,6 +268,7 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
     if key in opts and not _is_int(opts[key]):
       raise ValueError(f"{where}: {key} must be an int, got {opts[key]!r}")
   _check_attn_from(where, opts)
+  _check_positions(where, opts)
   _check_method_options(where, m, opts)
   return opts
 
@@ -289,6 +328,23 @@ def _check_attn_from(where: str, opts) -> None:
     raise ValueError(f"{where}: attn_from must be 'prev' or 'next', got {opts['attn_from']!r}")
 
 
+def _check_positions(where: str, opts) -> None:
+  if "positions" in opts and opts["positions"] not in POSITIONS:
+    raise ValueError(f"{where}: positions must be one of {POSITIONS}, got {opts['positions']!r}")
+
+
+def entry_positions(opts: Mapping[str, Any]) -> str:
+  """The RoPE positions policy of an llm-stage entry (POSITIONS): its "positions", else the
+  official one of its method (OFFICIAL_POSITIONS; SparseVLM by version), else "original"."""
+  if "positions" in opts:
+    return opts["positions"]
+  official = OFFICIAL_POSITIONS.get(opts["method"], "original")
+  if isinstance(official, Mapping):
+    version = opts.get("version", METHODS[opts["method"]].options["version"])
+    official = official[version]
+  return official
+
+
 def _check_tome(where: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   r = opts.get("r", 0)
   stored = isinstance(r, tuple) and len(r) == 2 and r[0] == _PER_LAYER
@@ -332,6 +388,7 @@ def _check_llm_schedule(where: str, method: str, opts) -> None:
     kind = "positive ints" if key == "budgets" else "fractions in (0, 1]"
     raise ValueError(f"{where}: {key} must be {kind}, got {values!r}")
   _check_attn_from(where, opts)
+  _check_positions(where, opts)
 
 
 def entry_signals(opts: Mapping[str, Any], stage: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
@@ -408,8 +465,9 @@ class LLMHook:
   which prompt rows score); signals: the signals it gets (`entry_signals`); seed: for `rng`;
   attn, kv: how the decoder computes its attention signals and which caches drop the pruned
   tokens (the method's `llm_attn` / `llm_kv`, `compress.registry.LLM_ATTN` / `LLM_KV`);
-  vit_layer: the ViT layer of its `vit_scores` as the entry names it (`signal_layer`, may be
-  negative; the model resolves it), None when it takes none.
+  positions: the survivors' RoPE positions in the layers from `layer` on (POSITIONS,
+  `entry_positions`); vit_layer: the ViT layer of its `vit_scores` as the entry names it
+  (`signal_layer`, may be negative; the model resolves it), None when it takes none.
   """
 
   layer: int
@@ -422,6 +480,7 @@ class LLMHook:
   seed: int = 0
   attn: str = "model"
   kv: str = "after"
+  positions: str = "original"
   vit_layer: Optional[int] = None
 
 
@@ -432,11 +491,12 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
     method = opts["method"]
     where = f"plan[{i}] (llm, {method})"
     attn_from = opts.get("attn_from")
+    positions = entry_positions(opts)
     if method == "pyramiddrop":  # FastV steps scored by the last prompt row
       for layer, v in zip(opts["layers"], opts["ratios"]):
         hooks.append(LLMHook(resolve_layer(layer, depth, where), "fastv", ("of_initial", v),
                              attn_from or "next", options=(("query", "last"),),
-                             signals=("attn", "text_mask")))
+                             signals=("attn", "text_mask"), positions=positions))
       continue
     if method == "sparsevlm":  # `compress.sparsevlm` steps scored by the rater rows
       key = "budgets" if "budgets" in opts else "keeps"
@@ -448,7 +508,8 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
       for layer, v in zip(opts["layers"], opts[key]):
         hooks.append(LLMHook(resolve_layer(layer, depth, where), method,
                              ("scored", (kind, v)), attn_from or "prev", raters=True,
-                             options=tuple(sorted(own.items())), signals=signals))
+                             options=tuple(sorted(own.items())), signals=signals,
+                             positions=positions))
       continue
     must, maybe = entry_signals(opts, "llm")  # the decoder provides every signal
     size = ("budget", opts["budget"]) if "budget" in opts else ("keep", opts["keep"])
@@ -460,7 +521,7 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
                          options=tuple(sorted(method_options(opts).items())),
                          signals=must + maybe, seed=opts.get("seed", 0),
                          attn=METHODS[method].llm_attn, kv=METHODS[method].llm_kv,
-                         vit_layer=vit_layer))
+                         positions=positions, vit_layer=vit_layer))
   hooks.sort(key=lambda h: h.layer)  # stable: plan order within a layer
   for h in hooks:
     if h.attn_from == "prev" and h.layer == 0 and set(h.signals) & set(_LAYER_SIGNALS):
