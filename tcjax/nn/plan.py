@@ -29,8 +29,9 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   positions ("original": the survivors keep their RoPE positions; "reindex":
                   they are renumbered 0..n-1 and decoding continues from the cache length;
                   default: the method's official choice, OFFICIAL_POSITIONS - "original" for
-                  every single method but mustdrop). How the attention is computed and which KV caches
-                  drop the pruned tokens the method declares (`register(llm_attn=, llm_kv=)`).
+                  every single method but mustdrop). How the attention is computed and which
+                  KV caches drop the pruned tokens the method declares (`register(llm_attn=,
+                  llm_kv=)`).
                   An entry whose method takes `vit_scores` (MustDrop) also reads signal_layer:
                   the ViT layer whose received attention gives the scores (default
                   DEFAULT_SIGNAL_LAYER[method], else -2).
@@ -146,7 +147,8 @@ POSITIONS = ("original", "reindex")
 #   mustdrop     liuting20/MustDrop `llava/model/language_model/modelling_sparse_llama.py` (built
 #                on SparseVLM v1.5): `position_ids.narrow(1, 0, ...)` after each filter gives the
 #                survivors 0..n-1; decoding counts each layer's own cache length.
-OFFICIAL_POSITIONS = {"pyramiddrop": "reindex", "sparsevlm": {"v1.5": "reindex", "v2.0": "original"},
+OFFICIAL_POSITIONS = {"pyramiddrop": "reindex",
+                      "sparsevlm": {"v1.5": "reindex", "v2.0": "original"},
                       "mustdrop": "reindex"}
 # How a per-layer ToMe r list is stored (plans freeze lists to tuples, and a tuple r means
 # (r, inflect)).
