@@ -68,8 +68,14 @@ def _with_trained(params, paths):
   from tcjax.nn import learned  # pylint: disable=g-import-not-at-top
   subtree = dict(params.get(learned.SUBTREE, {}))
   settings = []
+  towers = learned.towers_fingerprint(params) if paths else None
   for path in paths:
     plan, trained = learned.load_trained(path)
+    if learned.trained_towers(path) not in (None, towers):
+      raise ValueError(f"config.learned: {path} was trained on other towers than the model's "
+                       "(tcjax.nn.learned.towers_fingerprint differs): its features would mean "
+                       "nothing here; retrain it from this model (configs/learned.py), or pass "
+                       "the model it was trained on with config.checkpoint")
     clash = sorted(set(subtree) & set(trained[learned.SUBTREE]))
     if clash:
       raise ValueError(f"config.learned: {path} holds compressor(s) {clash} already loaded; "

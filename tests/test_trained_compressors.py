@@ -81,6 +81,40 @@ def test_bad_files_and_plans_are_refused(tmp_path):
       learned.load_trained(bad)
 
 
+def test_towers_fingerprint_guards_the_compressors(tmp_path):
+  """save_trained stores the fingerprint of the towers (every parameter outside "compressor");
+  the sweep refuses compressors whose towers differ from the model's, and accepts a file
+  written before fingerprints (no "towers" array)."""
+  plan = PLANS["perceiver+tokenlearner"]
+  _, params = _trained(plan)
+  path = str(tmp_path / "c.npz")
+  learned.save_trained(path, params, plan)
+  fp = learned.trained_towers(path)
+  assert fp == learned.towers_fingerprint(params) and len(fp) == 64
+  # The compressors' own parameters do not enter it; any tower value does.
+  other_compressors = jax.tree.map(lambda v: v + 1, params["compressor"])
+  assert learned.towers_fingerprint({**params, "compressor": other_compressors}) == fp
+  towers = traverse_util.flatten_dict({k: v for k, v in params.items() if k != "compressor"})
+  first = sorted(towers)[0]
+  nudged = {**towers, first: np.asarray(towers[first]).copy()}
+  nudged[first].flat[0] += 1e-6
+  changed = traverse_util.unflatten_dict(nudged)
+  assert learned.towers_fingerprint(changed) != fp
+  # The sweep (the model's towers, the file's compressors): the same towers pass, other towers
+  # are refused with the file named.
+  merged, settings = sweep_cli._with_trained(traverse_util.unflatten_dict(towers), [path])
+  assert len(settings) == 2 and set(merged["compressor"]) == set(params["compressor"])
+  with pytest.raises(ValueError, match="c.npz was trained on other towers"):
+    sweep_cli._with_trained(changed, [path])
+  # A file without the fingerprint loads as before (no check possible).
+  with np.load(path) as f:
+    old = {k: f[k] for k in f.files if k != learned.TOWERS}
+  legacy = str(tmp_path / "legacy.npz")
+  np.savez(legacy, **old)
+  assert learned.trained_towers(legacy) is None
+  assert len(sweep_cli._with_trained(changed, [legacy])[1]) == 2
+
+
 @pytest.mark.slow  # a training run on the smoke model (a compile of the train step)
 def test_the_loop_writes_the_compressors_of_its_plan(tmp_path):
   cfg = learned_config.get_config("tokenlearner,budget=8,smoke")
@@ -114,6 +148,11 @@ def test_sweep_runs_trained_compressors_and_a_checkpoint(tmp_path):
   cfg.out = str(tmp_path / "out")
   cfg.methods, cfg.budgets, cfg.families, cfg.per_family = "pool", (16,), ("count",), 4
   cfg.learned, cfg.checkpoint = path, ckpt
+  # Trained on the bundled towers, the compressor is refused on the copy's.
+  with pytest.raises(ValueError, match="trained on other towers"):
+    sweep_cli.sweep(cfg)
+  cfg.learned = str(tmp_path / "on_copy.npz")
+  learned.save_trained(cfg.learned, {**copy, "compressor": trained["compressor"]}, (entry,))
   res = sweep_cli.sweep(cfg)
   rows = {r["setting"]: r for r in res["rows"]}
   name = "tokenlearner@post_vit/16[bottleneck_dim=16]"

@@ -31,6 +31,7 @@ Grid-based compressors (LDPv2) keep the bookkeeping of the pooling they do (`poo
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -235,13 +236,36 @@ def compressor_entries(plan) -> Tuple[Tuple[str, str, int, Tuple[Tuple[str, Any]
   return tuple(out)
 
 
+TOWERS = "towers"  # save_trained's array: the fingerprint of the towers the compressors read
+
+
+def towers_fingerprint(params) -> str:
+  """SHA-256 over every parameter outside `SUBTREE` (paths sorted, float32 bytes): the towers a
+  compressor was trained on. A compressor trained on frozen towers reads features of those
+  towers only; on other towers (a retrained bundled model) its outputs mean nothing."""
+  digest = hashlib.sha256()
+  flat = traverse_util.flatten_dict({k: v for k, v in params.items() if k != SUBTREE}, sep="/")
+  for k in sorted(flat):
+    digest.update(k.encode())
+    digest.update(np.ascontiguousarray(jax.device_get(flat[k]), np.float32).tobytes())
+  return digest.hexdigest()
+
+
+def trained_towers(path: str) -> Optional[str]:
+  """The towers fingerprint `save_trained` stored in `path` (None in a file written without)."""
+  with np.load(path) as f:
+    return str(f[TOWERS]) if TOWERS in f.files else None
+
+
 def save_trained(path: str, params, plan) -> Tuple[str, ...]:
   """Writes the trained compressors of `plan`'s learned entries to `path` (an `.npz`, without
   the towers: a few hundred KB where the whole model is MBs) -> the keys written.
 
   Arrays: "compressor/<key>/<param path>" from `params[SUBTREE]`; beside each key, "entry/<key>"
   holds its plan entry (stage and options, JSON), so that `load_trained` rebuilds the entry
-  the parameters belong to. ValueError when `plan` has no learned entry or `params` lacks one.
+  the parameters belong to; "towers" holds `towers_fingerprint(params)`, so that the sweep can
+  refuse the compressors on other towers. ValueError when `plan` has no learned entry or
+  `params` lacks one.
   """
   arrays, keys = {}, []
   for stage, opts in plan:
@@ -258,6 +282,7 @@ def save_trained(path: str, params, plan) -> Tuple[str, ...]:
     keys.append(key)
   if not keys:
     raise ValueError(f"the plan {plan} has no learned compressor to save")
+  arrays[TOWERS] = np.asarray(towers_fingerprint(params))
   with open(path, "wb") as f:
     np.savez(f, **arrays)
   return tuple(keys)
@@ -276,6 +301,8 @@ def load_trained(path: str):
     head, _, rest = k.partition("/")
     if head == "entry" and rest:
       entries[rest] = json.loads(str(v))
+    elif k == TOWERS:
+      continue
     elif head == SUBTREE and "/" in rest:
       flat[rest] = v
     else:
