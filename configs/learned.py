@@ -39,7 +39,8 @@ Evaluate each level with the sweep (`pool` at post_vit, budgets 64 / 16 / 4 / 1)
 
 "caft": compression-aware fine-tuning. The whole bundled model is fine-tuned while each step
 draws one training-free plan after the ViT: pooling, VisionZip, ToMe or DivPrune (`CAFT_METHODS`)
-at 64, 32 or 16 tokens (`CAFT_BUDGETS`). It has no compressor parameters; compare the same
+at 64, 32 or 16 tokens (`CAFT_BUDGETS`; pooling at 64 and 16 only: no square window pools 16 x 16
+patches to 32). It has no compressor parameters; compare the same
 methods and budgets with and without it in the sweep:
 
   python -m experiments.sweep --config.methods=pool,visionzip,tome,divprune \
@@ -49,6 +50,7 @@ methods and budgets with and without it in the sweep:
 import ml_collections
 
 from configs import testbed as testbed_config
+from tcjax.compress.pool import pool_window_for_budget
 from tcjax.data import testbed
 
 BUNDLED = "tcjax/assets/bundled.npz"
@@ -69,6 +71,18 @@ def sizes(method: str, width: int):
       "qformer": dict(width=width, depth=2, heads=heads, mlp_dim=4 * width),
       "ldpv2": dict(),
   }[method]
+
+
+def reachable(method: str, budget: int, grid) -> bool:
+  """False for a pooling budget that no k x k window gives on `grid` (32 of 16 x 16 patches):
+  that plan would raise at its first step, so CAFT does not draw it."""
+  if method != "pool":
+    return True
+  try:
+    pool_window_for_budget(grid, budget)
+  except ValueError:
+    return False
+  return True
 
 
 def parse(arg: str):
@@ -100,8 +114,10 @@ def get_config(arg: str = "tokenlearner"):
   c.init = "" if smoke else BUNDLED  # the pretrained towers (config read off the file)
   if method == "caft":
     c.trainable = ".*"
+    side = c.model.img["image_size"] // c.model.img["patch_size"]
     c.model.plan_choices = tuple(((stage, {"method": m, "budget": b}),)
-                                 for m in CAFT_METHODS for b in CAFT_BUDGETS)
+                                 for m in CAFT_METHODS for b in CAFT_BUDGETS
+                                 if reachable(m, b, (1, side, side)))
     c.model.plan = ((stage, {"method": "pool", "budget": budget}),)  # evaluated at the end
   elif method == "m3":
     c.trainable = r"llm/layers/attn/.*"
