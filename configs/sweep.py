@@ -71,7 +71,9 @@ def get_config(arg: str = ""):
   c.vit_layer = 1
   c.signal_layer = ml_collections.config_dict.placeholder(int)
   c.llm_layer = 1
-  c.options = "{}"
+  # MustDrop's official 3 x 3 merge windows do not divide PaliGemma's 16 x 16 grid; 2 x 2 gives
+  # the official number of windows (8 x 8, as 3 x 3 on CLIP's 24 x 24).
+  c.options = '{"mustdrop_merge": {"window": 2}}'
   c.adaptive = "{}"
   c.adaptive_stages = "post_vit,llm"
   c.adaptive_capacity = 64
