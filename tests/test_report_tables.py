@@ -89,18 +89,22 @@ FREE = [image_row("full", "full", None, [1.0, 1.0, 0.5, 0.0, 0.5]),
         image_row("pool@post_vit/16", "pool", 16, [0.8, 0.6, 0.2, 0.0, 0.4]),    # mean 0.40
         image_row("random@post_vit/16", "random", 16, [0.5, 0.5, 0.5, 0.0, 0.5]),  # mean 0.40
         image_row("tome@post_vit/16", "tome", 16, [0.9, 0.9, 0.3, 0.0, 0.4]),    # mean 0.50
-        image_row("pool@post_vit/64", "pool", 64, [1.0, 1.0, 0.5, 0.0, 0.5])]    # mean 0.60
+        image_row("pool@post_vit/64", "pool", 64, [1.0, 1.0, 0.5, 0.0, 0.5]),    # mean 0.60
+        row("fastv@llm/16", "fastv", "llm", 16, "sampling",                          # mean 0.56
+            dict(zip(report.IMAGE_FAMILIES, [1.0, 1.0, 0.5, 0.3, 0.0])))]
 LEARNED_ROWS = [image_row("perceiver@post_vit/16", "perceiver", 16, [1.0, 1.0, 0.4, 0.1, 0.0])]
 
 
 def test_learned_beside_the_best_training_free():
   t = report.learned_table(FREE + LEARNED_ROWS, ("perceiver", "tokenlearner"))
   lines = t.splitlines()
-  # perceiver: mean of 1, 1, .4, .1, 0 = 0.50; the best training-free at 16 is tome (0.50 >
-  # 0.40); budget 64 has no learned row, so no line
+  # perceiver: mean of 1, 1, .4, .1, 0 = 0.50; the best training-free at 16 is fastv inside
+  # the decoder (0.56), the best before it tome (0.50 > 0.40); budget 64 has no learned row
   assert lines[2:] == [
       "| 16 | perceiver@post_vit/16 | 1.00 | 1.00 | 0.40 | 0.10 | 0.00 | 0.50 |",
-      "| 16 | best training-free: tome@post_vit/16 | 0.90 | 0.90 | 0.30 | 0.00 | 0.40 | 0.50 |"]
+      "| 16 | best training-free: fastv@llm/16 | 1.00 | 1.00 | 0.50 | 0.30 | 0.00 | 0.56 |",
+      "| 16 | best training-free before the decoder: tome@post_vit/16 | 0.90 | 0.90 | 0.30 | "
+      "0.00 | 0.40 | 0.50 |"]
 
 
 def test_finetuned_before_and_after():
@@ -122,7 +126,7 @@ def test_cli_learned_and_finetuned(tmp_path, capsys):
                "--finetuned", f"CAFT={paths['main']},{paths['after']}"])
   out = capsys.readouterr().out
   assert "### Learned compressors" in out and "### CAFT: the same settings" in out
-  assert "| 16 | best training-free: tome@post_vit/16 |" in out
+  assert "| 16 | best training-free before the decoder: tome@post_vit/16 |" in out
   assert "| pool@post_vit/16 | 0.40 | 0.40 | +0.00 |" in out
   with pytest.raises(SystemExit):
     report.main([str(paths["main"]), "--finetuned", "CAFT=only_one.json"])
