@@ -1,5 +1,6 @@
-"""Test inputs: tokens plus every signal a method declares it needs (contract tests), and a
-training batch of a config's testbed stream (training tests)."""
+"""Test inputs: tokens plus every signal a method declares it needs (contract tests), a
+training batch of a config's testbed stream (training tests), and greedy KV-cached decoding
+through a plan (decode-time policy tests)."""
 
 import jax
 import jax.numpy as jnp
@@ -148,3 +149,22 @@ def train_batch(cfg, batch_size=8):
                                seed=0, batch_size=batch_size, max_len=cfg.data.max_len)
   b = ds[0]
   return {k: b[k] for k in ("image", "text", "mask_ar", "mask_loss", "input_mask")}
+
+
+def greedy_decode(model, params, plan, image, text, steps):
+  """Prefill with `plan`, then `steps` greedy `decode_step`s, each program jitted once ->
+  (logits: [prefill's, then each step's] float[B, V] arrays, the prefill's aux, caches: [the
+  prefill's, then each step's], tokens: int32[B, steps] the greedy tokens fed back)."""
+  m = model.with_plan(plan)
+  variables = {"params": params}
+  logits, cache, aux = jax.jit(lambda v, i, t: m.apply(v, i, t, method=m.prefill,
+                                                       cache_size=steps))(variables, image, text)
+  step = jax.jit(lambda v, tok, c: m.apply(v, tok, c, method=m.decode_step))
+  out, caches, tokens = [np.asarray(logits)], [cache], []
+  for _ in range(steps):
+    tok = jnp.argmax(logits, -1).astype(jnp.int32)
+    tokens.append(np.asarray(tok))
+    logits, cache = step(variables, tok, cache)
+    out.append(np.asarray(logits))
+    caches.append(cache)
+  return out, aux, caches, np.stack(tokens, 1)

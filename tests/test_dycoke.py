@@ -20,7 +20,7 @@ from tcjax import compress
 from tcjax.compress.dycoke import dycoke_kv_init, ttm_count, ttm_layout
 from tcjax.nn import plan as plan_lib
 
-from helpers import check_contract
+from helpers import check_contract, greedy_decode
 from test_model import CONFIGS, N, T_PREFIX, inputs, make_params
 
 # ---- The official algorithm, in NumPy (float64). ----
@@ -289,22 +289,6 @@ def test_decode_hooks():
 L = 2  # the policy's layer in the 4-layer tiny decoder (attention of layer 1)
 
 
-def _decode_run(model, params, plan, image, text, steps):
-  m = model.with_plan(plan)
-  variables = {"params": params}
-  logits, cache, aux = jax.jit(lambda v, i, t: m.apply(v, i, t, method=m.prefill,
-                                                       cache_size=steps))(variables, image, text)
-  step = jax.jit(lambda v, tok, c: m.apply(v, tok, c, method=m.decode_step))
-  out, caches, tokens = [np.asarray(logits)], [cache], []
-  for _ in range(steps):
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    tokens.append(np.asarray(tok))
-    logits, cache = step(variables, tok, cache)
-    out.append(np.asarray(logits))
-    caches.append(cache)
-  return out, caches, np.stack(tokens, 1)
-
-
 def test_decoding_equals_reference_with_pruned_entries_hidden():
   _check_decoding_against_reference(1, "official")
 
@@ -325,7 +309,7 @@ def _check_decoding_against_reference(version, gate):
   steps = 4
   plan = (("decode", {"method": "dycoke", "layer": L, "prune": 0.5, "threshold": 0.995,
                       "gate": gate}),)
-  logits, caches, tokens = _decode_run(model, params, plan, image, text, steps)
+  logits, _, caches, tokens = greedy_decode(model, params, plan, image, text, steps)
   b = text.shape[0]
   zimg = ref.image_embed(flat, config, image)
   rows, rules = [], []
@@ -354,9 +338,9 @@ def _check_decoding_against_reference(version, gate):
 def test_pruning_nothing_leaves_the_model_unchanged():
   model, params, _ = make_params(CONFIGS[1], seed=1)
   image, text, _ = inputs(seed=12, t_suffix=0)
-  plain, _, tokens = _decode_run(model, params, (), image, text, 3)
+  plain, _, _, tokens = greedy_decode(model, params, (), image, text, 3)
   plan = (("decode", {"method": "dycoke", "layer": 1, "prune": 0.0}),)
-  got, caches, got_tokens = _decode_run(model, params, plan, image, text, 3)
+  got, _, caches, got_tokens = greedy_decode(model, params, plan, image, text, 3)
   np.testing.assert_array_equal(got_tokens, tokens)
   for a, b in zip(got, plain):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

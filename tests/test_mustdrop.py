@@ -20,7 +20,7 @@ from tcjax import compress
 from tcjax.compress.mustdrop import official_layers, official_plan, window_tokens
 from tcjax.nn import plan as plan_lib
 
-from helpers import check_contract
+from helpers import check_contract, greedy_decode
 from test_model import CONFIGS, IMG, N, T_PREFIX, inputs, make_params
 
 # ---- The official algorithm, in NumPy (float64). ----
@@ -263,21 +263,6 @@ def test_kv_policy_keeps_the_final_set():
 # ---- Through the model. ----
 
 
-def _decode_run(model, params, plan, image, text, steps):
-  m = model.with_plan(plan)
-  variables = {"params": params}
-  logits, cache, aux = jax.jit(lambda v, i, t: m.apply(v, i, t, method=m.prefill,
-                                                       cache_size=steps))(variables, image, text)
-  step = jax.jit(lambda v, tok, c: m.apply(v, tok, c, method=m.decode_step))
-  out, tokens = [np.asarray(logits)], []
-  for _ in range(steps):
-    tok = jnp.argmax(logits, -1).astype(jnp.int32)
-    tokens.append(np.asarray(tok))
-    logits, cache = step(variables, tok, cache)
-    out.append(np.asarray(logits))
-  return out, aux, np.stack(tokens, 1)
-
-
 HOOKS = (1, 2)  # filters at the input of layers 1 and 2 (official layers l + 1)
 
 
@@ -296,7 +281,7 @@ def test_prefill_and_decoding_equal_reference():
   plan = tuple(("llm", {"method": "mustdrop", "layer": l, "keep": 1.0, "global_thr": g_thr,
                         "individual_thr": i_thr, "positions": "original"}) for l in HOOKS)
   plan += (("decode", {"method": "mustdrop", "layer": first}),)
-  logits, aux, tokens = _decode_run(model, params, plan, image, text, steps)
+  logits, aux, _, tokens = greedy_decode(model, params, plan, image, text, steps)
   # The key set from the ViT's last layer (mean received attention: SigLIP has no [CLS]).
   enc = jax.jit(lambda v, i: model.apply(v, i, signal_layers=-1, method=model.encode_image))(
       {"params": params}, image)
@@ -333,7 +318,7 @@ def test_prefill_and_decoding_equal_reference():
 def test_dropping_nothing_leaves_the_model_unchanged():
   model, params, _ = make_params(CONFIGS[2], seed=2)
   image, text, _ = inputs(seed=22, t_suffix=0)
-  plain, _, tokens = _decode_run(model, params, (), image, text, 3)
+  plain, _, _, tokens = greedy_decode(model, params, (), image, text, 3)
   plan = (("vit", {"method": "mustdrop_merge", "layer": 0, "keep": 1.0, "window": 2,
                    "threshold": 2.0}),
           ("llm", {"method": "mustdrop", "layer": 1, "keep": 1.0, "global_thr": 0.0,
@@ -341,7 +326,7 @@ def test_dropping_nothing_leaves_the_model_unchanged():
           ("llm", {"method": "mustdrop", "layer": 3, "keep": 1.0, "global_thr": 0.0,
                    "individual_thr": 0.0}),
           ("decode", {"method": "mustdrop", "layer": 0}))
-  got, aux, got_tokens = _decode_run(model, params, plan, image, text, 3)
+  got, aux, _, got_tokens = greedy_decode(model, params, plan, image, text, 3)
   assert aux["image_tokens_valid"].tolist() == [N, N]
   np.testing.assert_array_equal(got_tokens, tokens)
   for a, b in zip(got, plain):
