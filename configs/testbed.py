@@ -9,6 +9,8 @@
   python -m experiments.train --config configs/testbed.py:stage7 --workdir DIR   # stage 7
   python -m experiments.train --config configs/testbed.py:stage8 --workdir DIR   # stage 8
   python -m experiments.train --config configs/testbed.py:stage9 --workdir DIR   # stage 9
+  python -m experiments.train --config configs/testbed.py:stage10 --workdir DIR  # stage 10
+  python -m experiments.train --config configs/testbed.py:stage11 --workdir DIR  # stage 11
   python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
 
 The bundled model is trained in two stages: stage 1 from scratch on the seven question
@@ -37,6 +39,11 @@ because stage 8 described those scenes with wrong shapes and colours; binding is
 times and the lone glyph twice (its 0.84 per-glyph accuracy caps `number`). Stage 10 adds the
 training-only `nth` family ("digit 2 of the number"), because stage 9 answered `number` with one
 glyph read and repeated: reading the k-th glyph on request is the step before reading in order.
+Stage 11 starts from stage 10 with the decoder grown from 3 layers x 2 heads to 5 x 4
+(`config.grow`, `tcjax.train.grow`: new blocks and heads whose output projections start at
+zero, so the grown model first answers exactly as stage 10 does), because ten stages of the
+3-layer decoder read neither numbers in order nor the boxed digit among others, and the
+calibration prototype that read digits was a 5-layer decoder.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -56,15 +63,16 @@ STAGE6 = "experiments/bundled_run6/checkpoint.npz"  # stage 6's
 STAGE7 = "experiments/bundled_run7/checkpoint.npz"  # stage 7's
 STAGE8 = "experiments/bundled_run8/checkpoint.npz"  # stage 8's
 STAGE9 = "experiments/bundled_run9/checkpoint.npz"  # stage 9's
+STAGE10 = "experiments/bundled_run10/checkpoint.npz"  # stage 10's
 STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9",
-          "stage10")
+          "stage10", "stage11")
 
 
 def get_config(arg: str = ""):
-  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage10" (its later stages), or
+  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage11" (its later stages), or
   "smoke" (a tiny model, a few steps, for tests)."""
   if arg not in STAGES + ("smoke",):
-    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage10' or 'smoke'")
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage11' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -152,7 +160,7 @@ def get_config(arg: str = ""):
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "describe", "video", "audio")
     c.data.max_len = 32
-  if arg in ("stage6", "stage7", "stage8", "stage9", "stage10"):  # per-example loss, bf16, locate twice
+  if arg in ("stage6", "stage7", "stage8", "stage9", "stage10", "stage11"):  # per-example loss, bf16, locate twice
     c.loss_norm = "example"
     c.compute_dtype = "bfloat16"
     c.optim.lr = 1e-3
@@ -191,6 +199,15 @@ def get_config(arg: str = ""):
     c.init = STAGE9
     c.total_steps = 1000
     c.optim.warmup_steps = 50
+    c.eval.every = 500
+    c.data.families = ("count", "binding", "binding", "glyph", "digit", "digit", "number",
+                       "number", "nth", "nth", "locate", "locate", "describe", "video", "audio")
+    c.data.weights = dict(image=0.75, video=0.15, audio=0.1)
+  if arg == "stage11":  # stage 10 with the decoder grown to 5 layers x 4 heads (tcjax.train.grow)
+    c.init = STAGE10
+    c.grow = dict(llm_depth=5, llm_num_heads=4)
+    c.total_steps = 2000
+    c.optim.warmup_steps = 100  # the new blocks start random: a gentler start than stage 10's
     c.eval.every = 500
     c.data.families = ("count", "binding", "binding", "glyph", "digit", "digit", "number",
                        "number", "nth", "nth", "locate", "locate", "describe", "video", "audio")

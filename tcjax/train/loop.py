@@ -117,6 +117,21 @@ def load_init(path: str, plan=(), *, mesh=None, rules=None):
   return checkpoints.load_big_vision(path, dtype="float32", plan=plan, mesh=mesh, rules=rules)
 
 
+def grown(cfg: ml_collections.ConfigDict, model: PaliGemma, params, mesh=None, rules=None):
+  """(model, params) with the decoder grown as `config.grow` says (`tcjax.train.grow`; fields
+  llm_depth / llm_num_heads, 0 keeps), placed in their shardings when a mesh is given."""
+  from tcjax.train import grow  # pylint: disable=g-import-not-at-top
+  opts = dict(cfg.grow)
+  unknown = set(opts) - set(grow.GROW_FIELDS)
+  if unknown:
+    raise ValueError(f"config.grow: unknown fields {sorted(unknown)}; known: {grow.GROW_FIELDS}")
+  new_config, params = grow.grow_decoder(params, model.config, seed=cfg.seed, **opts)
+  model = PaliGemma(new_config)
+  if mesh is not None:
+    params = jax.device_put(params, param_shardings(jax.eval_shape(lambda: params), mesh, rules))
+  return model, params
+
+
 def init_fn(model: PaliGemma, seed: int):
   """A function of no arguments returning freshly initialised parameters (to jit)."""
   cfg = model.config
@@ -283,9 +298,13 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       teacher, teacher_params = load_teacher(dopts, mesh=mesh, rules=rules)
     # Parameters are made straight into their shardings (no host copy of the whole tree per
     # device), which is also what lets every process of a multi-host run build the same state.
+    if cfg.get("grow") and not cfg.get("init"):
+      raise ValueError("config.grow grows a trained decoder: set config.init to its checkpoint")
     if cfg.get("init") or teacher is not None:
       if cfg.get("init"):  # fine-tune a checkpoint: its config, the plan from cfg.model.plan
         model, params = load_init(cfg.init, plan=model_config(cfg).plan, mesh=mesh, rules=rules)
+        if cfg.get("grow"):  # more decoder layers / heads, computing what the checkpoint did
+          model, params = grown(cfg, model, params, mesh, rules)
       else:  # a distilled student starts as a copy of its teacher (cfg.model's towers unused)
         model, params = student_from_teacher(cfg, dopts, teacher, teacher_params, mesh=mesh,
                                              rules=rules)
