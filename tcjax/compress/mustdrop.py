@@ -196,7 +196,8 @@ def key_set(vit_scores, mask, image_count, key_ratio: float, num_patches: int):
 
 @register("mustdrop", family="cross_modal", stages=("llm",),
           needs=("attn", "text_mask", "vit_scores", "image_count"), paper=PAPER,
-          llm_positions="reindex")  # official `position_ids.narrow` (module docstring)
+          llm_positions="reindex",  # official `position_ids.narrow` (module docstring)
+          signal_layer=-1)  # its `vit_scores`: the last ViT layer's attention (step 2)
 def mustdrop(tokens, budget, *, attn=None, text_mask=None, vit_scores=None, image_count=None,
              global_thr=0.001, individual_thr=0.001, key_ratio=0.08):
   """MustDrop's dual-attention filter at one decoder layer, with the key set kept (module

@@ -133,6 +133,9 @@ class Method:
       model passes `text_mask` (and scores `scores`, `attn` rows) restricted to them.
     llm_positions: the RoPE positions its official code gives the survivors (POSITIONS), the
       default of an llm entry's "positions".
+    signal_layer: the ViT layer whose attention / keys a post_vit / post_proj entry reads (and
+      whose received attention gives an llm entry's `vit_scores`) unless the entry names one:
+      -2, the penultimate (VisionZip, FasterVLM), or where the official method reads another.
   """
 
   name: str
@@ -151,6 +154,7 @@ class Method:
   llm_features: str = "hidden"
   llm_rows: Optional[Callable[..., Any]] = None
   llm_positions: str = "original"
+  signal_layer: int = -2
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
@@ -195,7 +199,7 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
              llm_kv: str = "after", keeps_none: bool = False,
              default_signals: Tuple[str, ...] = (), llm_signals: Optional[Dict[str, str]] = None,
              llm_features: str = "hidden", llm_rows: Optional[Callable[..., Any]] = None,
-             llm_positions: str = "original"):
+             llm_positions: str = "original", signal_layer: int = -2):
   """Decorator adding a method function to METHODS (see `Method` for the fields).
 
   Raises ValueError for a value outside its choices, and for signals the function does not take
@@ -217,6 +221,8 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
   unknown = sorted(set(llm_signals.values()) - set(SIGNALS))
   if unknown:
     raise ValueError(f"{name}: llm_signals names unknown signal(s) {unknown}; signals: {SIGNALS}")
+  if isinstance(signal_layer, bool) or not isinstance(signal_layer, int):
+    raise ValueError(f"{name}: signal_layer must be an int, got {signal_layer!r}")
   if llm_rows is not None and not callable(llm_rows):
     raise ValueError(f"{name}: llm_rows must be a function, got {llm_rows!r}")
 
@@ -244,7 +250,7 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
     METHODS[name] = Method(name, checked, family, tuple(stages), tuple(needs), options, paper,
                            token_sharded, llm_attn, llm_kv, bool(keeps_none),
                            tuple(default_signals), llm_signals, llm_features, llm_rows,
-                           llm_positions)
+                           llm_positions, signal_layer)
     return checked
 
   return wrap

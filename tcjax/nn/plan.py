@@ -19,8 +19,8 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
   vit:            layer (the ViT layer whose output is reduced; signals come from that layer's
                   attention).
   post_vit/proj:  signal_layer (the ViT layer whose attention / keys are the signals), for
-                  methods that use them; default DEFAULT_SIGNAL_LAYER[method], else -2 (the
-                  penultimate layer, as VisionZip and FasterVLM). Entries may read different
+                  methods that use them; default the method's `signal_layer` (-2, the
+                  penultimate layer, as VisionZip and FasterVLM, unless it registers another). Entries may read different
                   layers: the ViT provides the signals of each.
   llm:            layer K (the hidden states entering decoder layer K are pruned, or merged by
                   a merging method), attn_from ("prev": attention / keys of layer K-1, the
@@ -34,7 +34,7 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   llm_features=, llm_signals=, llm_rows=)`, `LLMHook`).
                   An entry whose method takes `vit_scores` (MustDrop) also reads signal_layer:
                   the ViT layer whose received attention gives the scores (default
-                  DEFAULT_SIGNAL_LAYER[method], else -2).
+                  the method's `signal_layer`).
 Decode-time KV policies (`compress.registry.DECODE_POLICIES`: dycoke, mustdrop) at the decode
 stage: method, layer L (the layers >= L attend only the image entries the policy keeps at each
 decoding step; a policy reading attention reads layer L - 1's, so L >= 1) and the policy's own
@@ -111,10 +111,6 @@ STAGE_SIGNALS = {
 # Every stage a plan entry may name: the Tokens stages, then the decode stage (decode-time KV
 # policies, `compress.registry.DECODE_POLICIES`).
 PLAN_STAGES = STAGES + (DECODE_STAGE,)
-# The ViT layer whose attention / keys feed a post_vit / post_proj entry without "signal_layer":
-# the penultimate one (-2, as VisionZip and FasterVLM), except where the official method reads
-# another (PruMerge: the q / k hooks on the last layer).
-DEFAULT_SIGNAL_LAYER = {"prumerge": -1, "prumerge_plus": -1, "mustdrop": -1}
 # Signals that come from a layer's attention (the ViT signal layer, decoder layer K-1 or K).
 _LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "keys_concat", "keys_heads",
                   "text_keys", "text_keys_concat")
@@ -530,7 +526,7 @@ def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
       attn_from = opts.get("attn_from", "prev")
       seed = opts.get("seed", 0)
       if "vit_scores" in signals:
-        vit_layer = opts.get("signal_layer", DEFAULT_SIGNAL_LAYER.get(name, -2))
+        vit_layer = opts.get("signal_layer", m.signal_layer)
     for layer, size in steps:
       hooks.append(LLMHook(
           resolve_layer(layer, depth, where), m.name, size, attn_from,
@@ -638,7 +634,8 @@ def needed_signals(plan, stages: Sequence[str]):
 def entry_signal_layer(opts: Mapping[str, Any], stage: str, depth: int) -> Optional[int]:
   """The ViT layer (resolved) whose attention / keys a post_vit / post_proj entry reads, or
   whose mean received attention becomes an llm entry's `vit_scores`: its "signal_layer", else
-  DEFAULT_SIGNAL_LAYER of its method, else -2; None if it reads none."""
+  the `signal_layer` of its method (`register(signal_layer=)`, -2 unless it registers another);
+  None if it reads none."""
   if stage == "llm":
     if is_schedule(stage, opts["method"]) or "vit_scores" not in sum(
         entry_signals(opts, stage), ()):
@@ -647,7 +644,7 @@ def entry_signal_layer(opts: Mapping[str, Any], stage: str, depth: int) -> Optio
     return None
   elif not set(sum(entry_signals(opts, stage), ())) & set(_LAYER_SIGNALS):
     return None
-  layer = opts.get("signal_layer", DEFAULT_SIGNAL_LAYER.get(opts["method"], -2))
+  layer = opts.get("signal_layer", METHODS[opts["method"]].signal_layer)
   return resolve_layer(layer, depth, "signal_layer")
 
 
