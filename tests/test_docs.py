@@ -175,14 +175,13 @@ def _calls(fn):
 
 def test_adding_a_method_examples_run():
   from tcjax.compress import registry  # pylint: disable=g-import-not-at-top
-  from tcjax.nn import plan as plan_lib  # pylint: disable=g-import-not-at-top
 
   path = os.path.join(DOCS, "adding_a_method.md")
   blocks = python_blocks(_read(path))
   assert len(blocks) >= 6
   # The examples register methods: the registry is restored afterwards, so that other tests
   # (which iterate over METHODS) see the real one.
-  saved = (dict(registry.METHODS), dict(registry.CHOICES), dict(plan_lib.DEFAULT_SIGNALS))
+  saved = (dict(registry.METHODS), dict(registry.CHOICES), dict(registry.SCHEDULES))
   namespace = {"__name__": "__docs__"}
   try:
     for line, _, code in blocks:
@@ -194,6 +193,6 @@ def test_adding_a_method_examples_run():
       for kwargs in _calls(fn):
         fn(**kwargs)
   finally:
-    for live, old in zip((registry.METHODS, registry.CHOICES, plan_lib.DEFAULT_SIGNALS), saved):
+    for live, old in zip((registry.METHODS, registry.CHOICES, registry.SCHEDULES), saved):
       live.clear()
       live.update(old)

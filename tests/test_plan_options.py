@@ -316,7 +316,7 @@ def test_llm_hooks_carry_the_entry_signals():
   (h,) = hooks((("llm", {"method": "divprune", "layer": 0, "budget": 8}),))
   assert h.signals == ()
   for h in hooks((("llm", {"method": "sparsevlm", "layers": (1, 2), "keeps": (0.5, 0.5)}),)):
-    assert h.signals == ("attn", "text_mask") and h.raters
+    assert h.signals == ("attn", "text_mask") and h.rows is not None
   with pytest.raises(ValueError, match="layer 0"):
     hooks((("llm", {"method": "divprune", "layer": 0, "budget": 8, "signals": ("keys",)}),))
 

@@ -13,7 +13,7 @@ import paligemma_ref as ref
 import tcjax
 import tcjax.checkpoints as ckpt
 from tcjax import compress
-from tcjax.compress.sparsevlm import kept_by_score, output_size, recycled, scored_for
+from tcjax.compress.sparsevlm import kept_by_score, output_size, recycled, scored_for, text_raters
 from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig
 from tcjax.nn import plan as plan_lib
 
@@ -182,8 +182,9 @@ def test_bad_input():
 def test_plan_schedule():
   norm = lambda opts: plan_lib.normalize((("llm", {"method": "sparsevlm", **opts}),))
   hooks = plan_lib.llm_hooks(norm({"layers": (3, 7), "budgets": (300, 200)}), 8)
-  assert [h.layer for h in hooks] == [3, 7] and all(h.raters for h in hooks)
-  assert hooks[0].signals == ("attn", "text_mask") and hooks[0].size == ("scored", ("budget", 300))
+  assert [h.layer for h in hooks] == [3, 7]
+  assert all(h.rows is text_raters and h.schedule == "sparsevlm" for h in hooks)
+  assert hooks[0].signals == ("attn", "text_mask") and hooks[0].size == ("budgets", 300)
   # 256 tokens in: 255 kept by score (min(300, N - 1)), 1 recycled cluster: 256 out.
   assert plan_lib.hook_size(hooks[0], 256, 256, "") == (256, {"scored": 255})
   (h,) = plan_lib.llm_hooks(norm({"layers": (2,), "keeps": (0.5,), "version": "v2.0",

@@ -1,11 +1,13 @@
 """Visual-token compression methods: pure functions `method(tokens, budget, *, signals, options)`.
 
 `METHODS[name]` describes each method (family, stages, needs, options); `apply(name, ...)` runs
-one by name. Every method module registers itself on import, below.
+one by name. `SCHEDULES[name]` describes the multi-layer in-LLM schedules (`pyramiddrop`,
+`sparsevlm`). Every method module registers itself on import, below.
 """
 
-from tcjax.compress.registry import (DECODE_POLICIES, METHODS, DecodePolicy, Method, apply,
-                                     apply_decode, init_decode, register, register_decode)
+from tcjax.compress.registry import (DECODE_POLICIES, METHODS, SCHEDULES, DecodePolicy, Method,
+                                     Schedule, apply, apply_decode, init_decode, register,
+                                     register_decode, register_schedule)
 from tcjax.compress.primitives import to_grid, unmerge
 
 # Methods, one file each. Keep this list sorted.
@@ -26,6 +28,7 @@ from tcjax.compress.pool import pool
 from tcjax.compress.prumerge import prumerge, prumerge_plus
 from tcjax.compress.prunevid import prunevid, prunevid_llm
 from tcjax.compress.pyramid import pyramid
+from tcjax.compress import pyramiddrop  # a schedule of fastv steps (registry.SCHEDULES)
 from tcjax.compress.random import random
 from tcjax.compress.resize import resize
 from tcjax.compress.slowfast import slowfast
@@ -39,5 +42,6 @@ from tcjax.compress.visionzip import visionzip
 from tcjax.compress.vispruner import vispruner
 from tcjax.compress.vtw import vtw
 
-__all__ = ["DECODE_POLICIES", "DecodePolicy", "METHODS", "Method", "apply", "apply_decode",
-           "init_decode", "register", "register_decode", "to_grid", "unmerge"] + sorted(METHODS)
+__all__ = ["DECODE_POLICIES", "DecodePolicy", "METHODS", "Method", "SCHEDULES", "Schedule",
+           "apply", "apply_decode", "init_decode", "register", "register_decode",
+           "register_schedule", "to_grid", "unmerge"] + sorted(METHODS)

@@ -105,8 +105,15 @@ def _is_count(v) -> bool:
   return isinstance(v, int) and not isinstance(v, bool)
 
 
+# In the decoder (official): the features are the hidden states after the model's final norm, and
+# the keys those of layer K-1 with the KV heads concatenated (the key projection's output, whose
+# L1 norm ranks the pivots). Before the LLM `keys` are the ViT's head-mean keys and `text` the
+# embedded text. Without an entry's "signals", the text pivots are on (official).
 @register("dart", family="sampling", stages=("post_vit", "post_proj", "llm"), needs=("keys",),
-          paper="DART, Wen et al., arXiv 2502.11494 (EMNLP 2025)")
+          paper="DART, Wen et al., arXiv 2502.11494 (EMNLP 2025)",
+          default_signals=("text", "text_mask", "text_keys"), llm_features="final_norm",
+          llm_signals={"keys": "keys_concat", "text": "text_normed",
+                       "text_keys": "text_keys_concat"})
 def dart(tokens, budget, *, keys=None, text=None, text_mask=None, text_keys=None,
          num_pivots=None, num_text_pivots=OFFICIAL_PIVOTS, quota="official"):
   """Keep `budget` tokens: key-norm pivots plus the tokens least similar to the pivots.

@@ -117,8 +117,11 @@ def maxmin_select(xn: jax.Array, valid: jax.Array, budget: int,
   return jax.lax.fori_loop(1, budget, body, state)[1]
 
 
+# `keys` on request (an entry's "signals"): the ViT's head-mean keys before the LLM; in the
+# decoder the keys of layer K-1 with the KV heads concatenated (as since the variant was added).
 @register("divprune", family="sampling", stages=("post_vit", "post_proj", "llm"),
-          paper="DivPrune, Alvar et al., arXiv 2503.02175 (CVPR 2025)")
+          paper="DivPrune, Alvar et al., arXiv 2503.02175 (CVPR 2025)",
+          llm_signals={"keys": "keys_concat"})
 def divprune(tokens, budget, *, keys=None, cache_gram=None):
   """Keep the `budget` tokens chosen by greedy max-min cosine diversity, in raster order.
 

@@ -23,7 +23,8 @@ from tcjax.compress.registry import register
 
 
 @register("fastv", family="sampling", stages=("llm",), needs=("attn",),
-          paper="FastV, arXiv 2403.06764", token_sharded=True)
+          paper="FastV, arXiv 2403.06764", token_sharded=True,
+          default_signals=("text_mask",))  # padding rows never score
 def fastv(tokens, budget, *, attn=None, text_mask=None, query="last"):
   """Keep the `budget` visual tokens most attended by the chosen query rows, in order.
 

@@ -52,7 +52,7 @@ Not followed (static shapes, batches, the Tokens contract):
     decoder sees them in raster order.
   - positions: followed. After each filter the official renumbers the survivors 0..n-1
     (`position_ids.narrow`) and each layer decodes at its own cache length; the llm entries'
-    default `positions` is "reindex" (`plan.OFFICIAL_POSITIONS`), which does both. One
+    default `positions` is "reindex" (`register(llm_positions=)`), which does both. One
     difference remains in decoding: the official cuts the caches of layers 2 .. 14 to the final
     set, so a generated token's position there is that shorter cache's length; here those
     caches keep their entries (masked by the decode policy) and count them.
@@ -195,7 +195,9 @@ def key_set(vit_scores, mask, image_count, key_ratio: float, num_patches: int):
 
 
 @register("mustdrop", family="cross_modal", stages=("llm",),
-          needs=("attn", "text_mask", "vit_scores", "image_count"), paper=PAPER)
+          needs=("attn", "text_mask", "vit_scores", "image_count"), paper=PAPER,
+          llm_positions="reindex",  # official `position_ids.narrow` (module docstring)
+          signal_layer=-1)  # its `vit_scores`: the last ViT layer's attention (step 2)
 def mustdrop(tokens, budget, *, attn=None, text_mask=None, vit_scores=None, image_count=None,
              global_thr=0.001, individual_thr=0.001, key_ratio=0.08):
   """MustDrop's dual-attention filter at one decoder layer, with the key set kept (module

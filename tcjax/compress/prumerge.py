@@ -18,7 +18,7 @@ Official behaviour (followed here), with a = the attention mean over Q (Q = 1: t
      official division is commented out; `normalize=True` restores it). The keys are the last
      layer's key projection with the heads concatenated (the official hook on `k_proj` of
      `layers[23]`), so a plan reads PruMerge's signals from the last ViT layer by default
-     (`plan.DEFAULT_SIGNAL_LAYER`), not the penultimate one of VisionZip and FasterVLM;
+     (`register(signal_layer=-1)`), not the penultimate one of VisionZip and FasterVLM;
      `heads="mean"` compares the head-mean keys instead.
   4. One extra token: sum_{pruned j} a_j * x_j (`extra_token=False` omits it).
 Fixed capacity: the output has `budget` slots; kept tokens fill `budget - extra_token` of them
@@ -141,7 +141,7 @@ def _prumerge(tokens, budget, attn, keys_heads, *, name, plus, heads, k, factor,
 
 
 @register("prumerge", family="merging", stages=("post_vit",), needs=("attn", "keys_heads"),
-          paper="LLaVA-PruMerge, Shang et al., arXiv 2403.15388 (ICCV 2025)")
+          paper="LLaVA-PruMerge, Shang et al., arXiv 2403.15388 (ICCV 2025)", signal_layer=-1)
 def prumerge(tokens, budget, *, attn=None, keys_heads=None, heads="concat", k=32, factor=1.5,
              extra_token=True, normalize=False):
   """PruMerge: keep the IQR attention outliers (at most `budget`), merge by key k-NN.
@@ -168,7 +168,7 @@ def prumerge(tokens, budget, *, attn=None, keys_heads=None, heads="concat", k=32
 
 
 @register("prumerge_plus", family="merging", stages=("post_vit",), needs=("attn", "keys_heads"),
-          paper="LLaVA-PruMerge+, Shang et al., arXiv 2403.15388 (ICCV 2025)")
+          paper="LLaVA-PruMerge+, Shang et al., arXiv 2403.15388 (ICCV 2025)", signal_layer=-1)
 def prumerge_plus(tokens, budget, *, attn=None, keys_heads=None, heads="concat", k=32,
                   factor=1.5, extra_token=True, normalize=False):
   """PruMerge+: PruMerge's outliers plus uniform spatial samples (stride `(N // n_out) // 3`).

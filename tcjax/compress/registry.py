@@ -5,30 +5,51 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 
 FAMILIES = ("sampling", "merging", "pooling", "cross_modal")
 STAGES = ("vit", "post_vit", "post_proj", "llm")
-# What each signal holds at each stage: docs/architecture.md. `keys` is the head-mean in the ViT
-# and the heads concatenated in the decoder; `keys_heads` keeps the head axis everywhere, so a
-# method reduces the heads as its official code does. `attn_heads` (the decoder's prompt-row
-# attention per head) and `rope_logits` (the RoPE term of those logits) exist in the decoder.
-SIGNALS = ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_heads", "text",
-           "text_mask", "text_keys", "rng", "vit_scores", "image_count")
+# Signal names (docs/architecture.md). Each name means one thing at every stage that provides it:
+#   scores       float32[B, N] the attention each token receives, one number (ViT: mean over
+#                every query row; decoder: the last valid prompt row's), head-mean;
+#   attn         float32[B, Q, N] attention rows to the tokens, head-mean (ViT: one row, the
+#                mean over the queries; decoder: the T text rows);
+#   attn_heads   float32[B, H, Q, N] the same per query head (decoder);
+#   rope_logits  float32[B, T, N] the RoPE term alone of those logits (decoder);
+#   keys         float[B, N, h] the tokens' attention keys, mean over the (KV) heads;
+#   keys_concat  float[B, N, K * h] the same with the KV heads concatenated (decoder);
+#   keys_heads   float[B, N, K, h] the same per (KV) head (decoder: post-RoPE, as cached);
+#   text         float[B, T, E] the text tokens' hidden states where the stage acts (post_proj:
+#                the embedded text; decoder: entering layer K);
+#   text_normed  float[B, T, E] the decoder's text states after the model's final norm;
+#   text_mask    bool[B, T] the valid prompt rows (prefix, not padding; never the suffix);
+#   text_keys, text_keys_concat: the text tokens' keys, head-mean / KV heads concatenated;
+#   rng          a PRNG key from the entry's seed.
+# A method's keyword arguments are named after signals; at the llm stage a registration may feed
+# an argument from another signal (`register(llm_signals=)`, e.g. DART's `keys` from
+# `keys_concat`), so that a method acting at several stages reads each stage's right layout.
+SIGNALS = ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_concat", "keys_heads",
+           "text", "text_normed", "text_mask", "text_keys", "text_keys_concat", "rng",
+           "vit_scores", "image_count")
 # `vit_scores` (llm stage, float32[B, N]): the ViT's mean received attention at the entry's
 # `signal_layer`, read for each image token at the ViT output token carrying its origin patch
 # (MustDrop's key set); `image_count` (llm stage, int32[B]): the valid image tokens entering the
 # decoder, before any llm-stage step. The model computes either only when an entry needs it.
-# How the decoder serves an llm-stage method (`register(llm_attn=, llm_kv=)`):
+# How the decoder serves an llm-stage method (`register(llm_attn=, llm_kv=, llm_features=)`):
 #   llm_attn  "model": attention signals are the layer's own softmax (RoPE, prefix-LM mask);
 #             "raw": softmax of q k^T before RoPE over every valid token, no mask (PruneVid).
 #   llm_kv    "after": the layers from K on cache only the kept tokens (FastV);
 #             "all": the pruned tokens also leave the caches of layers < K (PruneVid), so
 #             decoding attends to the kept tokens only, in every layer.
+#   llm_features  what `tokens.x` holds: "hidden" the hidden states entering layer K;
+#             "final_norm" the same after the model's final RMSNorm (DART's features).
 LLM_ATTN = ("model", "raw")
 LLM_KV = ("after", "all")
+LLM_FEATURES = ("hidden", "final_norm")
+# RoPE positions of the tokens that stay after an llm-stage step (`tcjax.nn.plan.POSITIONS`).
+POSITIONS = ("original", "reindex")
 
 # The decode stage: policies that act on the KV cache while decoding, one token at a time
 # (`DecodePolicy`, `register_decode`). The stage is not in STAGES: its entries are not Tokens ->
@@ -101,6 +122,20 @@ class Method:
     llm_attn, llm_kv: how the decoder serves the method at the llm stage (LLM_ATTN, LLM_KV).
     keeps_none: the method keeps no token at any budget (the budget only sizes the padding), so
       its answers do not depend on the budget: a sweep runs it at one budget.
+    default_signals: optional signals a plan entry passes unless its "signals" says otherwise
+      (those the official method uses); the stage must provide them, else they are left out.
+    llm_signals: {argument: signal}: at the llm stage the argument is fed from that decoder
+      signal instead of the signal of its own name (DART: `keys` from `keys_concat`).
+    llm_features: what `tokens.x` holds at the llm stage (LLM_FEATURES).
+    llm_rows: None, or `rows(x_img float[B, N, E], x_text float[B, T, E], text_mask bool[B, T],
+      img_mask bool[B, N]) -> bool[B, T]`: the text rows that count for this method (SparseVLM's
+      raters), computed once from the decoder's input embeddings; at each of its steps the
+      model passes `text_mask` (and scores `scores`, `attn` rows) restricted to them.
+    llm_positions: the RoPE positions its official code gives the survivors (POSITIONS), the
+      default of an llm entry's "positions".
+    signal_layer: the ViT layer whose attention / keys a post_vit / post_proj entry reads (and
+      whose received attention gives an llm entry's `vit_scores`) unless the entry names one:
+      -2, the penultimate (VisionZip, FasterVLM), or where the official method reads another.
   """
 
   name: str
@@ -114,6 +149,12 @@ class Method:
   llm_attn: str = "model"
   llm_kv: str = "after"
   keeps_none: bool = False
+  default_signals: Tuple[str, ...] = ()
+  llm_signals: Dict[str, str] = dataclasses.field(default_factory=dict)
+  llm_features: str = "hidden"
+  llm_rows: Optional[Callable[..., Any]] = None
+  llm_positions: str = "original"
+  signal_layer: int = -2
 
   def __call__(self, *args, **kwargs):
     return self.fn(*args, **kwargs)
@@ -145,23 +186,45 @@ class Method:
     """{option: "int" / "float" / "bool"} for the options whose default is None."""
     return OPTIONAL_TYPES.get(self.name, {})
 
+  def llm_signal(self, argument: str) -> str:
+    """The decoder signal that feeds `argument` at the llm stage (`llm_signals`, else itself)."""
+    return self.llm_signals.get(argument, argument)
+
 
 METHODS: Dict[str, Method] = {}
 
 
 def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[str, ...] = (),
              paper: str = "", token_sharded: bool = False, llm_attn: str = "model",
-             llm_kv: str = "after", keeps_none: bool = False):
-  """Decorator adding a method function to METHODS (see `Method` for the fields)."""
+             llm_kv: str = "after", keeps_none: bool = False,
+             default_signals: Tuple[str, ...] = (), llm_signals: Optional[Dict[str, str]] = None,
+             llm_features: str = "hidden", llm_rows: Optional[Callable[..., Any]] = None,
+             llm_positions: str = "original", signal_layer: int = -2):
+  """Decorator adding a method function to METHODS (see `Method` for the fields).
+
+  Raises ValueError for a value outside its choices, and for signals the function does not take
+  or that do not exist (naming them)."""
   if llm_attn not in LLM_ATTN or llm_kv not in LLM_KV:
     raise ValueError(f"llm_attn must be one of {LLM_ATTN} and llm_kv one of {LLM_KV}, got "
                      f"{llm_attn!r}, {llm_kv!r}")
+  if llm_features not in LLM_FEATURES:
+    raise ValueError(f"llm_features must be one of {LLM_FEATURES}, got {llm_features!r}")
+  if llm_positions not in POSITIONS:
+    raise ValueError(f"llm_positions must be one of {POSITIONS}, got {llm_positions!r}")
   if family not in FAMILIES:
     raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
   if not set(stages) <= set(STAGES):
     raise ValueError(f"stages must be a subset of {STAGES}, got {stages}")
   if not set(needs) <= set(SIGNALS):
     raise ValueError(f"needs must be a subset of {SIGNALS}, got {needs}")
+  llm_signals = dict(llm_signals or {})
+  unknown = sorted(set(llm_signals.values()) - set(SIGNALS))
+  if unknown:
+    raise ValueError(f"{name}: llm_signals names unknown signal(s) {unknown}; signals: {SIGNALS}")
+  if isinstance(signal_layer, bool) or not isinstance(signal_layer, int):
+    raise ValueError(f"{name}: signal_layer must be an int, got {signal_layer!r}")
+  if llm_rows is not None and not callable(llm_rows):
+    raise ValueError(f"{name}: llm_rows must be a function, got {llm_rows!r}")
 
   def wrap(fn):
     if name in METHODS:
@@ -169,6 +232,14 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
     params = inspect.signature(fn).parameters
     options = {k: p.default for k, p in params.items()
                if p.kind is p.KEYWORD_ONLY and k not in SIGNALS}
+    signal_args = {k for k in params if k in SIGNALS}
+    bad = sorted(set(llm_signals) - signal_args)
+    if bad:
+      raise ValueError(f"{name}: llm_signals binds argument(s) {bad}, which are not signal "
+                       f"arguments of the function ({sorted(signal_args)})")
+    bad = sorted(set(default_signals) - (signal_args - set(needs)))
+    if bad:
+      raise ValueError(f"{name}: default_signals {bad} are not optional signals of the function")
 
     @functools.wraps(fn)
     def checked(tokens, budget, *args, **kwargs):
@@ -177,10 +248,109 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
       return out
 
     METHODS[name] = Method(name, checked, family, tuple(stages), tuple(needs), options, paper,
-                           token_sharded, llm_attn, llm_kv, bool(keeps_none))
+                           token_sharded, llm_attn, llm_kv, bool(keeps_none),
+                           tuple(default_signals), llm_signals, llm_features, llm_rows,
+                           llm_positions, signal_layer)
     return checked
 
   return wrap
+
+
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+  """A multi-layer llm-stage schedule: one step of a registered method at each listed layer.
+
+  A plan entry `("llm", {"method": name, "layers": (l_1, ..., l_m), <size key>: (v_1, ...,
+  v_m), <options>})` runs `step` at the input of decoder layer l_i, sized by v_i.
+
+  Attributes:
+    name: the name a plan entry gives (SCHEDULES key; it may equal its step's name).
+    step: the registered llm-stage method each step runs (METHODS key).
+    sizes: {size key: "count" (positive ints) or "fraction" (in (0, 1])}: an entry gives
+      exactly one of them, one value per layer.
+    size: `size(key, value, n, n_initial, options) -> (budget, extra)`: the step's tokens out of
+      the `n` present (`n_initial`: the image tokens entering the decoder) and extra static
+      options for the step (SparseVLM's `scored`); raises ValueError for a value it cannot
+      meet.
+    options: the step method's options an entry may set (any other key is refused).
+    fixed: options every step gets (PyramidDrop's FastV `query="last"`).
+    signals: the step's signal arguments, a tuple or `signals(options) -> tuple`.
+    attn_from: the default of the entry's "attn_from" ("prev" / "next").
+    positions: the official RoPE positions (POSITIONS), or `positions(options) -> one of them`.
+    paper: short citation.
+  `options` given to the functions: the entry's own options over the step method's defaults.
+  """
+
+  name: str
+  step: str
+  sizes: Dict[str, str]
+  size: Callable[..., Tuple[int, Dict[str, Any]]]
+  options: Tuple[str, ...] = ()
+  fixed: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  signals: Any = ()
+  attn_from: str = "prev"
+  positions: Any = "original"
+  paper: str = ""
+
+  def step_options(self, given: Dict[str, Any]) -> Dict[str, Any]:
+    """The step method's options: its defaults for `options`, overridden by `given`."""
+    defaults = METHODS[self.step].options
+    return {**{k: defaults[k] for k in self.options}, **{k: v for k, v in given.items()
+                                                          if k in self.options}}
+
+  def step_signals(self, given: Dict[str, Any]) -> Tuple[str, ...]:
+    out = self.signals(self.step_options(given)) if callable(self.signals) else self.signals
+    return tuple(out)
+
+  def official_positions(self, given: Dict[str, Any]) -> str:
+    if callable(self.positions):
+      return self.positions(self.step_options(given))
+    return self.positions
+
+
+SCHEDULES: Dict[str, Schedule] = {}
+SIZE_KINDS = ("count", "fraction")
+
+
+def register_schedule(name: str, *, step: str, sizes: Dict[str, str],
+                      size: Callable[..., Tuple[int, Dict[str, Any]]],
+                      options: Tuple[str, ...] = (), fixed: Optional[Dict[str, Any]] = None,
+                      signals: Any = (), attn_from: str = "prev", positions: Any = "original",
+                      paper: str = "") -> Schedule:
+  """Adds a multi-layer llm-stage schedule to SCHEDULES (see `Schedule`) and returns it.
+
+  Raises ValueError naming what is wrong: an unknown step method or one that does not act at
+  the llm stage, options or fixed options the step does not take, signals it does not take,
+  unknown size kinds, attn_from or positions outside their choices."""
+  if name in SCHEDULES:
+    raise ValueError(f"schedule {name!r} registered twice")
+  if step not in METHODS or "llm" not in METHODS[step].stages:
+    raise ValueError(f"schedule {name!r}: step must be a registered llm-stage method, got "
+                     f"{step!r}")
+  m = METHODS[step]
+  fixed = dict(fixed or {})
+  bad = sorted((set(options) | set(fixed)) - set(m.options))
+  if bad:
+    raise ValueError(f"schedule {name!r}: {step!r} has no option(s) {bad}; its options are "
+                     f"{sorted(m.options)}")
+  if not sizes or not set(sizes.values()) <= set(SIZE_KINDS):
+    raise ValueError(f"schedule {name!r}: sizes must map size keys to one of {SIZE_KINDS}, got "
+                     f"{sizes!r}")
+  if attn_from not in ("prev", "next"):
+    raise ValueError(f"schedule {name!r}: attn_from must be 'prev' or 'next', got {attn_from!r}")
+  if not callable(positions) and positions not in POSITIONS:
+    raise ValueError(f"schedule {name!r}: positions must be one of {POSITIONS} or a function, "
+                     f"got {positions!r}")
+  sched = Schedule(name, step, dict(sizes), size, tuple(options), fixed, signals, attn_from,
+                   positions, paper)
+  # Every signal it can ask for, over the step's option choices.
+  variants = [{}] + [{k: v} for k in options for v in m.choices.get(k, ())]
+  for given in variants:
+    bad = sorted(set(sched.step_signals(given)) - (m.accepts & set(SIGNALS)))
+    if bad:
+      raise ValueError(f"schedule {name!r}: {step!r} takes no signal(s) {bad}")
+  SCHEDULES[name] = sched
+  return sched
 
 
 def _check_output(out, tokens, budget) -> None:

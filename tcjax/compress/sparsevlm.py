@@ -8,7 +8,8 @@ v1.5; on main, v1.5 unless `USE_VERSION=2_0`).
 Axis legend: B batch, N visual tokens, T text rows, H attention heads, D features, K tokens kept
 by score, R recycled tokens, C clusters of recycled tokens.
 
-The official algorithm, followed here (the decoder's side is in `tcjax.nn.gemma`):
+The official algorithm, followed here (the decoder serves what the registration declares:
+`llm_rows=text_raters`, and the schedule `SCHEDULE` at the end of this file):
   Raters, once, from the decoder's input embeddings (`text_raters`): raw dot products of the
   visual and text embeddings, softmax over the text, mean over the visual tokens; the text
   tokens above the mean rate (`primitives.above_mean_raters`).
@@ -29,7 +30,7 @@ The official algorithm, followed here (the decoder's side is in `tcjax.nn.gemma`
     and decodes every layer at its own cache length (`get_usable_length`); v2.0 keeps the
     original ones (`batch_index_select(position_ids, ...)`). The plan's schedule follows the
     version by default (`positions`: "reindex" for v1.5, "original" for v2.0; either can be
-    asked for, `tcjax.nn.plan.OFFICIAL_POSITIONS`).
+    asked for; `official_positions`).
 
 In tcjax a step is a hook at the input of decoder layer l + 1 whose signals come from layer l
 (attn_from="prev"): the official `pruning_loc` l is the plan's layer l + 1, so [2, 6, 15] is
@@ -58,7 +59,7 @@ import jax.numpy as jnp
 
 from tcjax.compress import primitives as P
 from tcjax.compress.dpc_knn import dpc_centres, pairwise_distance
-from tcjax.compress.registry import register
+from tcjax.compress.registry import register, register_schedule
 
 VERSIONS = ("v1.5", "v2.0")
 # Official tokens kept by score at pruning_loc [2, 6, 15], per retained budget (`score.py`;
@@ -146,8 +147,11 @@ def _scores(tokens, name, version, text_mask, attn, attn_heads, rope_logits, hea
   return _rows_mean(chosen, rows)
 
 
+# In the decoder, `text_mask` holds the prompt rows that are raters: the model calls `text_raters`
+# once on its input embeddings (`llm_rows`) and restricts the prompt rows to them at every step.
 @register("sparsevlm", family="cross_modal", stages=("llm",), needs=("attn",),
-          paper="SparseVLM v1.5 / v2.0 (SparseVLM+), Zhang et al., arXiv 2410.04417 (ICML 2025)")
+          paper="SparseVLM v1.5 / v2.0 (SparseVLM+), Zhang et al., arXiv 2410.04417 (ICML 2025)",
+          llm_rows=text_raters)
 def sparsevlm(tokens, budget, *, attn=None, text_mask=None, attn_heads=None, rope_logits=None,
               rng=None, version="v1.5", heads=14, scored=None):
   """One SparseVLM step on the visual tokens entering a decoder layer.
@@ -217,3 +221,38 @@ def sparsevlm(tokens, budget, *, attn=None, text_mask=None, attn_heads=None, rop
   ones = tokens.replace(size=jnp.where(tokens.mask, 1.0, 0.0))  # official: plain means
   out = out.replace(x=P.merge(ones, assign, rep).x)
   return P.sort_by_position(out)
+
+
+# ---- The plan's schedule: one step per listed layer (`compress.registry.register_schedule`). ----
+
+
+def step_size(key: str, value, n: int, n_initial: int, options) -> Tuple[int, dict]:
+  """(tokens out of the `n` present, {"scored": tokens kept by score}) for one step of the
+  schedule: `value` is an official list value (key "budgets": the tokens kept by score, at most
+  n - 1) or a fraction of `n` (key "keeps"); v1.5's recycled clusters come on top."""
+  del n_initial  # each step sizes from the tokens present
+  count = value if key == "budgets" else max(1, int(round(value * n)))
+  scored = kept_by_score(n, count)
+  out = output_size(n, scored, options["version"])
+  if out < 1:
+    raise ValueError(f"keeps no token of {n}")
+  return out, {"scored": scored}
+
+
+def step_signals(options) -> Tuple[str, ...]:
+  """The rater rows' head-mean attention (v1.5); v2.0 also per head and the RoPE-only logits."""
+  return ("attn", "text_mask") + (("attn_heads", "rope_logits") if options["version"] == "v2.0"
+                                  else ())
+
+
+def official_positions(options) -> str:
+  """v1.5 renumbers the survivors (`position_ids` cut to the kept length) and decodes every
+  layer at its cache length; v2.0 keeps their positions (`batch_index_select(position_ids,
+  ...)`), both in `modelling_sparse_llama.py`."""
+  return {"v1.5": "reindex", "v2.0": "original"}[options["version"]]
+
+
+SCHEDULE = register_schedule(
+    "sparsevlm", step="sparsevlm", sizes={"budgets": "count", "keeps": "fraction"},
+    size=step_size, options=("version", "heads"), signals=step_signals, attn_from="prev",
+    positions=official_positions, paper="SparseVLM, arXiv 2410.04417: steps at pruning_loc + 1")

@@ -209,7 +209,7 @@ def plan_for(setting: Setting, *, n_tokens: int, frames: int, vit_depth: int,
   """The (raw) plan of `setting` for inputs of `frames` frames (1: images) giving `n_tokens`
   ViT tokens in all. options: extra entry options of this method (they override the sweep's).
   signal_layer: the ViT layer a post_vit / post_proj entry that reads ViT attention / keys
-  reads (None: the method's default, `plan.DEFAULT_SIGNAL_LAYER`).
+  reads (None: the method's default, `Method.signal_layer`).
 
   Raises ValueError when the setting has no plan at this shape (e.g. a vit-stage budget that
   does not split over the frames, or a ToMe schedule that cannot reach the budget).

@@ -35,7 +35,6 @@ import jax.numpy as jnp
 from flax import struct
 
 from tcjax import compress
-from tcjax.compress.sparsevlm import text_raters
 from tcjax.nn import layers as nl
 from tcjax.nn import plan as plan_lib
 from tcjax.nn.config import GemmaConfig
@@ -288,15 +287,13 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
       raise ValueError(f"two llm-stage methods prune at decoder layer {h.layer}; "
                        "combine them into one or use different layers")
     at[h.layer] = h
-  raters = None
-  if any(h.raters for h in hooks):
-    raters = _sparsevlm_raters(seq)
+  rows = _text_rows(seq, hooks)
   n_initial = seq.n_img
   # Per-image-token signals carried along the pruning steps (gathered with the kept tokens).
   carried = {("vit_scores", l): v
              for l, v in dict((image_signals or {}).get("vit_scores", {})).items()}
   image_count = img.count() if any("image_count" in h.signals for h in hooks) else None
-  segments, counts, valid_counts, kept_pos, rows = [], [], [], [], []
+  segments, counts, valid_counts, kept_pos, attn_rows = [], [], [], [], []
   seg_img = []  # image tokens at the head of each segment's cache
   orig = seq.pos  # each token's position entering the decoder: which token it is
   seg_orig, seg_pos = [], []  # per segment: its tokens' `orig`, and their RoPE positions
@@ -345,7 +342,8 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
                          "when the model embeds the image itself (not from image_tokens=)")
       extra["vit_scores"] = carried[("vit_scores", hook.vit_layer)]
     n_img = seq.n_img
-    seq, img, attn, idx = _prune(p, seq, img, hook, prev, raters, n_initial, cfg, extra)
+    seq, img, attn, idx = _prune(p, seq, img, hook, prev, rows.get(hook.rows), n_initial, cfg,
+                                 extra)
     carried = {key: jnp.take_along_axis(v, idx, 1) for key, v in carried.items()}
     orig = unshard_axis(orig, 1)
     orig = jnp.concatenate([jnp.take_along_axis(orig[:, :n_img], idx, 1), orig[:, n_img:]], 1)
@@ -358,7 +356,7 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
     if hook.kv == "all":  # the earlier layers' caches drop the pruned image tokens too
       segments = [_keep_image_entries(sg, n_sg, o, kept_pos[-1])
                   for sg, n_sg, o in zip(segments, seg_img, seg_orig)]
-    rows.append(attn)
+    attn_rows.append(attn)
     lo = stop
   next_pos = _next_pos(seq.pos, seq.valid)
   if any(h.positions != "original" for h in hooks):
@@ -377,7 +375,7 @@ def prefill(p, seq: Seq, img: Tokens, cfg: GemmaConfig, hooks: Sequence[plan_lib
          "image_tokens_kept": img.count(), "llm_kept_pos": tuple(kept_pos),
          "llm_positions": tuple(jnp.where(sg.valid[:, :sg.length], sp, -1)
                                 for sg, sp in zip(segments, seg_pos)),
-         "llm_attn": tuple(rows)}
+         "llm_attn": tuple(attn_rows)}
   return x, seq, cache, aux
 
 
@@ -410,22 +408,27 @@ def _segment(ks, vs, seq: Seq, first_layer: int, cache_size: int) -> Segment:
                  length=seq.x.shape[1], first_layer=first_layer, n_img=seq.n_img)
 
 
-def _sparsevlm_raters(seq: Seq):
-  """bool[B, T]: SparseVLM's text raters from the layer-0 embeddings (`sparsevlm.text_raters`)."""
+def _text_rows(seq: Seq, hooks) -> Dict[Any, jax.Array]:
+  """{rows function: bool[B, T]} for each distinct `hook.rows` (a method's `llm_rows`, e.g.
+  SparseVLM's raters), called once on the decoder's input embeddings: image x float[B, N, E],
+  text x float[B, T, E], the valid prompt rows bool[B, T] and the valid image tokens bool[B, N]."""
   n = seq.n_img
   text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)
-  return text_raters(seq.x[:, :n], seq.x[:, n:], text_ok, seq.valid[:, :n])
+  out = {}
+  for fn in dict.fromkeys(h.rows for h in hooks if h.rows is not None):
+    out[fn] = fn(seq.x[:, :n], seq.x[:, n:], text_ok, seq.valid[:, :n])
+  return out
 
 
-# Features a method compares, where its paper uses something other than the hidden states.
-_FEATURES = {"dart": "final_norm"}  # DART: cosine similarity after the model's final RMSNorm
-
-
-def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: GemmaConfig,
+def _prune(p, seq: Seq, img: Tokens, hook, prev, own_rows, n_initial: int, cfg: GemmaConfig,
            extra=None):
   """Applies one llm-stage hook to the image part of `seq`; returns (seq, img, attn rows,
   int32[B, N'] the image token each output slot comes from). The survivors keep their
-  positions (the caller renumbers them for positions="reindex"). extra: signals computed before
+  positions (the caller renumbers them for positions="reindex").
+
+  Computes the signals the hook's method declared (`hook.sources`, the decoder signals named in
+  `compress.registry.SIGNALS`) and hands each to the argument it feeds (`hook.signals`);
+  own_rows: bool[B, T] the method's own text rows (`hook.rows`) or None. extra: signals computed before
   the decoder ({"vit_scores": float32[B, N], "image_count": int32[B]}), for the hooks that need
   them."""
   n = seq.n_img
@@ -438,14 +441,20 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
   q, k, layer = prev[:3]  # post-RoPE; prev[3:] the same before RoPE
   q, k = unshard_axis(q, 1), unshard_axis(k, 1)
   text_ok = seq.valid[:, n:] & (seq.mask_ar[:, n:] == 0)  # prompt rows score; suffix never
-  if raters is not None and hook.raters:
-    text_ok = text_ok & raters
+  if own_rows is not None:  # the method's own rows among them (SparseVLM's raters)
+    text_ok = text_ok & own_rows
   x_img, x_txt = seq.x[:, :n], seq.x[:, n:]
-  if _FEATURES.get(hook.method) == "final_norm":
-    x_img, x_txt = (nl.rms_norm(a, p["final_norm"]["scale"], cfg.norm_eps) for a in (x_img, x_txt))
-  want = set(hook.signals)  # what the plan entry passes (plan.entry_signals)
+  normed = lambda a: nl.rms_norm(a, p["final_norm"]["scale"], cfg.norm_eps)
+  if hook.features == "final_norm":  # what the method compares (DART)
+    x_img = normed(x_img)
+  elif hook.features != "hidden":
+    raise ValueError(f"llm {hook.method} at layer {hook.layer}: unknown features "
+                     f"{hook.features!r}")
+  want = set(hook.sources)  # the decoder signals the plan entry passes (plan.entry_signals)
   signals = {"text": x_txt, "text_mask": text_ok,
              "rng": jax.random.fold_in(jax.random.key(hook.seed), hook.layer), **(extra or {})}
+  if "text_normed" in want:
+    signals["text_normed"] = normed(x_txt)
   rows = None
   if {"attn", "scores", "attn_heads"} & want:
     qa, ka = q, k
@@ -470,13 +479,20 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, raters, n_initial: int, cfg: Ge
     signals["rope_logits"] = jnp.einsum("bth,bnh->btn", rq, rk) / jnp.sqrt(
         jnp.float32(cfg.head_dim))
   flat = lambda a: batch_reshape(a, a.shape[:2] + (a.shape[2] * a.shape[3],))  # heads x dims
-  if "keys" in want:
-    signals["keys"] = flat(k[:, :n])
-  if "keys_heads" in want:  # [B, N, K, h]: per KV head, post-RoPE (what the KV cache holds)
+  # Keys of layer K-1 (or K), post-RoPE as the KV cache holds them: per KV head [B, *, K, h],
+  # KV heads concatenated [B, *, K * h], or their mean [B, *, h]; image tokens, then text.
+  for name, part in (("keys", k[:, :n]), ("text_keys", k[:, n:])):
+    if name in want:
+      signals[name] = part.mean(2)
+    if name + "_concat" in want:
+      signals[name + "_concat"] = flat(part)
+  if "keys_heads" in want:
     signals["keys_heads"] = k[:, :n]
-  if "text_keys" in want:  # DART ranks its text pivots by these
-    signals["text_keys"] = flat(k[:, n:])
-  kw = {s: signals[s] for s in hook.signals}
+  missing = sorted(want - set(signals))
+  if missing:
+    raise ValueError(f"llm {hook.method} at layer {hook.layer}: the decoder has no signal(s) "
+                     f"{missing}")
+  kw = {arg: signals[src] for arg, src in zip(hook.signals, hook.sources)}
   kw.update(dict(hook.options), **size_options)
   before = img.replace(x=x_img)
   after = compress.apply(hook.method, before, budget, **kw)

@@ -19,8 +19,8 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
   vit:            layer (the ViT layer whose output is reduced; signals come from that layer's
                   attention).
   post_vit/proj:  signal_layer (the ViT layer whose attention / keys are the signals), for
-                  methods that use them; default DEFAULT_SIGNAL_LAYER[method], else -2 (the
-                  penultimate layer, as VisionZip and FasterVLM). Entries may read different
+                  methods that use them; default the method's `signal_layer` (-2, the
+                  penultimate layer, as VisionZip and FasterVLM, unless it registers another). Entries may read different
                   layers: the ViT provides the signals of each.
   llm:            layer K (the hidden states entering decoder layer K are pruned, or merged by
                   a merging method), attn_from ("prev": attention / keys of layer K-1, the
@@ -28,13 +28,13 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   PyramidDrop's lookahead), for methods that use a layer's attention or keys;
                   positions ("original": the survivors keep their RoPE positions; "reindex":
                   they are renumbered 0..n-1 and decoding continues from the cache length;
-                  default: the method's official choice, OFFICIAL_POSITIONS - "original" for
-                  every single method but mustdrop). How the attention is computed and which
-                  KV caches drop the pruned tokens the method declares (`register(llm_attn=,
-                  llm_kv=)`).
+                  default: the method's official choice, `Method.llm_positions` - "original"
+                  for every single method but mustdrop). What the decoder computes for it the
+                  method declares in its registration (`register(llm_attn=, llm_kv=,
+                  llm_features=, llm_signals=, llm_rows=)`, `LLMHook`).
                   An entry whose method takes `vit_scores` (MustDrop) also reads signal_layer:
                   the ViT layer whose received attention gives the scores (default
-                  DEFAULT_SIGNAL_LAYER[method], else -2).
+                  the method's `signal_layer`).
 Decode-time KV policies (`compress.registry.DECODE_POLICIES`: dycoke, mustdrop) at the decode
 stage: method, layer L (the layers >= L attend only the image entries the policy keeps at each
 decoding step; a policy reading attention reads layer L - 1's, so L >= 1) and the policy's own
@@ -46,28 +46,38 @@ runs the module (`PaliGemma` declares it when the plan names it).
 Schedules (plan-level, not single methods):
   vit "tome":     r (int, (r, inflect) or per-layer list), layers ("all" or indices), prop_attn
                   (True); ToMe between attention and MLP of those ViT blocks.
-  llm "pyramiddrop": layers + ratios (of the image tokens entering the LLM), attention of the
-                  last prompt token, attn_from ("next"), positions ("reindex", official: the
-                  survivors renumbered after every step; "original").
-  llm "sparsevlm": layers + budgets (or keeps: fractions of the tokens present), one
-                  `tcjax.compress.sparsevlm` step per layer, on the attention of layer - 1
-                  (attn_from "prev": official pruning_loc l is layer l + 1), raters chosen once
-                  from the decoder's input embeddings; a budget is what the official lists
-                  hold, the tokens kept by score (at most the tokens present - 1), and v1.5's
-                  recycled clusters come on top (`sparsevlm.output_size`); the method's own
-                  options: version ("v1.5", official default; "v2.0"), heads (v2.0's priority
-                  heads, 14); positions (default the version's official one: v1.5 "reindex",
-                  v2.0 "original").
+  llm:            the multi-layer schedules methods register (`compress.registry.SCHEDULES`,
+                  `register_schedule`): layers + one of the schedule's size keys (one value
+                  per layer), attn_from (default: the schedule's), positions (default: its
+                  official one) and the step method's options the schedule lets through; one
+                  step of its method per listed layer (`llm_hooks`), sized by the schedule's own
+                  function. Built in:
+    "pyramiddrop" (`compress/pyramiddrop.py`): layers + ratios (of the image tokens entering
+                  the LLM), FastV steps on the last prompt token's attention, attn_from
+                  ("next"), positions ("reindex", official; "original").
+    "sparsevlm"   (`compress/sparsevlm.py`): layers + budgets (or keeps: fractions of the
+                  tokens present), one `compress.sparsevlm` step per layer on the attention of
+                  layer - 1 (attn_from "prev": official pruning_loc l is layer l + 1), raters
+                  chosen once from the decoder's input embeddings (`Method.llm_rows`); a budget
+                  is what the official lists hold, the tokens kept by score (at most the tokens
+                  present - 1), and v1.5's recycled clusters come on top
+                  (`sparsevlm.output_size`); the method's own options: version ("v1.5",
+                  official default; "v2.0"), heads (v2.0's priority heads, 14); positions
+                  (default the version's official one: v1.5 "reindex", v2.0 "original").
 
 Signals. A method always gets the signals it needs (`METHODS[name].needs`). Its optional signals
 (`Method.optional`) change what it computes, so the entry chooses them: "signals" names the
 optional signals to pass, e.g. `("post_vit", {"method": "vispruner", "budget": 64, "signals":
 ("keys",)})` de-duplicates on the ViT's head-mean keys instead of the features (official
-VisPruner; DivPrune alike). Without "signals" an entry passes DEFAULT_SIGNALS[method] where the
-stage has them - the optional inputs the official method uses: DART's text pivots, ranked by the
-text keys, and FastV's mask of valid prompt rows - and no other; `"signals": ()` passes none.
-STAGE_SIGNALS says what each stage can provide (post_proj has text only when the model is
-called with text); naming a signal the stage can never provide is an error.
+VisPruner; DivPrune alike). Without "signals" an entry passes the method's `default_signals`
+(`register(default_signals=)`) where the stage has them - the optional inputs the official method
+uses: DART's text pivots, ranked by the text keys, and FastV's mask of valid prompt rows - and no
+other; `"signals": ()` passes none. Signals are named by the method's arguments; each signal name
+means one thing at every stage (`compress.registry.SIGNALS`), and in the decoder a method's
+registration may feed an argument from another signal (`Method.llm_signals`: DART's `keys` are
+the `keys_concat`, heads concatenated, as its official code). STAGE_SIGNALS says what each stage
+can provide (post_proj has text only when the model is called with text); naming a signal the
+stage can never provide is an error.
 
 Validation. `normalize` (run whenever a PaliGemmaConfig is built) refuses any key an entry's
 method or schedule does not read, checks the type of every plan option and of every method
@@ -81,12 +91,12 @@ ValueError naming the entry, `plan[i] (stage, method)`, and the option.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 
-from tcjax.compress.registry import (DECODE_POLICIES, DECODE_STAGE, METHODS, SIGNALS, STAGES,
-                                     apply)
+from tcjax.compress.registry import (DECODE_POLICIES, DECODE_STAGE, METHODS, POSITIONS,
+                                     SCHEDULES, SIGNALS, STAGES, apply)
 from tcjax.nn import learned
 
 # Signals the model can hand a method at each stage.
@@ -94,48 +104,34 @@ STAGE_SIGNALS = {
     "vit": ("scores", "attn", "keys", "keys_heads", "rng"),
     "post_vit": ("scores", "attn", "keys", "keys_heads", "rng"),
     "post_proj": ("scores", "attn", "keys", "keys_heads", "text", "text_mask", "rng"),
-    "llm": ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_heads", "text",
-            "text_mask", "text_keys", "rng", "vit_scores", "image_count"),
+    "llm": ("scores", "attn", "attn_heads", "rope_logits", "keys", "keys_concat", "keys_heads",
+            "text", "text_normed", "text_mask", "text_keys", "text_keys_concat", "rng",
+            "vit_scores", "image_count"),
 }
 # Every stage a plan entry may name: the Tokens stages, then the decode stage (decode-time KV
 # policies, `compress.registry.DECODE_POLICIES`).
 PLAN_STAGES = STAGES + (DECODE_STAGE,)
-# Optional signals an entry passes unless its "signals" says otherwise: those the official method
-# uses. Any other optional signal is a variant, passed only when the entry names it.
-DEFAULT_SIGNALS = {"dart": ("text", "text_mask", "text_keys"), "fastv": ("text_mask",)}
-# The ViT layer whose attention / keys feed a post_vit / post_proj entry without "signal_layer":
-# the penultimate one (-2, as VisionZip and FasterVLM), except where the official method reads
-# another (PruMerge: the q / k hooks on the last layer).
-DEFAULT_SIGNAL_LAYER = {"prumerge": -1, "prumerge_plus": -1, "mustdrop": -1}
 # Signals that come from a layer's attention (the ViT signal layer, decoder layer K-1 or K).
-_LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "keys_heads", "text_keys")
+_LAYER_SIGNALS = ("scores", "attn", "attn_heads", "keys", "keys_concat", "keys_heads",
+                  "text_keys", "text_keys_concat")
 # Keys the plan reads in entries of `tcjax.compress` methods; the others go to the method.
 _PLAN_KEYS = ("method", "budget", "keep", "signals", "seed", "layer", "signal_layer", "attn_from",
               "positions")
-# Plan-level schedules that are not single `tcjax.compress` methods, and the keys each reads.
-_SCHEDULES = {
-    "vit": {"tome": ("method", "r", "layers", "prop_attn")},
-    "llm": {"pyramiddrop": ("method", "layers", "ratios", "attn_from", "positions"),
-            "sparsevlm": ("method", "layers", "budgets", "keeps", "attn_from", "positions",
-                          "version", "heads")},
-}
-# RoPE positions of the tokens that stay after an llm-stage step (the entry option "positions"):
+# The ViT's plan-level schedule (not a single `tcjax.compress` method) and the keys it reads.
+# The llm stage's multi-layer schedules are registered by their methods
+# (`compress.registry.SCHEDULES`, `register_schedule`).
+_VIT_SCHEDULES = {"tome": ("method", "r", "layers", "prop_attn")}
+# RoPE positions of the tokens that stay after an llm-stage step (the entry option "positions",
+# `compress.registry.POSITIONS`):
 #   "original"  each keeps the position it had (pruned tokens leave holes); decoding continues
 #               from the last position + 1.
 #   "reindex"   the survivors are renumbered 0..n-1 by rank among the valid tokens (image, then
 #               text, contiguously) and RoPE uses the new numbers in every later layer; decoding
 #               continues in those layers from the number of tokens their cache holds.
-POSITIONS = ("original", "reindex")
-# The official choice where it is not "original" (an entry without "positions" follows it):
-#   pyramiddrop  Cooperx521/PyramidDrop `llava/model/modeling_llama_pdrop.py`: `pdrop_rank_drop`
-#                gives the kept sequence the positions 0..len-1, and decoding lowers the position
-#                by the tokens dropped at each stage (`pdrop_forward`).
-#   sparsevlm    Gumpest/SparseVLMs `llava/model/language_model/modelling_sparse_llama.py`: v1.5
-#                (branch v1.5, and main without USE_VERSION=2_0) cuts `position_ids` to the kept
-#                length (0..n-1) and decodes each layer at its own cache length
-#                (`get_usable_length`); v2.0 keeps the kept tokens' positions
-#                (`batch_index_select(position_ids, ...)`).
-# The others keep the original positions in their official code: FastV (pkunlp-icler/FastV,
+# An entry without "positions" follows its method's official code: `Method.llm_positions`
+# (`register(llm_positions=)`; mustdrop "reindex") or its schedule's `positions` (pyramiddrop
+# "reindex", sparsevlm by version); each method file cites the official code it follows. The
+# others keep the original positions in their official code: FastV (pkunlp-icler/FastV,
 # `src/transformers/.../llama/modeling_llama.py` and `src/FastV/lmms-eval/fastv_kvcache.py`:
 # `position_ids = keep_indexs`), DART (`DART_K_norm` in ZichenWen1/DART's LLaVA model, and the
 # llmc port `llmc/compression/token_reduction/dart.py`: the kept indices), VTW (lzhxmu/VTW
@@ -144,12 +140,6 @@ POSITIONS = ("original", "reindex")
 # all_keep`), holitom_llm (cokeshao/HoliTom `holitom/modeling_qwen2.py`: `keep_indexs`) and
 # prunevid_llm (Visual-AI/PruneVid `models/pllava/elastic_cache.py`: `position_ids[:, index_list]`,
 # decoding from the unpruned length); methods with no official in-LLM code keep them too.
-#   mustdrop     liuting20/MustDrop `llava/model/language_model/modelling_sparse_llama.py` (built
-#                on SparseVLM v1.5): `position_ids.narrow(1, 0, ...)` after each filter gives the
-#                survivors 0..n-1; decoding counts each layer's own cache length.
-OFFICIAL_POSITIONS = {"pyramiddrop": "reindex",
-                      "sparsevlm": {"v1.5": "reindex", "v2.0": "original"},
-                      "mustdrop": "reindex"}
 # How a per-layer ToMe r list is stored (plans freeze lists to tuples, and a tuple r means
 # (r, inflect)).
 _PER_LAYER = "per_layer"
@@ -197,8 +187,17 @@ def normalize(plan) -> Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...]:
 
 
 def is_schedule(stage: str, method) -> bool:
-  """Whether `method` at `stage` is a plan-level schedule rather than a compress method."""
-  return method in _SCHEDULES.get(stage, {})
+  """Whether `method` at `stage` is a plan-level schedule rather than a compress method: ToMe
+  in the ViT, a registered multi-layer schedule (`compress.registry.SCHEDULES`) in the decoder."""
+  if stage == "vit":
+    return method in _VIT_SCHEDULES
+  return stage == "llm" and method in SCHEDULES
+
+
+def _feeds(m, stage: str, argument: str) -> str:
+  """The signal of `stage` that feeds the method's `argument` (`Method.llm_signals` in the
+  decoder; elsewhere the signal of that name)."""
+  return m.llm_signal(argument) if stage == "llm" else argument
 
 
 def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -210,12 +209,14 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   if stage == DECODE_STAGE:
     return _check_decode_entry(i, where, method, opts)
   if isinstance(method, str) and is_schedule(stage, method):
-    _check_keys(where, opts, _SCHEDULES[stage][method])
-    if method == "tome":
+    if stage == "vit":
+      _check_keys(where, opts, _VIT_SCHEDULES[method])
       return _check_tome(where, opts)
-    _check_llm_schedule(where, method, opts)
-    if method in METHODS:  # a schedule of a registered method's steps: its options too
-      _check_method_options(where, METHODS[method], opts)
+    sched = SCHEDULES[method]
+    _check_keys(where, opts, ("method", "layers", *sched.sizes, "attn_from", "positions",
+                              *sched.options))
+    _check_llm_schedule(where, sched, opts)
+    _check_method_options(where, METHODS[sched.step], opts)  # the step method's own options
     return opts
   if isinstance(method, str) and method in learned.LEARNED:
     if stage not in learned.STAGES:
@@ -228,7 +229,7 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   m = METHODS[method]
   if stage not in m.stages:
     raise ValueError(f"{where}: method {method!r} acts at stages {m.stages}, not {stage!r}")
-  missing = [s for s in m.needs if s not in STAGE_SIGNALS[stage]]
+  missing = [s for s in m.needs if _feeds(m, stage, s) not in STAGE_SIGNALS[stage]]
   if missing:
     raise ValueError(f"{where}: needs signal(s) {missing}, which stage {stage!r} cannot provide")
   if "signals" in opts:
@@ -239,10 +240,10 @@ def _check_entry(i: int, stage: str, opts: Dict[str, Any]) -> Dict[str, Any]:
       if s not in m.optional + m.needs:
         raise ValueError(f"{where}: signals: {method!r} takes no signal {s!r}; its optional "
                          f"signals are {list(m.optional)}")
-      if s not in STAGE_SIGNALS[stage]:
+      if _feeds(m, stage, s) not in STAGE_SIGNALS[stage]:
         raise ValueError(f"{where}: signals: stage {stage!r} cannot provide {s!r}; it has "
                          f"{list(STAGE_SIGNALS[stage])}")
-  used = set(sum(entry_signals(opts, stage), ()))
+  used = {_feeds(m, stage, s) for s in sum(entry_signals(opts, stage), ())}
   allowed = {"method", "budget", "keep", "signals", *m.options}
   if stage in ("vit", "llm"):
     allowed.add("layer")
@@ -337,14 +338,13 @@ def _check_positions(where: str, opts) -> None:
 
 def entry_positions(opts: Mapping[str, Any]) -> str:
   """The RoPE positions policy of an llm-stage entry (POSITIONS): its "positions", else the
-  official one of its method (OFFICIAL_POSITIONS; SparseVLM by version), else "original"."""
+  official one of its schedule (`Schedule.positions`, SparseVLM's by version) or method
+  (`Method.llm_positions`)."""
   if "positions" in opts:
     return opts["positions"]
-  official = OFFICIAL_POSITIONS.get(opts["method"], "original")
-  if isinstance(official, Mapping):
-    version = opts.get("version", METHODS[opts["method"]].options["version"])
-    official = official[version]
-  return official
+  if is_schedule("llm", opts["method"]):
+    return SCHEDULES[opts["method"]].official_positions(dict(opts))
+  return METHODS[opts["method"]].llm_positions
 
 
 def _check_tome(where: str, opts: Dict[str, Any]) -> Dict[str, Any]:
@@ -371,8 +371,10 @@ def _check_tome(where: str, opts: Dict[str, Any]) -> Dict[str, Any]:
   return opts
 
 
-def _check_llm_schedule(where: str, method: str, opts) -> None:
-  sizes = {"pyramiddrop": ("ratios",), "sparsevlm": ("budgets", "keeps")}[method]
+def _check_llm_schedule(where: str, sched, opts) -> None:
+  """A registered schedule's entry: increasing int `layers` and exactly one of its size keys,
+  one value per layer, of the key's kind (`Schedule.sizes`)."""
+  sizes = tuple(sched.sizes)
   given = [k for k in sizes if k in opts]
   layers = opts.get("layers")
   if not isinstance(layers, (tuple, list)) or not layers or len(given) != 1:
@@ -385,9 +387,10 @@ def _check_llm_schedule(where: str, method: str, opts) -> None:
   values = opts[key]
   if not isinstance(values, (tuple, list)) or len(values) != len(layers):
     raise ValueError(f"{where}: '{key}' needs one value per layer in {tuple(layers)}")
-  ok = (lambda v: _is_int(v) and v >= 1) if key == "budgets" else _is_fraction
+  count = sched.sizes[key] == "count"
+  ok = (lambda v: _is_int(v) and v >= 1) if count else _is_fraction
   if not all(ok(v) for v in values):
-    kind = "positive ints" if key == "budgets" else "fractions in (0, 1]"
+    kind = "positive ints" if count else "fractions in (0, 1]"
     raise ValueError(f"{where}: {key} must be {kind}, got {values!r}")
   _check_attn_from(where, opts)
   _check_positions(where, opts)
@@ -396,16 +399,18 @@ def _check_llm_schedule(where: str, method: str, opts) -> None:
 def entry_signals(opts: Mapping[str, Any], stage: str) -> Tuple[Tuple[str, ...], Tuple[str, ...]]:
   """(signals the entry's method must get, optional ones it gets where the model has them).
 
-  The method's needs and the signals the entry names in "signals" must be there; an entry
-  without "signals" passes the method's DEFAULT_SIGNALS that `stage` provides, when present.
+  Signals are named by the method's arguments (at the llm stage `Method.llm_signals` says which
+  decoder signal feeds each). The method's needs and the signals the entry names in "signals"
+  must be there; an entry without "signals" passes the method's `default_signals` that `stage`
+  provides, when present.
   """
   if stage in learned.STAGES and learned.is_learned(opts):  # a module: its options decide
     return learned.LEARNED[opts["method"]].needs(opts, stage), ()
   m = METHODS[opts["method"]]
   if "signals" in opts:
     return tuple(s for s in SIGNALS if s in m.needs or s in opts["signals"]), ()
-  maybe = tuple(s for s in DEFAULT_SIGNALS.get(m.name, ())
-                if s in STAGE_SIGNALS[stage] and s not in m.needs)
+  maybe = tuple(s for s in m.default_signals
+                if _feeds(m, stage, s) in STAGE_SIGNALS[stage] and s not in m.needs)
   return tuple(m.needs), maybe
 
 
@@ -457,26 +462,27 @@ def resolve_layer(layer, depth: int, where: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class LLMHook:
-  """One pruning step at the input of decoder layer `layer`.
+  """One pruning step at the input of decoder layer `layer`: everything the decoder needs to
+  serve it, read off the method's registration (the model knows no method by name).
 
   method: a `tcjax.compress` method; size: ("budget", n) / ("keep", f) of the current image
-  tokens / ("of_initial", f) of the image tokens entering the LLM / ("scored", ("budget", n) or
-  ("keep", f)): SparseVLM's tokens kept by score (the method's `scored`; recycled clusters come
-  on top); attn_from: "prev" / "next";
-  raters: SparseVLM rater selection; options: the method's own options (e.g. fastv's `query`:
-  which prompt rows score); signals: the signals it gets (`entry_signals`); seed: for `rng`;
-  attn, kv: how the decoder computes its attention signals and which caches drop the pruned
-  tokens (the method's `llm_attn` / `llm_kv`, `compress.registry.LLM_ATTN` / `LLM_KV`);
-  positions: the survivors' RoPE positions in the layers from `layer` on (POSITIONS,
-  `entry_positions`); vit_layer: the ViT layer of its `vit_scores` as the entry names it
-  (`signal_layer`, may be negative; the model resolves it), None when it takes none.
+  tokens, or (size key, value) of its `schedule`, sized by `Schedule.size`; schedule: the
+  registered schedule this step belongs to (`compress.registry.SCHEDULES`), None for a single
+  method; attn_from: "prev" / "next"; options: the method's own options (e.g. fastv's `query`:
+  which prompt rows score); signals: the method's signal arguments it gets (`entry_signals`);
+  sources: the decoder signal feeding each of them (`Method.llm_signals`, same order); seed:
+  for `rng`; attn, kv: how the decoder computes its attention signals and which caches drop the
+  pruned tokens (`Method.llm_attn` / `llm_kv`); features: what `tokens.x` holds
+  (`Method.llm_features`); rows: the method's text-row function (`Method.llm_rows`, SparseVLM's
+  raters) or None; positions: the survivors' RoPE positions in the layers from `layer` on
+  (POSITIONS, `entry_positions`); vit_layer: the ViT layer of its `vit_scores` as the entry
+  names it (`signal_layer`, may be negative; the model resolves it), None when it takes none.
   """
 
   layer: int
   method: str
   size: Tuple[str, Any]
   attn_from: str = "prev"
-  raters: bool = False
   options: Tuple[Tuple[str, Any], ...] = ()
   signals: Tuple[str, ...] = ()
   seed: int = 0
@@ -484,49 +490,54 @@ class LLMHook:
   kv: str = "after"
   positions: str = "original"
   vit_layer: Optional[int] = None
+  schedule: Optional[str] = None
+  sources: Tuple[str, ...] = ()
+  features: str = "hidden"
+  rows: Optional[Callable[..., Any]] = None
 
 
 def llm_hooks(plan, depth: int) -> Tuple[LLMHook, ...]:
-  """The (normalized) plan's decoder-stage entries expanded into per-layer hooks, by layer."""
+  """The (normalized) plan's decoder-stage entries expanded into per-layer hooks, by layer.
+
+  One path for every entry: a single method is one step (`layer`, `budget` / `keep`); a
+  registered schedule one step of its method per listed layer, sized by its size key."""
   hooks = []
   for i, opts in entries(plan, "llm"):
-    method = opts["method"]
-    where = f"plan[{i}] (llm, {method})"
-    attn_from = opts.get("attn_from")
+    name = opts["method"]
+    where = f"plan[{i}] (llm, {name})"
     positions = entry_positions(opts)
-    if method == "pyramiddrop":  # FastV steps scored by the last prompt row
-      for layer, v in zip(opts["layers"], opts["ratios"]):
-        hooks.append(LLMHook(resolve_layer(layer, depth, where), "fastv", ("of_initial", v),
-                             attn_from or "next", options=(("query", "last"),),
-                             signals=("attn", "text_mask"), positions=positions))
-      continue
-    if method == "sparsevlm":  # `compress.sparsevlm` steps scored by the rater rows
-      key = "budgets" if "budgets" in opts else "keeps"
-      kind = {"budgets": "budget", "keeps": "keep"}[key]
-      own = {k: v for k, v in opts.items() if k in METHODS[method].options}
-      version = own.get("version", METHODS[method].options["version"])
-      signals = ("attn", "text_mask") + (("attn_heads", "rope_logits") if version == "v2.0"
-                                         else ())
-      for layer, v in zip(opts["layers"], opts[key]):
-        hooks.append(LLMHook(resolve_layer(layer, depth, where), method,
-                             ("scored", (kind, v)), attn_from or "prev", raters=True,
-                             options=tuple(sorted(own.items())), signals=signals,
-                             positions=positions))
-      continue
-    must, maybe = entry_signals(opts, "llm")  # the decoder provides every signal
-    size = ("budget", opts["budget"]) if "budget" in opts else ("keep", opts["keep"])
     vit_layer = None
-    if "vit_scores" in must + maybe:
-      vit_layer = opts.get("signal_layer", DEFAULT_SIGNAL_LAYER.get(method, -2))
-    hooks.append(LLMHook(resolve_layer(opts["layer"], depth, where), method, size,
-                         attn_from or "prev",
-                         options=tuple(sorted(method_options(opts).items())),
-                         signals=must + maybe, seed=opts.get("seed", 0),
-                         attn=METHODS[method].llm_attn, kv=METHODS[method].llm_kv,
-                         positions=positions, vit_layer=vit_layer))
+    if is_schedule("llm", name):
+      sched = SCHEDULES[name]
+      m = METHODS[sched.step]
+      key = next(k for k in sched.sizes if k in opts)
+      steps = [(layer, (key, v)) for layer, v in zip(opts["layers"], opts[key])]
+      options = {**sched.fixed, **{k: v for k, v in opts.items() if k in sched.options}}
+      signals = sched.step_signals(options)
+      attn_from = opts.get("attn_from", sched.attn_from)
+      seed = 0
+    else:
+      sched, m = None, METHODS[name]
+      must, maybe = entry_signals(opts, "llm")  # the decoder provides every signal
+      signals = must + maybe
+      steps = [(opts["layer"], ("budget", opts["budget"]) if "budget" in opts
+                else ("keep", opts["keep"]))]
+      options = method_options(opts)
+      attn_from = opts.get("attn_from", "prev")
+      seed = opts.get("seed", 0)
+      if "vit_scores" in signals:
+        vit_layer = opts.get("signal_layer", m.signal_layer)
+    for layer, size in steps:
+      hooks.append(LLMHook(
+          resolve_layer(layer, depth, where), m.name, size, attn_from,
+          options=tuple(sorted(options.items())), signals=tuple(signals), seed=seed,
+          attn=m.llm_attn, kv=m.llm_kv, positions=positions, vit_layer=vit_layer,
+          schedule=None if sched is None else sched.name,
+          sources=tuple(m.llm_signal(s) for s in signals), features=m.llm_features,
+          rows=m.llm_rows))
   hooks.sort(key=lambda h: h.layer)  # stable: plan order within a layer
   for h in hooks:
-    if h.attn_from == "prev" and h.layer == 0 and set(h.signals) & set(_LAYER_SIGNALS):
+    if h.attn_from == "prev" and h.layer == 0 and set(h.sources) & set(_LAYER_SIGNALS):
       raise ValueError(f"llm {h.method} at layer 0 has no previous layer's attention or keys;"
                        " use attn_from='next' or layer >= 1")
   return tuple(hooks)
@@ -568,23 +579,15 @@ def decode_hooks(plan, depth: int) -> Tuple[DecodeHook, ...]:
 
 def hook_size(hook: LLMHook, n_now: int, n_initial: int, where: str
               ) -> Tuple[int, Dict[str, Any]]:
-  """(tokens the hook keeps out of `n_now`, extra static options for its method)."""
+  """(tokens the hook keeps out of `n_now`, extra static options for its method): its budget /
+  keep, or its schedule's `size` (`n_initial`: the image tokens entering the decoder)."""
   kind, v = hook.size
-  if kind == "of_initial":
-    if not _is_fraction(v):
-      raise ValueError(f"{where}: ratio must be in (0, 1], got {v!r}")
-    return max(1, min(n_now, int(n_initial * v))), {}
-  if kind == "scored":  # SparseVLM: kept by score (official min(value, n - 1)), then recycling
-    # pylint: disable-next=g-import-not-at-top
-    from tcjax.compress.sparsevlm import kept_by_score, output_size
-    inner, value = v
-    count = value if inner == "budget" else max(1, int(round(value * n_now)))
-    scored = kept_by_score(n_now, count)
-    version = dict(hook.options).get("version", METHODS[hook.method].options["version"])
-    out = output_size(n_now, scored, version)
-    if out < 1:
-      raise ValueError(f"{where}: keeps no token of {n_now}")
-    return out, {"scored": scored}
+  if hook.schedule is not None:
+    sched = SCHEDULES[hook.schedule]
+    try:
+      return sched.size(kind, v, n_now, n_initial, sched.step_options(dict(hook.options)))
+    except ValueError as err:
+      raise ValueError(f"{where}: {err}") from None
   return budget({kind: v}, n_now, where), {}
 
 
@@ -631,7 +634,8 @@ def needed_signals(plan, stages: Sequence[str]):
 def entry_signal_layer(opts: Mapping[str, Any], stage: str, depth: int) -> Optional[int]:
   """The ViT layer (resolved) whose attention / keys a post_vit / post_proj entry reads, or
   whose mean received attention becomes an llm entry's `vit_scores`: its "signal_layer", else
-  DEFAULT_SIGNAL_LAYER of its method, else -2; None if it reads none."""
+  the `signal_layer` of its method (`register(signal_layer=)`, -2 unless it registers another);
+  None if it reads none."""
   if stage == "llm":
     if is_schedule(stage, opts["method"]) or "vit_scores" not in sum(
         entry_signals(opts, stage), ()):
@@ -640,7 +644,7 @@ def entry_signal_layer(opts: Mapping[str, Any], stage: str, depth: int) -> Optio
     return None
   elif not set(sum(entry_signals(opts, stage), ())) & set(_LAYER_SIGNALS):
     return None
-  layer = opts.get("signal_layer", DEFAULT_SIGNAL_LAYER.get(opts["method"], -2))
+  layer = opts.get("signal_layer", METHODS[opts["method"]].signal_layer)
   return resolve_layer(layer, depth, "signal_layer")
 
 
