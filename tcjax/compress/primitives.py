@@ -6,7 +6,9 @@ Methods are compositions of: input checks, a ranking key, `select_top` / `gather
 order, with `src` bookkeeping), `merge` (size-weighted scatter-merge into K slots), `pool_grid`
 (k x k pooling on the grid) and `sort_by_position`. Data-dependent counts in a fixed capacity:
 `rank_in_group` (a runtime number per group), `select_where`, `merge_into` (features the method
-computes); density-peak clustering of a group: `density_peaks`, `nearest_centre`.
+computes); density-peak clustering of a group: from features, `dpc_sq_dists`, `dpc_scores`,
+`dpc_assign` (compare-free passes over squared distances, the fast path), or from a distance
+matrix, `density_peaks`, `nearest_centre`.
 """
 
 from __future__ import annotations
@@ -561,6 +563,94 @@ def scores_per_token(tokens: Tokens, scores, method: str, name: str = "scores") 
 # ---------------------------------------------------------------------------------------------
 # Density-peak clustering (DPC-kNN) of one group of tokens.
 # ---------------------------------------------------------------------------------------------
+
+
+# Added to a squared distance to exclude it from a min (finite: 0 * _EXCLUDE is 0).
+_EXCLUDE = 3e38
+
+
+def dpc_sq_dists(x: jax.Array, valid: jax.Array) -> Tuple[jax.Array, jax.Array]:
+  """(d2 float32[N, N], dmax2 float32[]) of one group `x: float[N, D]` (`valid: bool[N]`): the
+  squared Euclidean distances max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0) from the symmetric Gram
+  matrix (`gram`), +inf in the columns of tokens outside the group (never near, never denser),
+  and the group's largest squared distance (0 for fewer than two tokens).
+
+  The distances of DPC-kNN are f(d2) = sqrt(d2) / sqrt(D) (`dpc_dist`), non-decreasing in d2:
+  the k smallest, a min and a max are taken on d2 and mapped once, which gives the values the
+  distance matrix would. d2 is exactly symmetric in the group and exactly 0 on its diagonal (the
+  Gram's diagonal is set to |x_i|^2, and 2|x_i|^2 - 2|x_i|^2 is 0). Tokens outside the group are
+  zeroed before the Gram, so their features (NaN padding included) never reach a valid entry.
+  """
+  n = x.shape[0]
+  x = jnp.where(valid[:, None], x.astype(jnp.float32), 0.0)
+  sq = jnp.sum(x * x, -1)
+  idx = jnp.arange(n)
+  g = gram(x).at[idx, idx].set(sq)
+  sq_col = jnp.where(valid, sq, jnp.inf)  # columns outside the group: d2 = +inf
+  sq_max = jnp.where(valid, sq, -jnp.inf)  # rows and columns outside: max(-inf, 0) = 0
+  dmax2 = jnp.max(jnp.maximum(sq_max[:, None] + sq_max[None, :] - 2.0 * g, 0.0))
+  return jnp.maximum(sq[:, None] + sq_col[None, :] - 2.0 * g, 0.0), dmax2
+
+
+def dpc_dist(d2: jax.Array, dim: int) -> jax.Array:
+  """The DPC-kNN distance sqrt(d2) / sqrt(D) of squared distances (`dpc_sq_dists`)."""
+  return jnp.sqrt(d2) / jnp.sqrt(jnp.float32(dim))
+
+
+def k_smallest(m: jax.Array, k: int, bin_size: int = 32) -> jax.Array:
+  """float32[..., k] the k smallest values of each row of `m: float[..., M]`, ascending: the
+  values of `-lax.top_k(-m, k)[0]`, through `top_k_by_bins` (exact)."""
+  return -top_k_by_bins(-m, k, bin_size)[0]
+
+
+def dpc_scores(d2: jax.Array, dmax2: jax.Array, valid: jax.Array, k, dim: int, *,
+               k_max: Optional[int] = None, noise: Optional[jax.Array] = None) -> jax.Array:
+  """float32[N] DPC-kNN centre scores rho * delta of one group from `dpc_sq_dists`' output
+  (-inf outside the group): the values `density_peaks` computes from the distance matrix.
+
+  Args:
+    d2, dmax2: `dpc_sq_dists(x, valid)`.
+    valid: bool[N] the group's tokens.
+    k: neighbours in the density, self included: a static int, or a traced one in [1, k_max].
+    dim: D, the features' width (distances are divided by sqrt(D)).
+    k_max: static bound of a traced k (None: k is static).
+    noise: optional float[N] added to the density (the official tie-breaking noise); None
+      breaks density ties by index (the lower index counts as denser).
+
+  Every N x N pass is written without comparisons (XLA's CPU loops run a compare-and-select
+  several times slower than a min, max or add): "j is denser than i" is rank_j < rank_i in the
+  stable descending order of rho, i.e. max(1 - rank_i + rank_j, 0) == 0, and d2's +inf columns
+  drop the tokens outside the group. The mean over the k nearest is the sum of the first k of
+  the ascending k_max smallest, divided by k (the same values as a mean when k == k_max).
+  """
+  n = d2.shape[0]
+  near = dpc_dist(k_smallest(d2, k if k_max is None else k_max), dim)  # [N, k_max], self first
+  total = jnp.take(jnp.cumsum(near * near, -1), jnp.asarray(k, jnp.int32) - 1, axis=-1)
+  rho = jnp.exp(-total / jnp.asarray(k, jnp.float32))
+  if noise is not None:
+    rho = rho + noise
+  order = jnp.argsort(-rho, stable=True)  # densest first; equal densities: lower index first
+  rank = jnp.zeros((n,), jnp.float32).at[order].set(jnp.arange(n, dtype=jnp.float32))
+  not_denser = jnp.maximum(1.0 - rank[:, None] + rank[None, :], 0.0)  # 0 iff j denser than i
+  delta2 = jnp.minimum(jnp.min(d2 + not_denser * jnp.float32(_EXCLUDE), -1), dmax2)
+  return jnp.where(valid, rho * dpc_dist(delta2, dim), -jnp.inf)
+
+
+def dpc_assign(d2: jax.Array, centres: jax.Array, ok: jax.Array, dim: int) -> jax.Array:
+  """int32[N] the slot in `centres: int[K]` of each token's nearest centre among the slots with
+  `ok: bool[K]` (the first such slot on ties: centres in score order give the official
+  higher-score tie); a centre (in an ok slot) is in its own slot. d2: `dpc_sq_dists`' (symmetric
+  in the group: row c is column c).
+
+  The argmin is over the distances f(d2) themselves, not d2: two squared distances may round to
+  one distance, and the tie then goes to the first centre, as on the distance matrix.
+  """
+  n, k = d2.shape[0], centres.shape[0]
+  dc = jnp.where(ok[:, None], dpc_dist(d2[centres], dim), jnp.inf)  # [K, N]
+  assign = jnp.argmin(dc, 0).astype(jnp.int32)
+  own = jnp.full((n,), -1, jnp.int32).at[jnp.where(ok, centres, n)].set(
+      jnp.arange(k, dtype=jnp.int32), mode="drop")
+  return jnp.where(own >= 0, own, assign)
 
 
 def density_peaks(dist: jax.Array, valid: jax.Array, k) -> jax.Array:

@@ -121,16 +121,22 @@ def refine_clusters(labels: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, t, relabel, ref)
 
 
-def _clusters(x, valid, count, k):
-  """DPC-kNN of one group `x: float32[P, D]` (`valid: bool[P]`) into `count` (traced) clusters:
-  int32[P] the centre index of each token (-1 outside the group). Official tie: the centre with
-  the higher score (the official centre order) wins."""
-  dist = pairwise_distance(x)
-  size = valid.sum()
-  score = P.density_peaks(dist, valid, jnp.maximum(jnp.minimum(k, size), 1))
-  rank = P.rank_in_group(score)
-  centre = P.nearest_centre(dist, valid & (rank < count), rank.astype(jnp.float32))
-  return jnp.where(valid, centre, -1)
+def _clusters(x, valid, count, k, count_max):
+  """DPC-kNN of one group `x: float32[P, D]` (`valid: bool[P]`) into `count` (traced, at most
+  the static `count_max`) clusters: int32[P] the centre index of each token (-1 outside the
+  group). Official tie: the centre with the higher score (the official centre order) wins.
+
+  The passes of `dpc_knn` (`primitives.dpc_sq_dists`, `dpc_scores`, `dpc_assign`): the values
+  of `density_peaks` and `nearest_centre` on the distance matrix, ~3.5x faster on CPU (no full
+  row sort, no compare-and-select over P x P)."""
+  p, d = x.shape
+  d2, dmax2 = P.dpc_sq_dists(x, valid)
+  k_used = jnp.maximum(jnp.minimum(k, valid.sum()), 1)
+  score = P.dpc_scores(d2, dmax2, valid, k_used, d, k_max=min(k, p))
+  # `rank_in_group`'s order (highest first, ties to the lower index, NaN last) is lax.top_k's.
+  _, centres = jax.lax.top_k(jnp.where(jnp.isnan(score), -jnp.inf, score), count_max)
+  slot = P.dpc_assign(d2, centres, jnp.arange(count_max) < count, d)
+  return jnp.where(valid, centres[slot], -1).astype(jnp.int32)
 
 
 def max_count(grid, tokens_per_frame: int, *, cluster_ratio: float = 0.5,
@@ -188,7 +194,13 @@ def prunevid(tokens, budget, *, tau=0.8, temporal_segment_ratio=0.25, cluster_ra
   p = n // frames
   table = _floor_table(p, cluster_ratio)
   count_of = lambda m: jnp.where(m > cluster_above, P.lookup(table, m), m)
+  count_max = int(max(c if i > cluster_above else i for i, c in enumerate(table)))
   idx_t = jnp.arange(frames)
+  # Refined segments are at least 2 frames long (a label keeps only runs of >= 2 frames, and
+  # every other run joins a neighbouring run), so at most T // 2 segments can hold static tokens:
+  # only that many static groups are clustered, not one per frame (with 4 frames, 6 groups of P
+  # tokens per example instead of 8).
+  slots = max(frames // 2, 1)
 
   def plan(x, mask, size):
     """rep_of int32[N], plain-mean features float32[N, D], priority float32[N] of one example."""
@@ -205,22 +217,25 @@ def prunevid(tokens, budget, *, tau=0.8, temporal_segment_ratio=0.25, cluster_ra
     ref = refine_clusters(labels)
     is_start = jnp.concatenate([jnp.ones((1,), bool), ref[1:] != ref[:-1]])
     start = jax.lax.cummax(jnp.where(is_start, idx_t, 0))  # each frame's segment start
-    member = (start[None, :] == idx_t[:, None]).astype(jnp.float32)  # [slot = start, frame]
+    seg = jnp.cumsum(is_start) - 1  # each frame's segment, < slots
+    member = (seg[None, :] == jnp.arange(slots)[:, None]).astype(jnp.float32)  # [segment, frame]
     width = member.sum(1)
     # 2. Static positions: mean cosine over ordered pairs = (|sum of unit vectors|^2 - W) / W(W-1).
     unit = jnp.einsum("st,tpd->spd", member, P.l2_normalize(xf))
     pairs = jnp.maximum(width * (width - 1), 1.0)[:, None]
     sim = ((unit * unit).sum(-1) - width[:, None]) / pairs
     whole = jnp.einsum("st,tp->sp", member, (~valid).astype(jnp.float32)) == 0
-    static = (width[:, None] >= 2) & whole & (sim > tau)  # [slot, P]
-    static_t = static[start]  # [T, P]
-    # 3. Static clusters per segment (slot = its first frame), over the time-averaged tokens.
+    static = (width[:, None] >= 2) & whole & (sim > tau)  # [segment, P]
+    static_t = static[seg]  # [T, P]
+    # 3. Static clusters per segment, over the time-averaged tokens, and 4. dynamic clusters per
+    # frame: one batch of groups.
     smean = jnp.einsum("st,tpd->spd", member, xf) / jnp.maximum(width, 1.0)[:, None, None]
-    s_centre = jax.vmap(_clusters, (0, 0, 0, None))(smean, static, count_of(static.sum(1)), k)
-    # 4. Dynamic clusters per frame.
     dyn = valid & ~static_t
-    d_centre = jax.vmap(_clusters, (0, 0, 0, None))(xf, dyn, count_of(dyn.sum(1)), k)
-    rep_static = start[:, None] * p + s_centre[start]  # the centre in the segment's first frame
+    groups = jnp.concatenate([static, dyn])
+    centre = jax.vmap(_clusters, (0, 0, 0, None, None))(
+        jnp.concatenate([smean, xf]), groups, count_of(groups.sum(1)), k, count_max)
+    s_centre, d_centre = centre[:slots], centre[slots:]
+    rep_static = start[:, None] * p + s_centre[seg]  # the centre in the segment's first frame
     rep = jnp.where(static_t, rep_static, jnp.where(dyn, idx_t[:, None] * p + d_centre, -1))
     rep = rep.reshape(-1).astype(jnp.int32)
     ones = jnp.where(rep >= 0, 1.0, 0.0)
