@@ -121,22 +121,33 @@ def refine_clusters(labels: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, t, relabel, ref)
 
 
-def _clusters(x, valid, count, k, count_max):
-  """DPC-kNN of one group `x: float32[P, D]` (`valid: bool[P]`) into `count` (traced, at most
-  the static `count_max`) clusters: int32[P] the centre index of each token (-1 outside the
-  group). Official tie: the centre with the higher score (the official centre order) wins.
+def _clusters(x, valid, label, count, k, count_max):
+  """DPC-kNN of two groups held in one matrix `x: float32[P, D]`: the tokens with
+  `valid: bool[P]` and `label: int32[P]` 0, and those with label 1, each into its `count`
+  (int32[2], traced, at most the static `count_max`) clusters: int32[P] the centre index of each
+  token (-1 outside both groups). Official tie: the centre with the higher score (the official
+  centre order) wins.
 
-  The passes of `dpc_knn` (`primitives.dpc_sq_dists`, `dpc_scores`, `dpc_assign`): the values
-  of `density_peaks` and `nearest_centre` on the distance matrix, ~3.5x faster on CPU (no full
-  row sort, no compare-and-select over P x P)."""
+  Each group is clustered on its own (`dpc_sq_dists` with `group`: tokens of different labels are
+  never neighbours, denser tokens or members). The passes of `dpc_knn` (`primitives.dpc_sq_dists`,
+  `dpc_scores`, `dpc_assign`) give the values of `density_peaks` and `nearest_centre` on each
+  group's distance matrix, ~3.5x faster on CPU (no full row sort, no compare-and-select over
+  P x P); two groups share one Gram matrix and one set of passes."""
   p, d = x.shape
-  d2, dmax2 = P.dpc_sq_dists(x, valid)
-  k_used = jnp.maximum(jnp.minimum(k, valid.sum()), 1)
+  d2, dmax2 = P.dpc_sq_dists(x, valid, label)
+  in_group = [valid & (label == g) for g in (0, 1)]
+  size = jnp.stack([m.sum() for m in in_group])
+  k_used = jnp.maximum(jnp.minimum(k, size), 1)[label]  # each token's group's k
   score = P.dpc_scores(d2, dmax2, valid, k_used, d, k_max=min(k, p))
   # `rank_in_group`'s order (highest first, ties to the lower index, NaN last) is lax.top_k's.
-  _, centres = jax.lax.top_k(jnp.where(jnp.isnan(score), -jnp.inf, score), count_max)
-  slot = P.dpc_assign(d2, centres, jnp.arange(count_max) < count, d)
-  return jnp.where(valid, centres[slot], -1).astype(jnp.int32)
+  score = jnp.where(jnp.isnan(score), -jnp.inf, score)
+  centre = jnp.full((p,), -1, jnp.int32)
+  for g in (0, 1):
+    _, centres = jax.lax.top_k(jnp.where(in_group[g], score, -jnp.inf), count_max)
+    ok = (jnp.arange(count_max) < count[g]) & in_group[g][centres]
+    slot = P.dpc_assign(d2, centres, ok, d)
+    centre = jnp.where(in_group[g], centres[slot], centre)
+  return centre.astype(jnp.int32)
 
 
 def max_count(grid, tokens_per_frame: int, *, cluster_ratio: float = 0.5,
@@ -197,13 +208,13 @@ def prunevid(tokens, budget, *, tau=0.8, temporal_segment_ratio=0.25, cluster_ra
   count_max = int(max(c if i > cluster_above else i for i, c in enumerate(table)))
   idx_t = jnp.arange(frames)
   # Refined segments are at least 2 frames long (a label keeps only runs of >= 2 frames, and
-  # every other run joins a neighbouring run), so at most T // 2 segments can hold static tokens:
-  # only that many static groups are clustered, not one per frame (with 4 frames, 6 groups of P
-  # tokens per example instead of 8).
+  # every other run joins a neighbouring run), so there are at most T // 2 of them: the static
+  # positions and time averages are computed for that many segments, not one slot per frame.
   slots = max(frames // 2, 1)
 
   def plan(x, mask, size):
-    """rep_of int32[N], plain-mean features float32[N, D], priority float32[N] of one example."""
+    """rep_of int32[N] and priority float32[N] (patches carried by each representative) of one
+    example."""
     xf = x.astype(jnp.float32).reshape(frames, p, -1)
     valid = mask.reshape(frames, p)
     # 1. Temporal segments from the frame means.
@@ -228,25 +239,26 @@ def prunevid(tokens, budget, *, tau=0.8, temporal_segment_ratio=0.25, cluster_ra
     static = (width[:, None] >= 2) & whole & (sim > tau)  # [segment, P]
     static_t = static[seg]  # [T, P]
     # 3. Static clusters per segment, over the time-averaged tokens, and 4. dynamic clusters per
-    # frame: one batch of groups.
+    # frame. A segment's static tokens (time-averaged) and its first frame's dynamic tokens sit
+    # at disjoint positions: one P x P matrix per frame holds both groups (label 0 static, 1
+    # dynamic), T Gram matrices per example instead of T + T // 2.
     smean = jnp.einsum("st,tpd->spd", member, xf) / jnp.maximum(width, 1.0)[:, None, None]
     dyn = valid & ~static_t
-    groups = jnp.concatenate([static, dyn])
-    centre = jax.vmap(_clusters, (0, 0, 0, None, None))(
-        jnp.concatenate([smean, xf]), groups, count_of(groups.sum(1)), k, count_max)
-    s_centre, d_centre = centre[:slots], centre[slots:]
-    rep_static = start[:, None] * p + s_centre[seg]  # the centre in the segment's first frame
-    rep = jnp.where(static_t, rep_static, jnp.where(dyn, idx_t[:, None] * p + d_centre, -1))
+    s_here = static_t & is_start[:, None]  # [T, P] static tokens clustered in frame t's matrix
+    z = jnp.where(s_here[..., None], smean[seg], xf)
+    counts = jnp.stack([count_of(s_here.sum(1)), count_of(dyn.sum(1))], 1)  # [T, 2]
+    centre = jax.vmap(_clusters, (0, 0, 0, 0, None, None))(
+        z, s_here | dyn, dyn.astype(jnp.int32), counts, k, count_max)
+    # A static token's centre: in the segment's first frame's matrix.
+    rep_static = start[:, None] * p + centre[start]
+    rep = jnp.where(static_t, rep_static, jnp.where(dyn, idx_t[:, None] * p + centre, -1))
     rep = rep.reshape(-1).astype(jnp.int32)
-    ones = jnp.where(rep >= 0, 1.0, 0.0)
-    feats = P.slot_sum(jnp.where(rep[:, None] >= 0, x.astype(jnp.float32), 0.0)[None],
-                       rep[None], n)[0]
-    feats = feats / jnp.maximum(P.slot_sum(ones[None], rep[None], n)[0], 1.0)[:, None]
     carried = P.slot_sum(jnp.where(rep >= 0, size, 0.0)[None], rep[None], n)[0]
-    return rep, feats, carried
+    return rep, carried
 
-  rep_of, x_rep, priority = jax.vmap(plan)(tokens.x, tokens.mask, tokens.size)
-  return P.merge_into(tokens, rep_of, x_rep, budget, priority)
+  rep_of, priority = jax.vmap(plan)(tokens.x, tokens.mask, tokens.size)
+  # Plain means (weight 1 per member), computed for the `budget` output slots only.
+  return P.merge_into(tokens, rep_of, None, budget, priority, weight=jnp.ones_like(tokens.size))
 
 
 def token_groups(tokens) -> jax.Array:
