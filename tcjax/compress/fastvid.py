@@ -19,7 +19,7 @@ Official behaviour (followed here), per clip:
      (C * L) // ceil(L / anchor_stride) each, none for the other frames (a 1-frame segment: C).
   3. ATS: each frame keeps its S tokens with the highest `scores`.
   4. Density, per frame over its non-salient tokens: DPC-kNN with k = 4 (self included),
-     distances / sqrt(D), score rho * delta (`primitives.dpc_scores`).
+     distances / sqrt(D), score rho * delta (`dpc_knn.dpc_scores`).
   5. DTM. A frame's anchors are its `count` non-salient tokens of highest density score. A frame
      whose count is C (1-frame segments) gathers its own non-salient tokens; a frame with more
      (an anchor frame of a longer segment) gathers those of every frame of its segment. Each
@@ -59,6 +59,7 @@ import jax
 import jax.numpy as jnp
 
 from tcjax.compress import primitives as P
+from tcjax.compress.dpc_knn import dpc_scores, pairwise_distance
 from tcjax.compress.registry import register
 
 DENSITY_K = 4  # official: torch.topk(dist, k=4, largest=False), the token itself included
@@ -108,19 +109,13 @@ def density_anchors(x_ns, v_ns, count, context: int, noise=None):
   Returns:
     (anchor int32[A] index into the J = F * m non-salient tokens, ok bool[A] slot used).
   """
-  f, m, d = x_ns.shape
+  f, m, _ = x_ns.shape
+  dist = jax.vmap(pairwise_distance)(x_ns)  # [F, m, m]
   k = min(DENSITY_K, m)
-
-  def score(x, v, z):
-    # `dpc_knn.dpc_scores(pairwise_distance(x), v, k, z)`'s values through the compare-free passes
-    # over squared distances (`primitives.dpc_sq_dists`, `dpc_scores`).
-    d2, dmax2 = P.dpc_sq_dists(x, v)
-    return P.dpc_scores(d2, dmax2, v, k, d, noise=z)
-
   if noise is None:
-    density = jax.vmap(lambda x, v: score(x, v, None))(x_ns, v_ns)
+    density = jax.vmap(lambda dd, v: dpc_scores(dd, v, k))(dist, v_ns)
   else:
-    density = jax.vmap(score)(x_ns, v_ns, noise)
+    density = jax.vmap(lambda dd, v, z: dpc_scores(dd, v, k, z))(dist, v_ns, noise)
   _, order = jax.lax.top_k(density, m)  # [F, m] density order (ties: lower index)
   frame_of = jnp.arange(f)[:, None]
   rank = jnp.zeros((f, m), jnp.int32).at[frame_of, order].set(jnp.arange(m, dtype=jnp.int32))
