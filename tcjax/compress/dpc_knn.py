@@ -128,64 +128,16 @@ def dpc_knn(tokens, budget, *, rng=None, k=5, weighting="plain"):
   return _merge_sorted(tokens, assign, centres, weighting)
 
 
-# Added to a squared distance to exclude it from a min (finite: 0 * _EXCLUDE is 0).
-_EXCLUDE = 3e38
-
-
 def _plan(x: jax.Array, valid: jax.Array, budget: int, k: int, noise=None):
   """(assign int32[N], centres int32[K]) of one example: `dpc_centres(pairwise_distance(x), ...)`
-  and the nearest centre of every token, computed from the symmetric Gram matrix.
-
-  `pairwise_distance` is f(d2) = sqrt(d2) / sqrt(D) of d2 = max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0)
-  (0 on the diagonal), non-decreasing in d2: the k smallest, the min and the max are taken on d2
-  and mapped through f, which gives the same values; the nearest centre is an argmin of f(d2)
-  itself (two squared distances may round to one distance, and ties go to the first centre).
-  Every N x N pass is written without comparisons (XLA's CPU loops run a compare-and-select
-  several times slower than a min, max or add): padding is +inf through its squared norm, and
-  "j is denser than i" is rank_j < rank_i in the stable descending order of rho, i.e.
-  max(1 - rank_i + rank_j, 0) == 0.
-  """
-  n, d = x.shape
-  x = jnp.where(valid[:, None], x.astype(jnp.float32), 0.0)  # padding never reaches the Gram
-  sq = jnp.sum(x * x, -1)
-  idx = jnp.arange(n)
-  # The diagonal of the Gram set to |x_i|^2 makes d2_ii = 2|x_i|^2 - 2|x_i|^2 = 0 exactly.
-  g = P.gram(x).at[idx, idx].set(sq)
-  sq_col = jnp.where(valid, sq, jnp.inf)  # padding columns: d2 = +inf, never near or denser
-  sq_max = jnp.where(valid, sq, -jnp.inf)  # padding rows and columns: d2 = max(-inf, 0) = 0
-  dmax2 = jnp.max(jnp.maximum(sq_max[:, None] + sq_max[None, :] - 2.0 * g, 0.0))
-  d2 = jnp.maximum(sq[:, None] + sq_col[None, :] - 2.0 * g, 0.0)  # [N, N]
-  to_dist = lambda v: jnp.sqrt(v) / jnp.sqrt(jnp.float32(d))
-  near = to_dist(_k_smallest(d2, k))  # [N, k], self (0) included
-  rho = jnp.exp(-jnp.mean(near * near, -1))
-  if noise is not None:
-    rho = rho + noise
-  order = jnp.argsort(-rho, stable=True)  # densest first; equal densities: lower index first
-  rank = jnp.zeros((n,), jnp.float32).at[order].set(jnp.arange(n, dtype=jnp.float32))
-  not_denser = jnp.maximum(1.0 - rank[:, None] + rank[None, :], 0.0)  # 0 iff j denser than i
-  delta2 = jnp.minimum(jnp.min(d2 + not_denser * jnp.float32(_EXCLUDE), -1), dmax2)
-  score = jnp.where(valid, rho * to_dist(delta2), -jnp.inf)
+  and the nearest centre of every token (the first centre, in score order, on ties), through the
+  compare-free passes over squared distances (`primitives.dpc_sq_dists`, `dpc_scores`,
+  `dpc_assign`), which give the same values."""
+  d2, dmax2 = P.dpc_sq_dists(x, valid)
+  score = P.dpc_scores(d2, dmax2, valid, k, x.shape[1], noise=noise)
   centres = jax.lax.top_k(score, budget)[1].astype(jnp.int32)
-  dc = jnp.where(valid[centres][:, None], to_dist(d2[centres]), jnp.inf)  # [K, N]
-  assign = jnp.argmin(dc, 0).astype(jnp.int32)  # first centre (score order) on ties
-  own = jnp.full((n,), -1, jnp.int32).at[centres].set(jnp.arange(budget, dtype=jnp.int32))
-  assign = jnp.where(own >= 0, own, assign)
+  assign = P.dpc_assign(d2, centres, valid[centres], x.shape[1])
   return jnp.where(valid, assign, -1), centres
-
-
-def _k_smallest(m: jax.Array, k: int, bin_size: int = 32) -> jax.Array:
-  """float32[N, k] the k smallest values of each row of `m: float32[N, M]` (ascending), the values
-  of `-lax.top_k(-m, k)[0]`: through the minima of bins of `bin_size` columns, as in
-  `primitives.top_k_by_bins` (the k bins with the smallest minima hold the k smallest values)."""
-  rows, cols = m.shape
-  if k * bin_size * 2 > cols:
-    return -jax.lax.top_k(-m, k)[0]
-  bins = -(-cols // bin_size)
-  mb = jnp.pad(m, ((0, 0), (0, bins * bin_size - cols)), constant_values=jnp.inf)
-  mb = mb.reshape(rows, bins, bin_size)
-  _, top = jax.lax.top_k(-mb.min(-1), k)
-  cand = jnp.take_along_axis(mb, top[..., None], axis=1).reshape(rows, k * bin_size)
-  return -jax.lax.top_k(-cand, k)[0]
 
 
 def _merge_sorted(tokens, assign, centres, weighting):

@@ -6,7 +6,9 @@ Methods are compositions of: input checks, a ranking key, `select_top` / `gather
 order, with `src` bookkeeping), `merge` (size-weighted scatter-merge into K slots), `pool_grid`
 (k x k pooling on the grid) and `sort_by_position`. Data-dependent counts in a fixed capacity:
 `rank_in_group` (a runtime number per group), `select_where`, `merge_into` (features the method
-computes); density-peak clustering of a group: `density_peaks`, `nearest_centre`.
+computes); density-peak clustering of a group: from features, `dpc_sq_dists`, `dpc_scores`,
+`dpc_assign` (compare-free passes over squared distances, the fast path), or from a distance
+matrix, `density_peaks`, `nearest_centre`.
 """
 
 from __future__ import annotations
@@ -246,25 +248,32 @@ def select_top_count(tokens: Tokens, scores: jax.Array, budget: int, count: jax.
                      src=jnp.where(out.src >= count[:, None], -1, out.src))
 
 
-def merge(tokens: Tokens, assign: jax.Array, rep: jax.Array) -> Tokens:
+def merge(tokens: Tokens, assign: jax.Array, rep: jax.Array,
+          weight: Optional[jax.Array] = None) -> Tokens:
   """Size-weighted scatter-merge of tokens into K slots.
 
   Args:
     tokens: N tokens in.
     assign: int32[B, N] slot of each token in [0, K), or -1 to drop it. Padding should be -1.
     rep: int32[B, K] the token whose `pos` each slot takes (its representative).
+    weight: optional float[B, N] > 0, the members' weights in the features' mean (None: `size`).
 
   Returns:
-    K tokens: x = sum(size * x) / sum(size) over the slot's members, size = sum(size), pos of the
-    representative, mask = size > 0; empty slots are zero padding.
+    K tokens: x = sum(size * x) / sum(size) over the slot's members (`weight` for size when
+    given), size = sum(size), pos of the representative, mask = size > 0; empty slots are zero
+    padding.
   """
   k = rep.shape[1]
   keep = (assign >= 0) & tokens.mask
   w = jnp.where(keep, tokens.size, 0.0)
   slot = jnp.where(keep, assign, -1)
-  wx = slot_sum(tokens.x.astype(jnp.float32) * w[..., None], slot, k)
   size = slot_sum(w, slot, k)
-  x = (wx / jnp.maximum(size, 1e-30)[..., None]).astype(tokens.x.dtype)
+  total = size
+  if weight is not None:
+    w = jnp.where(keep, weight.astype(jnp.float32), 0.0)
+    total = slot_sum(w, slot, k)
+  wx = slot_sum(tokens.x.astype(jnp.float32) * w[..., None], slot, k)
+  x = (wx / jnp.maximum(total, 1e-30)[..., None]).astype(tokens.x.dtype)
   mask = size > 0
   pos = jnp.where(mask[..., None], _take(tokens.pos, rep), 0)
   old_to_new = jnp.where(keep, assign, -1).astype(jnp.int32)
@@ -376,7 +385,7 @@ def select_where(tokens: Tokens, keep: jax.Array, key: jax.Array, budget: int) -
 
 
 def merge_into(tokens: Tokens, rep_of: jax.Array, x_rep: Optional[jax.Array], budget: int,
-               priority: jax.Array) -> Tokens:
+               priority: jax.Array, weight: Optional[jax.Array] = None) -> Tokens:
   """Every token joins a representative token; each representative becomes one output token.
 
   For merges whose features are not the size-weighted mean (`merge`): the caller computes them.
@@ -386,10 +395,12 @@ def merge_into(tokens: Tokens, rep_of: jax.Array, x_rep: Optional[jax.Array], bu
     rep_of: int32[B, N] the input index of each token's representative (a representative is its
       own), -1 to drop the token.
     x_rep: float[B, N, D] the output features, read at the representatives; None: the
-      size-weighted mean of the members (`merge`).
+      size-weighted mean of the members (`merge`), or the `weight`-weighted one.
     budget: output capacity.
     priority: float32[B, N] which representatives stay when there are more than `budget`
       (highest first, ties to the lower index); the others are dropped with their members.
+    weight: optional float[B, N] > 0, the members' weights in the mean when `x_rep` is None
+      (ones: the plain mean); None: `size`. Computed for the `budget` slots only.
 
   Returns:
     `budget` tokens in raster order of their representatives, padding last; each takes its
@@ -407,7 +418,7 @@ def merge_into(tokens: Tokens, rep_of: jax.Array, x_rep: Optional[jax.Array], bu
   slot_of = jax.vmap(lambda s, ok: jnp.full((n,), -1, jnp.int32).at[s].set(
       jnp.where(ok, jnp.arange(budget, dtype=jnp.int32), -1)))(slots, slot_ok)
   assign = jnp.where(valid, jnp.take_along_axis(slot_of, jnp.maximum(rep_of, 0), axis=1), -1)
-  out = merge(tokens, assign, slots)
+  out = merge(tokens, assign, slots, weight)
   if x_rep is None:
     return out
   x = jnp.where(out.mask[..., None], _take(x_rep, slots), 0)
@@ -561,6 +572,111 @@ def scores_per_token(tokens: Tokens, scores, method: str, name: str = "scores") 
 # ---------------------------------------------------------------------------------------------
 # Density-peak clustering (DPC-kNN) of one group of tokens.
 # ---------------------------------------------------------------------------------------------
+
+
+# Added to a squared distance to exclude it from a min (finite: 0 * _EXCLUDE is 0).
+_EXCLUDE = 3e38
+
+
+def dpc_sq_dists(x: jax.Array, valid: jax.Array, group: Optional[jax.Array] = None
+                 ) -> Tuple[jax.Array, jax.Array]:
+  """(d2 float32[N, N], dmax2) of one group `x: float[N, D]` (`valid: bool[N]`): the squared
+  Euclidean distances max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0) from the symmetric Gram matrix
+  (`gram`), +inf in the columns of tokens outside the group (never near, never denser), and
+  dmax2, the group's largest squared distance (0 for fewer than two tokens).
+
+  `group: int[N]` (optional, small non-negative labels) holds several disjoint groups in one
+  matrix (one Gram for all of them): tokens of different labels are >= 3e38 apart in d2 (never
+  near, never denser), and dmax2 is float32[N], the largest squared distance within each token's
+  own group; None: one group, dmax2 a float32 scalar.
+
+  The distances of DPC-kNN are f(d2) = sqrt(d2) / sqrt(D) (`dpc_dist`), non-decreasing in d2:
+  the k smallest, a min and a max are taken on d2 and mapped once, which gives the values the
+  distance matrix would. d2 is exactly symmetric in the group and exactly 0 on its diagonal (the
+  Gram's diagonal is set to |x_i|^2, and 2|x_i|^2 - 2|x_i|^2 is 0). Tokens outside the group are
+  zeroed before the Gram, so their features (NaN padding included) never reach a valid entry.
+  """
+  n = x.shape[0]
+  x = jnp.where(valid[:, None], x.astype(jnp.float32), 0.0)
+  sq = jnp.sum(x * x, -1)
+  idx = jnp.arange(n)
+  g = gram(x).at[idx, idx].set(sq)
+  sq_col = jnp.where(valid, sq, jnp.inf)  # columns outside the group: d2 = +inf
+  sq_max = jnp.where(valid, sq, -jnp.inf)  # rows and columns outside: max(-inf, 0) = 0
+  if group is None:
+    dmax2 = jnp.max(jnp.maximum(sq_max[:, None] + sq_max[None, :] - 2.0 * g, 0.0))
+    return jnp.maximum(sq[:, None] + sq_col[None, :] - 2.0 * g, 0.0), dmax2
+  # (l_i - l_j)^2 is 0 within a group and >= 1 across: a multiple of _EXCLUDE added to (or taken
+  # from) the cross-group entries, with no comparison (0 * _EXCLUDE is exactly 0).
+  lab = group.astype(jnp.float32)
+  cross = jnp.square(lab[:, None] - lab[None, :]) * jnp.float32(_EXCLUDE)
+  row_max = jnp.max(jnp.maximum(sq_max[:, None] + sq_max[None, :] - 2.0 * g - cross, 0.0), -1)
+  gid = jnp.clip(group, 0, n - 1)
+  dmax2 = jax.ops.segment_max(row_max, gid, num_segments=n)[gid]
+  return jnp.maximum(sq[:, None] + sq_col[None, :] - 2.0 * g, 0.0) + cross, dmax2
+
+
+def dpc_dist(d2: jax.Array, dim: int) -> jax.Array:
+  """The DPC-kNN distance sqrt(d2) / sqrt(D) of squared distances (`dpc_sq_dists`)."""
+  return jnp.sqrt(d2) / jnp.sqrt(jnp.float32(dim))
+
+
+def k_smallest(m: jax.Array, k: int, bin_size: int = 32) -> jax.Array:
+  """float32[..., k] the k smallest values of each row of `m: float[..., M]`, ascending: the
+  values of `-lax.top_k(-m, k)[0]`, through `top_k_by_bins` (exact)."""
+  return -top_k_by_bins(-m, k, bin_size)[0]
+
+
+def dpc_scores(d2: jax.Array, dmax2: jax.Array, valid: jax.Array, k, dim: int, *,
+               k_max: Optional[int] = None, noise: Optional[jax.Array] = None) -> jax.Array:
+  """float32[N] DPC-kNN centre scores rho * delta of one group from `dpc_sq_dists`' output
+  (-inf outside the group): the values `density_peaks` computes from the distance matrix.
+
+  Args:
+    d2, dmax2: `dpc_sq_dists(x, valid)` (or `dpc_sq_dists(x, valid, group)`: several groups).
+    valid: bool[N] the group's tokens.
+    k: neighbours in the density, self included: a static int, or a traced one in [1, k_max]
+      (a scalar, or int[N], one per token: each token's group's).
+    dim: D, the features' width (distances are divided by sqrt(D)).
+    k_max: static bound of a traced k (None: k is static).
+    noise: optional float[N] added to the density (the official tie-breaking noise); None
+      breaks density ties by index (the lower index counts as denser).
+
+  Every N x N pass is written without comparisons (XLA's CPU loops run a compare-and-select
+  several times slower than a min, max or add): "j is denser than i" is rank_j < rank_i in the
+  stable descending order of rho, i.e. max(1 - rank_i + rank_j, 0) == 0, and d2's +inf columns
+  drop the tokens outside the group. The mean over the k nearest is the sum of the first k of
+  the ascending k_max smallest, divided by k (the same values as a mean when k == k_max).
+  """
+  n = d2.shape[0]
+  near = dpc_dist(k_smallest(d2, k if k_max is None else k_max), dim)  # [N, k_max], self first
+  k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (n,))
+  total = jnp.take_along_axis(jnp.cumsum(near * near, -1), k[:, None] - 1, axis=-1)[:, 0]
+  rho = jnp.exp(-total / k.astype(jnp.float32))
+  if noise is not None:
+    rho = rho + noise
+  order = jnp.argsort(-rho, stable=True)  # densest first; equal densities: lower index first
+  rank = jnp.zeros((n,), jnp.float32).at[order].set(jnp.arange(n, dtype=jnp.float32))
+  not_denser = jnp.maximum(1.0 - rank[:, None] + rank[None, :], 0.0)  # 0 iff j denser than i
+  delta2 = jnp.minimum(jnp.min(d2 + not_denser * jnp.float32(_EXCLUDE), -1), dmax2)
+  return jnp.where(valid, rho * dpc_dist(delta2, dim), -jnp.inf)
+
+
+def dpc_assign(d2: jax.Array, centres: jax.Array, ok: jax.Array, dim: int) -> jax.Array:
+  """int32[N] the slot in `centres: int[K]` of each token's nearest centre among the slots with
+  `ok: bool[K]` (the first such slot on ties: centres in score order give the official
+  higher-score tie); a centre (in an ok slot) is in its own slot. d2: `dpc_sq_dists`' (symmetric
+  in the group: row c is column c).
+
+  The argmin is over the distances f(d2) themselves, not d2: two squared distances may round to
+  one distance, and the tie then goes to the first centre, as on the distance matrix.
+  """
+  n, k = d2.shape[0], centres.shape[0]
+  dc = jnp.where(ok[:, None], dpc_dist(d2[centres], dim), jnp.inf)  # [K, N]
+  assign = jnp.argmin(dc, 0).astype(jnp.int32)
+  own = jnp.full((n,), -1, jnp.int32).at[jnp.where(ok, centres, n)].set(
+      jnp.arange(k, dtype=jnp.int32), mode="drop")
+  return jnp.where(own >= 0, own, assign)
 
 
 def density_peaks(dist: jax.Array, valid: jax.Array, k) -> jax.Array:

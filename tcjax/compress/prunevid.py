@@ -121,16 +121,33 @@ def refine_clusters(labels: jax.Array) -> jax.Array:
   return jax.lax.fori_loop(0, t, relabel, ref)
 
 
-def _clusters(x, valid, count, k):
-  """DPC-kNN of one group `x: float32[P, D]` (`valid: bool[P]`) into `count` (traced) clusters:
-  int32[P] the centre index of each token (-1 outside the group). Official tie: the centre with
-  the higher score (the official centre order) wins."""
-  dist = pairwise_distance(x)
-  size = valid.sum()
-  score = P.density_peaks(dist, valid, jnp.maximum(jnp.minimum(k, size), 1))
-  rank = P.rank_in_group(score)
-  centre = P.nearest_centre(dist, valid & (rank < count), rank.astype(jnp.float32))
-  return jnp.where(valid, centre, -1)
+def _clusters(x, valid, label, count, k, count_max):
+  """DPC-kNN of two groups held in one matrix `x: float32[P, D]`: the tokens with
+  `valid: bool[P]` and `label: int32[P]` 0, and those with label 1, each into its `count`
+  (int32[2], traced, at most the static `count_max`) clusters: int32[P] the centre index of each
+  token (-1 outside both groups). Official tie: the centre with the higher score (the official
+  centre order) wins.
+
+  Each group is clustered on its own (`dpc_sq_dists` with `group`: tokens of different labels are
+  never neighbours, denser tokens or members). The passes of `dpc_knn` (`primitives.dpc_sq_dists`,
+  `dpc_scores`, `dpc_assign`) give the values of `density_peaks` and `nearest_centre` on each
+  group's distance matrix, ~3.5x faster on CPU (no full row sort, no compare-and-select over
+  P x P); two groups share one Gram matrix and one set of passes."""
+  p, d = x.shape
+  d2, dmax2 = P.dpc_sq_dists(x, valid, label)
+  in_group = [valid & (label == g) for g in (0, 1)]
+  size = jnp.stack([m.sum() for m in in_group])
+  k_used = jnp.maximum(jnp.minimum(k, size), 1)[label]  # each token's group's k
+  score = P.dpc_scores(d2, dmax2, valid, k_used, d, k_max=min(k, p))
+  # `rank_in_group`'s order (highest first, ties to the lower index, NaN last) is lax.top_k's.
+  score = jnp.where(jnp.isnan(score), -jnp.inf, score)
+  centre = jnp.full((p,), -1, jnp.int32)
+  for g in (0, 1):
+    _, centres = jax.lax.top_k(jnp.where(in_group[g], score, -jnp.inf), count_max)
+    ok = (jnp.arange(count_max) < count[g]) & in_group[g][centres]
+    slot = P.dpc_assign(d2, centres, ok, d)
+    centre = jnp.where(in_group[g], centres[slot], centre)
+  return centre.astype(jnp.int32)
 
 
 def max_count(grid, tokens_per_frame: int, *, cluster_ratio: float = 0.5,
@@ -188,10 +205,16 @@ def prunevid(tokens, budget, *, tau=0.8, temporal_segment_ratio=0.25, cluster_ra
   p = n // frames
   table = _floor_table(p, cluster_ratio)
   count_of = lambda m: jnp.where(m > cluster_above, P.lookup(table, m), m)
+  count_max = int(max(c if i > cluster_above else i for i, c in enumerate(table)))
   idx_t = jnp.arange(frames)
+  # Refined segments are at least 2 frames long (a label keeps only runs of >= 2 frames, and
+  # every other run joins a neighbouring run), so there are at most T // 2 of them: the static
+  # positions and time averages are computed for that many segments, not one slot per frame.
+  slots = max(frames // 2, 1)
 
   def plan(x, mask, size):
-    """rep_of int32[N], plain-mean features float32[N, D], priority float32[N] of one example."""
+    """rep_of int32[N] and priority float32[N] (patches carried by each representative) of one
+    example."""
     xf = x.astype(jnp.float32).reshape(frames, p, -1)
     valid = mask.reshape(frames, p)
     # 1. Temporal segments from the frame means.
@@ -205,33 +228,37 @@ def prunevid(tokens, budget, *, tau=0.8, temporal_segment_ratio=0.25, cluster_ra
     ref = refine_clusters(labels)
     is_start = jnp.concatenate([jnp.ones((1,), bool), ref[1:] != ref[:-1]])
     start = jax.lax.cummax(jnp.where(is_start, idx_t, 0))  # each frame's segment start
-    member = (start[None, :] == idx_t[:, None]).astype(jnp.float32)  # [slot = start, frame]
+    seg = jnp.cumsum(is_start) - 1  # each frame's segment, < slots
+    member = (seg[None, :] == jnp.arange(slots)[:, None]).astype(jnp.float32)  # [segment, frame]
     width = member.sum(1)
     # 2. Static positions: mean cosine over ordered pairs = (|sum of unit vectors|^2 - W) / W(W-1).
     unit = jnp.einsum("st,tpd->spd", member, P.l2_normalize(xf))
     pairs = jnp.maximum(width * (width - 1), 1.0)[:, None]
     sim = ((unit * unit).sum(-1) - width[:, None]) / pairs
     whole = jnp.einsum("st,tp->sp", member, (~valid).astype(jnp.float32)) == 0
-    static = (width[:, None] >= 2) & whole & (sim > tau)  # [slot, P]
-    static_t = static[start]  # [T, P]
-    # 3. Static clusters per segment (slot = its first frame), over the time-averaged tokens.
+    static = (width[:, None] >= 2) & whole & (sim > tau)  # [segment, P]
+    static_t = static[seg]  # [T, P]
+    # 3. Static clusters per segment, over the time-averaged tokens, and 4. dynamic clusters per
+    # frame. A segment's static tokens (time-averaged) and its first frame's dynamic tokens sit
+    # at disjoint positions: one P x P matrix per frame holds both groups (label 0 static, 1
+    # dynamic), T Gram matrices per example instead of T + T // 2.
     smean = jnp.einsum("st,tpd->spd", member, xf) / jnp.maximum(width, 1.0)[:, None, None]
-    s_centre = jax.vmap(_clusters, (0, 0, 0, None))(smean, static, count_of(static.sum(1)), k)
-    # 4. Dynamic clusters per frame.
     dyn = valid & ~static_t
-    d_centre = jax.vmap(_clusters, (0, 0, 0, None))(xf, dyn, count_of(dyn.sum(1)), k)
-    rep_static = start[:, None] * p + s_centre[start]  # the centre in the segment's first frame
-    rep = jnp.where(static_t, rep_static, jnp.where(dyn, idx_t[:, None] * p + d_centre, -1))
+    s_here = static_t & is_start[:, None]  # [T, P] static tokens clustered in frame t's matrix
+    z = jnp.where(s_here[..., None], smean[seg], xf)
+    counts = jnp.stack([count_of(s_here.sum(1)), count_of(dyn.sum(1))], 1)  # [T, 2]
+    centre = jax.vmap(_clusters, (0, 0, 0, 0, None, None))(
+        z, s_here | dyn, dyn.astype(jnp.int32), counts, k, count_max)
+    # A static token's centre: in the segment's first frame's matrix.
+    rep_static = start[:, None] * p + centre[start]
+    rep = jnp.where(static_t, rep_static, jnp.where(dyn, idx_t[:, None] * p + centre, -1))
     rep = rep.reshape(-1).astype(jnp.int32)
-    ones = jnp.where(rep >= 0, 1.0, 0.0)
-    feats = P.slot_sum(jnp.where(rep[:, None] >= 0, x.astype(jnp.float32), 0.0)[None],
-                       rep[None], n)[0]
-    feats = feats / jnp.maximum(P.slot_sum(ones[None], rep[None], n)[0], 1.0)[:, None]
     carried = P.slot_sum(jnp.where(rep >= 0, size, 0.0)[None], rep[None], n)[0]
-    return rep, feats, carried
+    return rep, carried
 
-  rep_of, x_rep, priority = jax.vmap(plan)(tokens.x, tokens.mask, tokens.size)
-  return P.merge_into(tokens, rep_of, x_rep, budget, priority)
+  rep_of, priority = jax.vmap(plan)(tokens.x, tokens.mask, tokens.size)
+  # Plain means (weight 1 per member), computed for the `budget` output slots only.
+  return P.merge_into(tokens, rep_of, None, budget, priority, weight=jnp.ones_like(tokens.size))
 
 
 def token_groups(tokens) -> jax.Array:
