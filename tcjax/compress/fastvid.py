@@ -171,7 +171,7 @@ def merge_into_anchors(x_ns, v_ns, anchor, ok, seg, count, group, context: int,
 def _clip_plan(x, s, valid, noise, *, grid, budget, salient, context, min_segments,
                cut_similarity, anchor_stride, anchor_weight):
   """One clip: (slot int32[N] of each token or -1, rep int32[budget] the token of each slot,
-  x float32[N, D] with the anchors' merged features).
+  x float32[budget, D] the slots' features, the anchors' merged).
 
   Args:
     x: float[N, D]; s: float32[N] scores; valid: bool[N]; noise: None or float[F, m].
@@ -190,8 +190,8 @@ def _clip_plan(x, s, valid, noise, *, grid, budget, salient, context, min_segmen
     _, top = jax.lax.top_k(P.rank_key(s, valid), salient)  # [F, S]
     in_salient = in_salient.at[frame_of, top].set(True)
   kept = (in_salient & valid).reshape(-1)
-  x_new = x.reshape(-1, d)
   assign = jnp.full((f * n,), -1, jnp.int32)
+  a_full, merged = jnp.full((0,), f * n, jnp.int32), jnp.zeros((0, d), jnp.float32)
   if context > 0:
     # The non-salient tokens of each frame, in index order.
     ns = jnp.argsort(in_salient, axis=1, stable=True)[:, :m].astype(jnp.int32)  # [F, m]
@@ -202,7 +202,6 @@ def _clip_plan(x, s, valid, noise, *, grid, budget, salient, context, min_segmen
     merged, target = merge_into_anchors(x_ns, v_ns, anchor, ok, seg, count, group, context,
                                         anchor_weight)
     a_full = jnp.where(ok, full[anchor], f * n)
-    x_new = x_new.at[a_full].set(merged, mode="drop")
     kept = kept.at[a_full].set(True, mode="drop")
     assign = assign.at[full].set(jnp.where(target >= 0, a_full[jnp.maximum(target, 0)], -1))
   slot = jnp.cumsum(kept, dtype=jnp.int32) - 1
@@ -210,7 +209,11 @@ def _clip_plan(x, s, valid, noise, *, grid, budget, salient, context, min_segmen
   assign = jnp.where((owner >= 0) & valid.reshape(-1), slot[jnp.maximum(owner, 0)], -1)
   rep = jnp.zeros((budget,), jnp.int32).at[jnp.where(kept, slot, budget)].set(
       jnp.arange(f * n, dtype=jnp.int32), mode="drop")
-  return assign, rep, x_new
+  # Gather the budget slots and write the anchors into theirs: writing them into a copy of all
+  # N rows first cost a full copy of the features.
+  a_slot = jnp.where(a_full < f * n, slot[jnp.minimum(a_full, f * n - 1)], budget)
+  x_out = x.reshape(-1, d)[rep].at[a_slot].set(merged, mode="drop")
+  return assign, rep, x_out
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "budget", "salient", "context",
@@ -278,13 +281,12 @@ def fastvid(tokens, budget, *, scores=None, rng=None, min_segments=8, cut_simila
   if rng is not None and context > 0:
     noise = jax.random.uniform(rng, (b, f, h * w - salient)) * 1e-6
 
-  assign, rep, x_new = _plan_batch(
+  assign, rep, x_slots = _plan_batch(
       tokens.x, scores, tokens.mask, noise, grid=tokens.grid, budget=budget, salient=salient,
       context=context, min_segments=min_segments, cut_similarity=cut_similarity,
       anchor_stride=anchor_stride, anchor_weight=anchor_weight)
-  out = P.merge(tokens, assign, rep)
-  x = jnp.take_along_axis(x_new, rep[..., None], 1)
-  return out.replace(x=jnp.where(out.mask[..., None], x, 0.0).astype(tokens.x.dtype))
+  out = P.merge(tokens.replace(x=tokens.x[..., :0]), assign, rep)  # features: x_slots
+  return out.replace(x=jnp.where(out.mask[..., None], x_slots, 0.0).astype(tokens.x.dtype))
 
 
 def _check_int(name, opt, val, low):
