@@ -169,6 +169,23 @@ def test_exact_when_the_neighbour_cache_misses(monkeypatch, neighbours):
                                   reference(x[b], imp[b], 10, 0.3, 3))
 
 
+def test_non_finite_features_through_the_neighbour_cache(monkeypatch):
+  # NaN features in many bins of the cached rows (r0 >= 544, so `top_k_by_bins` cuts bins): the
+  # same selection as with those tokens masked out (a NaN similarity once hid its bin's
+  # neighbours from the cache).
+  import importlib
+  module = importlib.import_module("tcjax.compress.vispruner")
+  monkeypatch.setattr(module, "_CACHE_MIN_CAP", 0)
+  t = make_tokens(2, 1, (24, 24), dim=6, seed=21)
+  bad_idx = jnp.arange(3, 576, 7)
+  attn = jax.nn.softmax(jax.random.normal(jax.random.key(22), (2, 2, 576)), -1)
+  attn = attn.at[:, :, bad_idx].set(-1.0)
+  bad = t.replace(x=t.x.at[:, bad_idx].set(jnp.nan))
+  masked = t.replace(mask=t.mask.at[:, bad_idx].set(False))
+  run = jax.jit(lambda t, a: module.vispruner(t, 40, attn=a, important_ratio=0.5, dedup_step=8))
+  np.testing.assert_array_equal(run(bad, attn).src, run(masked, attn).src)
+
+
 def test_symmetric_gram():
   from tcjax.compress.primitives import gram
   x = np.random.default_rng(0).normal(size=(37, 5)).astype(np.float32)
