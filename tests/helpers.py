@@ -1,6 +1,7 @@
 """Test inputs: tokens plus every signal a method declares it needs (contract tests), a
 training batch of a config's testbed stream (training tests), and greedy KV-cached decoding
-through a plan (decode-time policy tests)."""
+through a plan (decode-time policy tests), and random parameters of a model config (model
+tests)."""
 
 import jax
 import jax.numpy as jnp
@@ -168,3 +169,12 @@ def greedy_decode(model, params, plan, image, text, steps):
     out.append(np.asarray(logits))
     caches.append(cache)
   return out, aux, caches, np.stack(tokens, 1)
+
+
+def random_model_params(config, rng):
+  """(flat {name: float32 NumPy array}, the same as a jnp parameter tree) for a PaliGemmaConfig:
+  each leaf normal / sqrt(its fan-in), so activations stay O(1) through the layers."""
+  from tcjax import checkpoints as ckpt  # pylint: disable=g-import-not-at-top
+  flat = {k: (rng.normal(size=s) / np.sqrt(s[-2] if len(s) > 1 else s[-1])).astype(np.float32)
+          for k, s in ckpt.param_shapes(config).items()}
+  return flat, ckpt.unflatten({k: jnp.asarray(v) for k, v in flat.items()})

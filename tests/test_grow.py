@@ -10,6 +10,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+import helpers
 import tcjax.checkpoints as ckpt
 from tcjax.nn import PaliGemma
 from tcjax.nn.config import GemmaConfig, PaliGemmaConfig, SiglipConfig
@@ -29,10 +30,7 @@ CONFIGS = {
 
 
 def random_params(config, seed=0):
-  rng = np.random.default_rng(seed)
-  flat = {k: (rng.normal(size=s) * 0.3).astype(np.float32)
-          for k, s in ckpt.param_shapes(config).items()}
-  return ckpt.unflatten(flat)
+  return helpers.random_model_params(config, np.random.default_rng(seed))[1]
 
 
 def inputs(config, batch=2, seed=1):

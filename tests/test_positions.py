@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import tcjax.checkpoints as ckpt
+import helpers
 from tcjax import compress
 from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig, gemma
 from tcjax.nn import plan as plan_lib
@@ -146,9 +146,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def setup():
   rng = np.random.default_rng(3)
-  flat = {k: (rng.normal(size=s) / np.sqrt(s[-2] if len(s) > 1 else s[-1])).astype(np.float32)
-          for k, s in ckpt.param_shapes(CONFIG).items()}
-  params = ckpt.unflatten({k: jnp.asarray(v) for k, v in flat.items()})
+  flat, params = helpers.random_model_params(CONFIG, rng)
   image = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   text = rng.integers(3, 40, (2, T)).astype(np.int32)
   text[:, 0] = 2
