@@ -160,7 +160,8 @@ def get_config(arg: str = ""):
     c.data.families = ("count", "binding", "glyph", "digit", "digit", "number", "number",
                        "locate", "describe", "video", "audio")
     c.data.max_len = 32
-  if arg in ("stage6", "stage7", "stage8", "stage9", "stage10", "stage11"):  # per-example loss, bf16, locate twice
+  # per-example loss, bf16, locate twice
+  if arg in ("stage6", "stage7", "stage8", "stage9", "stage10", "stage11"):
     c.loss_norm = "example"
     c.compute_dtype = "bfloat16"
     c.optim.lr = 1e-3

@@ -1,7 +1,6 @@
 """Test inputs: tokens plus every signal a method declares it needs (contract tests), a
 training batch of a config's testbed stream (training tests), and greedy KV-cached decoding
-through a plan (decode-time policy tests), and random parameters of a model config (model
-tests)."""
+through a plan (decode-time policy tests)."""
 
 import jax
 import jax.numpy as jnp
@@ -170,11 +169,3 @@ def greedy_decode(model, params, plan, image, text, steps):
     caches.append(cache)
   return out, aux, caches, np.stack(tokens, 1)
 
-
-def random_model_params(config, rng):
-  """(flat {name: float32 NumPy array}, the same as a jnp parameter tree) for a PaliGemmaConfig:
-  each leaf normal / sqrt(its fan-in), so activations stay O(1) through the layers."""
-  from tcjax import checkpoints as ckpt  # pylint: disable=g-import-not-at-top
-  flat = {k: (rng.normal(size=s) / np.sqrt(s[-2] if len(s) > 1 else s[-1])).astype(np.float32)
-          for k, s in ckpt.param_shapes(config).items()}
-  return flat, ckpt.unflatten({k: jnp.asarray(v) for k, v in flat.items()})

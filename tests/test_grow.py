@@ -10,64 +10,54 @@ import ml_collections
 import numpy as np
 import pytest
 
-import helpers
 import tcjax.checkpoints as ckpt
 from tcjax.nn import PaliGemma
-from tcjax.nn.config import GemmaConfig, PaliGemmaConfig, SiglipConfig
 from tcjax.train import loop
 from tcjax.train.grow import grow_decoder
 
-IMG = SiglipConfig(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=16)
+import test_model
+
+# Multi-query Gemma 1 (q_einsum + one KV head) and Gemma 2 with one KV head per query head
+# (qkv_einsum): the two layouts whose heads can grow. test_model's Gemma 2 (4 query heads on 2 KV
+# heads) is the grouped case that must be refused.
+GQA = test_model.CONFIGS[2]
 CONFIGS = {
-    "multi_query": PaliGemmaConfig(img=IMG, llm=GemmaConfig(
-        version=1, vocab_size=50, width=24, depth=2, mlp_dim=48, num_heads=2, num_kv_heads=1,
-        head_dim=8)),
-    "qkv_gemma2": PaliGemmaConfig(img=IMG, llm=GemmaConfig(
-        version=2, vocab_size=50, width=24, depth=2, mlp_dim=48, num_heads=2, num_kv_heads=2,
-        head_dim=8, query_pre_attn_scalar=8, attn_logits_softcap=50.0,
-        final_logits_softcap=30.0, sliding_window=4096)),
+    "multi_query": test_model.CONFIGS[1],
+    "qkv_gemma2": dataclasses.replace(GQA, llm=dataclasses.replace(GQA.llm, num_heads=2)),
 }
 
 
-def random_params(config, seed=0):
-  return helpers.random_model_params(config, np.random.default_rng(seed))[1]
-
-
-def inputs(config, batch=2, seed=1):
-  rng = np.random.default_rng(seed)
-  s = config.img.image_size
-  image = jnp.asarray(rng.uniform(-1, 1, (batch, s, s, 3)), jnp.float32)
-  text = jnp.asarray(rng.integers(1, config.llm.vocab_size, (batch, 6)), jnp.int32)
-  mask_ar = jnp.asarray([[0, 0, 0, 1, 1, 1]] * batch, jnp.int32)  # prefix, then suffix
-  return image, text, mask_ar
+def random_params(config):
+  return test_model.make_params(config)[1]
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_grown_model_computes_what_the_trained_one_does(name):
   config = CONFIGS[name]
   params = random_params(config)
-  image, text, mask_ar = inputs(config)
+  image, text, mask_ar = test_model.inputs(seed=1)
   want, _ = PaliGemma(config).apply({"params": params}, image, text, mask_ar)
-  new_config, grown = grow_decoder(params, config, llm_depth=4, llm_num_heads=4, seed=3)
-  assert (new_config.llm.depth, new_config.llm.num_heads) == (4, 4)
+  new_config, grown = grow_decoder(params, config, llm_depth=6, llm_num_heads=4, seed=3)
+  assert (new_config.llm.depth, new_config.llm.num_heads) == (6, 4)
   # The grown tree has exactly the shapes a fresh model of the grown config has.
   got_shapes = {k: tuple(np.shape(v)) for k, v in ckpt.flatten(grown).items()}
   assert got_shapes == ckpt.param_shapes(new_config)
   # ... and the checkpoint reader infers the grown config from those shapes.
-  assert ckpt.big_vision.infer_config(ckpt.flatten(grown)).llm.depth == 4
+  assert ckpt.big_vision.infer_config(ckpt.flatten(grown)).llm.depth == 6
   got, _ = PaliGemma(new_config).apply({"params": grown}, image, text, mask_ar)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
   # The trained weights are untouched.
+  grown_flat = ckpt.flatten(grown)
   for k, v in ckpt.flatten(params).items():
-    g = np.asarray(ckpt.flatten(grown)[k])
+    g = np.asarray(grown_flat[k])
     np.testing.assert_array_equal(g[tuple(slice(0, n) for n in np.shape(v))], np.asarray(v))
 
 
 def test_new_output_projections_get_gradients_at_once():
   config = CONFIGS["multi_query"]
   params = random_params(config)
-  new_config, grown = grow_decoder(params, config, llm_depth=3, llm_num_heads=3)
-  image, text, mask_ar = inputs(config)
+  new_config, grown = grow_decoder(params, config, llm_depth=5, llm_num_heads=3)
+  image, text, mask_ar = test_model.inputs(seed=1)
   model = PaliGemma(new_config)
 
   def loss(p):
@@ -76,9 +66,9 @@ def test_new_output_projections_get_gradients_at_once():
 
   g = jax.grad(loss)(grown)["llm"]["layers"]
   o = np.asarray(g["attn"]["attn_vec_einsum"]["w"])  # [L, H, h, D]
-  assert np.abs(o[2]).max() > 0  # the new layer's attention output
-  assert np.abs(o[:2, 2]).max() > 0  # the new head's rows in the trained layers
-  assert np.abs(np.asarray(g["mlp"]["linear"])[2]).max() > 0
+  assert np.abs(o[4]).max() > 0  # the new layer's attention output
+  assert np.abs(o[:4, 2]).max() > 0  # the new head's rows in the trained layers
+  assert np.abs(np.asarray(g["mlp"]["linear"])[4]).max() > 0
 
 
 def test_bad_requests_are_refused():
@@ -86,12 +76,10 @@ def test_bad_requests_are_refused():
   params = random_params(config)
   with pytest.raises(ValueError, match="only grows"):
     grow_decoder(params, config, llm_depth=1)
-  gqa = dataclasses.replace(config, llm=dataclasses.replace(config.llm, num_heads=4,
-                                                           num_kv_heads=2))
   with pytest.raises(ValueError, match="groups would move"):
-    grow_decoder(random_params(gqa), gqa, llm_num_heads=6)
+    grow_decoder(random_params(GQA), GQA, llm_num_heads=6)
   with pytest.raises(ValueError, match="scanned decoder"):
-    grow_decoder({"img": params["img"]}, config, llm_depth=3)
+    grow_decoder({"img": params["img"]}, config, llm_depth=5)
 
 
 def test_loop_refuses_unknown_grow_fields_and_grow_without_init(tmp_path):

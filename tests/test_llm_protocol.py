@@ -18,7 +18,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import helpers
 import paligemma_ref as ref
 import tcjax
 from tcjax import compress
@@ -26,6 +25,8 @@ from tcjax.compress import primitives as P
 from tcjax.compress import registry
 from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig
 from tcjax.nn import plan as plan_lib
+
+from test_model import make_params
 
 IMG = SiglipConfig(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=16)
 N = IMG.num_patches  # 16 image tokens, a 4 x 4 grid
@@ -109,7 +110,7 @@ def registered():
 @pytest.fixture(scope="module")
 def setup():
   rng = np.random.default_rng(7)
-  flat, params = helpers.random_model_params(CONFIG, rng)
+  _, params, flat = make_params(CONFIG, seed=7)
   image = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   text = rng.integers(3, 40, (2, T)).astype(np.int32)
   text[:, 0] = 2

@@ -20,10 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import helpers
 from tcjax import compress
 from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig, gemma
 from tcjax.nn import plan as plan_lib
+
+from test_model import make_params
 
 # ---- The official rules, transcribed in NumPy (per example, lists of token indices). ----
 
@@ -146,7 +147,7 @@ STEPS = 3
 @pytest.fixture(scope="module")
 def setup():
   rng = np.random.default_rng(3)
-  flat, params = helpers.random_model_params(CONFIG, rng)
+  _, params, flat = make_params(CONFIG, seed=3)
   image = rng.uniform(-1, 1, (2, 16, 16, 3)).astype(np.float32)
   text = rng.integers(3, 40, (2, T)).astype(np.int32)
   text[:, 0] = 2

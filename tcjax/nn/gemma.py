@@ -428,9 +428,9 @@ def _prune(p, seq: Seq, img: Tokens, hook, prev, own_rows, n_initial: int, cfg: 
 
   Computes the signals the hook's method declared (`hook.sources`, the decoder signals named in
   `compress.registry.SIGNALS`) and hands each to the argument it feeds (`hook.signals`);
-  own_rows: bool[B, T] the method's own text rows (`hook.rows`) or None. extra: signals computed before
-  the decoder ({"vit_scores": float32[B, N], "image_count": int32[B]}), for the hooks that need
-  them."""
+  own_rows: bool[B, T] the method's own text rows (`hook.rows`) or None. extra: signals
+  computed before the decoder ({"vit_scores": float32[B, N], "image_count": int32[B]}), for the
+  hooks that need them."""
   n = seq.n_img
   where = f"llm {hook.method} at layer {hook.layer}"
   budget, size_options = plan_lib.hook_size(hook, n, n_initial, where)

@@ -20,8 +20,9 @@ Entry options of a `tcjax.compress` method (every other key is one of the method
                   attention).
   post_vit/proj:  signal_layer (the ViT layer whose attention / keys are the signals), for
                   methods that use them; default the method's `signal_layer` (-2, the
-                  penultimate layer, as VisionZip and FasterVLM, unless it registers another). Entries may read different
-                  layers: the ViT provides the signals of each.
+                  penultimate layer, as VisionZip and FasterVLM, unless it registers
+                  another). Entries may read different layers: the ViT provides the signals
+                  of each.
   llm:            layer K (the hidden states entering decoder layer K are pruned, or merged by
                   a merging method), attn_from ("prev": attention / keys of layer K-1, the
                   official signal of FastV and DART; "next": layer K's own projections,
