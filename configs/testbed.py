@@ -84,7 +84,7 @@ def get_config(arg: str = ""):
   c.keep_ckpts = 2
   c.grad_accum = 1
   c.trainable = ".*"           # regex over "img/..." / "llm/..." paths; the rest is frozen
-  c.compute_dtype = None       # e.g. "bfloat16": bf16 forward, f32 parameters and update
+  c.compute_dtype = "float32"  # or "bfloat16": bf16 forward, f32 parameters and update
   # "token": one mean over the batch's answer tokens (stages 1-5); "example": big_vision's
   # per-example mean (tcjax.train.loss_fn)
   c.loss_norm = "token"
@@ -98,6 +98,9 @@ def get_config(arg: str = ""):
   c.model.llm = dict(version=1, vocab_size=1152, width=w, depth=1 if smoke else 3,
                      mlp_dim=4 * w, num_heads=2, num_kv_heads=1, head_dim=w // 2)
   c.model.plan = ()            # a compression plan here trains through it
+  # > 0: add this multiple of the 2-D sin-cos table to the ViT's position embedding once, after
+  # init or load (tcjax.train.loop.with_sincos_posemb)
+  c.posemb_sincos = 0.0
 
   c.data = ml_collections.ConfigDict()
   c.data.seed = 0

@@ -20,7 +20,7 @@ import numpy as np
 
 from tcjax.nn.config import PaliGemmaConfig
 
-__all__ = ["ParamTree", "init_param", "nest", "param_shapes"]
+__all__ = ["ParamTree", "init_param", "nest", "param_shapes", "sincos_2d"]
 
 
 def param_shapes(config: PaliGemmaConfig) -> Dict[str, Tuple[int, ...]]:
@@ -102,6 +102,26 @@ def init_param(name: str, key, shape, dtype=jnp.float32):
       fan_in = int(np.prod([shape[a] for a in axes]))
       return jax.random.normal(key, shape, dtype) / np.sqrt(fan_in)
   raise ValueError(f"no init rule for parameter {name!r}")
+
+
+def sincos_2d(grid: Tuple[int, int], width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """float32[h * w, width]: the fixed 2-D sine-cosine position table (big_vision's ViT option
+  `posemb="sincos2d"`, as in MAE), patches in raster order.
+
+  A quarter of the width each for sin(col w), cos(col w), sin(row w), cos(row w), with
+  frequencies w = temperature ** -(k / (width / 4 - 1)), k = 0 .. width / 4 - 1. A shift by
+  whole patches is a fixed rotation of this code, so attention can learn "the patch to my
+  right" once for every position; a random learned table has to learn it per position pair.
+  """
+  h, w = grid
+  if width % 4 or width < 8:
+    raise ValueError(f"sincos_2d: width must be a multiple of 4 and >= 8, got {width}")
+  quarter = width // 4
+  omega = temperature ** -(np.arange(quarter) / (quarter - 1))
+  rows, cols = np.mgrid[:h, :w]
+  ay = rows.reshape(-1, 1) * omega[None]
+  ax = cols.reshape(-1, 1) * omega[None]
+  return np.concatenate([np.sin(ax), np.cos(ax), np.sin(ay), np.cos(ay)], 1).astype(np.float32)
 
 
 def nest(flat: Mapping[str, Any]) -> Dict[str, Any]:

@@ -26,6 +26,7 @@ import re
 import time
 from typing import Any, Dict
 
+import chex
 import grain
 import jax
 import jax.numpy as jnp
@@ -39,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from tcjax.data import pipeline, testbed
 from tcjax.nn import GemmaConfig, PaliGemma, PaliGemmaConfig, SiglipConfig, learned
+from tcjax.nn.params import sincos_2d
 from tcjax.parallel import global_batch_from_local, make_mesh, param_shardings
 from tcjax.train import distill, light_encoder
 from tcjax.train.step import TrainState, make_train_step
@@ -138,6 +140,25 @@ def init_fn(model: PaliGemma, seed: int):
   image = jnp.zeros((1, cfg.img.image_size, cfg.img.image_size, 3), jnp.float32)
   text = jnp.ones((1, 4), jnp.int32)
   return lambda: model.init(jax.random.key(seed), image, text, jnp.zeros_like(text))["params"]
+
+
+def with_sincos_posemb(params, img_config, scale: float):
+  """params with `scale` x the 2-D sine-cosine table (`tcjax.nn.params.sincos_2d`) added to
+  the ViT's learned position embedding img/pos_embedding float[1, h * w, D].
+
+  Why: the bundled model's learned table, after ~14 h of training from its random init, had no
+  spatial structure (cosine of neighbouring patches' rows 0.04, the same as far ones), and the
+  model never learned a relation between patches (the digit in the box, digits left to right),
+  while it read a lone digit (experiments/RESULTS.md). The sum stays a learned parameter, so
+  checkpoints keep their layout. Applied once, to fresh or loaded parameters, never on resume.
+  """
+  if not scale > 0:
+    raise ValueError(f"config.posemb_sincos must be a positive scale, got {scale!r}")
+  pe = params["img"]["pos_embedding"]
+  table = sincos_2d(img_config.grid, img_config.width)
+  chex.assert_shape(pe, (1, table.shape[0], table.shape[1]))
+  img = dict(params["img"], pos_embedding=pe + jnp.asarray(scale * table, pe.dtype)[None])
+  return dict(params, img=img)
 
 
 def distill_options(cfg: ml_collections.ConfigDict):
@@ -317,6 +338,8 @@ def train(cfg: ml_collections.ConfigDict, workdir: str, *, tokenizer=None,
       model = PaliGemma(model_config(cfg))
       init = init_fn(model, cfg.seed)
       params = jax.jit(init, out_shardings=param_shardings(jax.eval_shape(init), mesh, rules))()
+    if cfg.get("posemb_sincos"):  # structure in the ViT's position table (with_sincos_posemb)
+      params = with_sincos_posemb(params, model.config.img, float(cfg.posemb_sincos))
     if model.config.llm.vocab_size < tokenizer.vocab_size:
       raise ValueError(f"the model's vocabulary ({model.config.llm.vocab_size}) is smaller than"
                        f" the tokenizer's {tokenizer.vocab_size} ({cfg.tokenizer})")
