@@ -156,17 +156,19 @@ def greedy_map(x, rel, valid, budget: int, tol: float = EXHAUSTED, gram=None,
     """The block's candidates: int32[M] token indices, ascending (bool[M] which are real), and
     the bound on every other token's d2. The candidates are the step's pick j0 and every live
     token whose d2 exceeds the bound, the (M + 1)-th largest live d2 (0 with M or fewer live
-    tokens, which are then all candidates). The bound is found by bisection on the bits of d2
-    (positive floats order as their int32 bits): lax.top_k in a loop body lowers to a full sort
-    on CPU, 0.7 ms per block at N = 4096 against ~0.07 ms for the 31 counts."""
+    tokens, which are then all candidates). The bound is found by a search on the bits of d2
+    (positive floats order as their int32 bits), 4 bits per pass: lax.top_k in a loop body
+    lowers to a full sort on CPU, 0.7 ms per block at N = 4096 against ~0.07 ms for 31 counts."""
     live = live_of(d2, taken)
     j0 = jnp.argmax(jnp.where(live, d2, -jnp.inf))  # the step's pick, as in the step-by-step loop
     if m == n:
       return lift(jnp.arange(n)), live, 0.0
     bits = jnp.where(live, jax.lax.bitcast_convert_type(d2, jnp.int32), -1)
     t = lift(jnp.int32(0))
-    for bit in range(30, -1, -1):
-      t = jnp.where((bits >= (t | (1 << bit))).sum() > m, t | (1 << bit), t)
+    for shift in range(28, -1, -4):  # 4 bits at a time (3 for the top: the sign bit is 0)
+      steps = jnp.arange(1, 8 if shift == 28 else 16, dtype=jnp.int32) << shift
+      counts = (bits[None, :] >= (t | steps)[:, None]).sum(1)  # non-increasing
+      t = t | ((counts > m).sum().astype(jnp.int32) << shift)
     member = (bits > t) | (jnp.arange(n) == j0)
     cand = jnp.nonzero(member, size=m, fill_value=j0)[0]
     real = live[cand] & (jnp.arange(m) < member.sum())
@@ -185,22 +187,24 @@ def greedy_map(x, rel, valid, budget: int, tol: float = EXHAUSTED, gram=None,
     resid = rel[cand][:, None] * rel[cand][None, :] * s - cc @ cc.T  # [M, M] residual kernel
 
     def pick(s):
-      """One certain pick: its row at the candidates, and row t of T^-1 (below)."""
-      t, _, d2c, pos, rows_c, inv = s
+      """One certain pick: its row at the candidates and row t of T^-1 (below), side by side in
+      one [M + b] vector, so that a step is one matrix-vector product and one row write."""
+      t, _, d2c, pos, rows = s
       p = jnp.argmax(d2c)  # -inf: taken, not live at the block start, or no candidate
       sure = (d2c[p] > floor) & ((t == 0) | (d2c[p] > bound))
       scale = jnp.sqrt(jnp.where(sure, d2c[p], 1.0))
-      col = rows_c[:, p]  # [b] the block's earlier rows at the pick: row t of T
-      e = jnp.where(sure, (resid[p] - col @ rows_c) / scale, 0.0)
-      inv_t = jnp.where(sure, ((jnp.arange(b) == t) - col @ inv) / scale, 0.0)
+      col = rows[:, p]  # [b] the block's earlier rows at the pick: row t of T
+      unit = jnp.arange(b) == t
+      new = jnp.where(sure, (jnp.concatenate([resid[p], unit]) - col @ rows) / scale, 0.0)
+      e = new[:m]
       d2c = jnp.where(sure & (jnp.arange(m) == p), -jnp.inf, d2c - e * e)
-      return t + sure, sure, d2c, pos.at[t].set(p), rows_c.at[t].set(e), inv.at[t].set(inv_t)
+      return t + sure, sure, d2c, pos.at[t].set(p), rows.at[t].set(new)
 
     s = (lift(jnp.int32(0)), lift(True), jnp.where(real, d2[cand], -jnp.inf),
-         lift(jnp.zeros((b,), jnp.int32)), lift(jnp.zeros((b, m), jnp.float32)),
-         lift(jnp.zeros((b, b), jnp.float32)))
+         lift(jnp.zeros((b,), jnp.int32)), lift(jnp.zeros((b, m + b), jnp.float32)))
     s = jax.lax.while_loop(lambda s: s[1] & (s[0] < b) & (i + s[0] < budget), pick, s)
-    count, _, _, pos, _, inv = s
+    count, _, _, pos, rows = s
+    inv = rows[:, m:]  # T^-1, zero rows past the block's picks
     used = jnp.arange(b) < count
     js = cand[pos]
     # The block's directions Q = T^-1 (f[js] - c[js] q), T the [b, b] lower triangle of the
@@ -246,11 +250,12 @@ def _block_size(budget: int) -> int:
 
 
 def _candidates(n: int) -> int:
-  """Candidates M per block of `greedy_map`: N / 16, at least 128. More candidates keep more
+  """Candidates M per block of `greedy_map`: N / 8 within [96, 256]. More candidates keep more
   blocks whole (N = 4096, K = 1024: 35 blocks with M = 128, 23 with 256, 18 with 512) but cost
-  M^2 (D + K) per block: at N = 4096 M = 256 took 0.9x the time of M = 192; at N = 256, M = 256
-  1.6x that of 128."""
-  return max(128, n // 16)
+  M^2 (D + K) per block. Greedy alone, batch 4 on CPU, relative to M = 96 / 96 / 128 / 256:
+  N = 256 M = 128 1.12, 64 1.4; N = 576 M = 128 1.11; N = 1024 M = 96 1.17, 192 1.21;
+  N = 4096 M = 192 1.11."""
+  return min(256, max(96, n // 8))
 
 
 def _row_block(budget: int) -> int:
