@@ -49,9 +49,9 @@ decided by rounding):
     valid token, in index order, and kept after the valid ones; text padding never counts; with
     no valid text, or a relevance that is constant over the example (max == min, where the
     official divides by zero), every relevance is 1 and the selection is the plain DPP on S.
-Cost: the cosine Gram matrix (`primitives.gram`) up to `GRAM_MAX_TOKENS` tokens, then K steps of
-O(i N) each (the official einsum over the i picks so far, `greedy_map`); on CPU one example at a
-time.
+Cost: the official loop's K steps of O(i N) each (the einsum over the i picks so far) are done
+in blocks of about 64 picks, one [N, D] x [D, 64] product per block (`greedy_map`), ~K N D in
+all, with no N x N similarity; on CPU one example at a time.
 """
 
 from __future__ import annotations
@@ -67,9 +67,6 @@ from tcjax.compress.registry import register
 from tcjax.compress.text_relevance import relevance as text_cosine
 from tcjax.parallel.mesh import batch_shards, map_batch
 
-# Largest N for which the N x N similarity matrix is kept by default (4 N^2 bytes per example);
-# above it each greedy step recomputes one row from the features.
-GRAM_MAX_TOKENS = 4096
 # A residual d2 at most this fraction of the kernel's largest diagonal entry counts as exhausted:
 # float32 rounding leaves residuals of ~1e-6 of it where the kernel has no rank left.
 EXHAUSTED = 1e-5
@@ -105,67 +102,164 @@ def conditional_relevance(x, text, text_mask, valid, *, sign="negative", normali
   return jnp.where(ok, r, 0.0), ok
 
 
-def greedy_map(row, diag, rel, valid, budget: int, tol: float = EXHAUSTED) -> jax.Array:
+def greedy_map(x, rel, valid, budget: int, tol: float = EXHAUSTED, gram=None,
+               block: int | None = None, candidates: int | None = None) -> jax.Array:
   """int32[budget] greedy MAP picks of the conditional DPP of one example, in pick order.
 
   Args:
-    row: j -> float32[N], row j of the similarity S (zero for invalid tokens).
-    diag: float32[N] diagonal of S.
-    rel: float32[N] relevance (0 for invalid tokens); the kernel is rel_i S_ij rel_j.
+    x: float32[N, D] unit-norm token features (zero for invalid tokens): S = x x^T.
+    rel: float32[N] relevance (0 for invalid tokens); the kernel is L_ij = rel_i S_ij rel_j.
     valid: bool[N] tokens that may be picked before the others.
     budget: picks K.
     tol: a residual d2 at most `tol` times the largest diagonal entry of the kernel counts as
       exhausted (module docstring).
+    gram: None, or float32[N, N] S, read for the diagonal and the candidates' entries.
+    block: most picks b per block; candidates: tokens M followed within a block (below).
+      None: `_block_size(K)`, `_candidates(N)`.
 
   Each step picks, in this order of preference: the valid token with the largest residual d2
   above the tolerance (the official rule, which then adds a row); else the valid token with the
   largest kernel diagonal (relevance); else the first invalid one. Ties go to the lower index.
 
-  The rows c_t are stored in blocks of `_row_block(budget)` rows, one `fori_loop` per block:
-  step i's projection sum_t c_t[j] c_t reads only the blocks written so far (the finished ones
-  and the current one), not all K rows, most of them still zero: ~(1 + 1/blocks) / 2 of the
-  memory traffic of the K x N matrix-vector product, which dominates the steps (the finished
-  blocks are read-only constants of the later loops, so no row slice is copied).
+  Blocked, with the picks of the step-by-step loop (up to float rounding). Step t's Cholesky row
+  is c_t = F q_t with F = diag(rel) x and q_t the unit direction of the pick's features after
+  projecting out the earlier picks' (q_t = (f_j - sum_s c_s[j] q_s) / sqrt(d2_j), d2 -= c_t^2).
+  Computing it over all N tokens step by step reads every row so far: a matrix-vector product
+  per step, bound by memory (2.4 s per call at N = 4096, K = 1024, batch 4 on CPU). Here the
+  rows are computed for a block of up to b picks at once, one [N, D] x [D, b] product, and no
+  N x N similarity is needed. Within a block only M candidates are followed: at the block start
+  the step's pick j0 (exact: every d2 is up to date) and the live tokens whose d2 exceeds the
+  (M + 1)-th largest; their residual kernel (M x M) gives their rows step by step, and a
+  candidate is picked only while its d2 is above that (M + 1)-th value. d2 only decreases, so
+  that value bounds every other token's d2 for the rest of the block: the candidate is the
+  step's pick. The block ends at the first pick that is not certain, or after b picks.
   """
-  n = rel.shape[0]
+  n, d = x.shape
+  for name, value in (("block", block), ("candidates", candidates)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+      raise ValueError(f"greedy_map: {name} must be None or a positive int, got {value!r}")
+  b = min(block or _block_size(budget), budget)
+  m = min(candidates or _candidates(n), n)
+  diag = jnp.einsum("nd,nd->n", x, x) if gram is None else jnp.diagonal(gram)
   quality = rel * rel * diag  # the kernel's diagonal: the official initial d2
   floor = tol * jnp.where(valid, quality, 0.0).max()
-
-  def body(i, state, done, first):
-    c, d2, taken, picks = state
-    free = valid & ~taken
-    live = free & (d2 > floor)
-    j = jnp.where(live.any(), jnp.argmax(jnp.where(live, d2, -jnp.inf)),
-                  jnp.where(free.any(), jnp.argmax(jnp.where(free, quality, -jnp.inf)),
-                            jnp.argmin(taken)))
-    add = live[j]
-    kernel_row = rel[j] * rel * row(j)
-    proj = jnp.einsum("t,tn->n", c[:, j], c)
-    for block in done:
-      proj = proj + jnp.einsum("t,tn->n", block[:, j], block)
-    e = (kernel_row - proj) / jnp.sqrt(jnp.where(add, d2[j], 1.0))
-    e = jnp.where(add, e, 0.0)
-    return (c.at[i - first].set(e), d2 - e * e, taken.at[j].set(True),
-            picks.at[i].set(j.astype(jnp.int32)))
-
+  f = rel[:, None] * x  # L = f f^T
   # Built from `valid` so that under vmap every buffer carries the batch (and its sharding on
   # Explicit mesh axes: indexing an unbatched buffer with batched indices is refused there).
-  none = valid[:1] & False
-  d2, taken, picks = quality, jnp.zeros((n,), bool) | none, jnp.zeros((budget,), jnp.int32) + none
+  none = valid[0] & False
+  lift = lambda a: jnp.where(none, a, a)
+
+  def live_of(d2, taken):
+    return valid & ~taken & (d2 > floor)
+
+  def candidates_of(d2, taken):
+    """The block's candidates: int32[M] token indices, ascending (bool[M] which are real), and
+    the bound on every other token's d2. The candidates are the step's pick j0 and every live
+    token whose d2 exceeds the bound, the (M + 1)-th largest live d2 (0 with M or fewer live
+    tokens, which are then all candidates). The bound is found by a search on the bits of d2
+    (positive floats order as their int32 bits), 4 bits per pass: lax.top_k in a loop body
+    lowers to a full sort on CPU, 0.7 ms per block at N = 4096 against ~0.07 ms for 31 counts."""
+    live = live_of(d2, taken)
+    j0 = jnp.argmax(jnp.where(live, d2, -jnp.inf))  # the step's pick, as in the step-by-step loop
+    if m == n:
+      return lift(jnp.arange(n)), live, 0.0
+    bits = jnp.where(live, jax.lax.bitcast_convert_type(d2, jnp.int32), -1)
+    t = lift(jnp.int32(0))
+    for shift in range(28, -1, -4):  # 4 bits at a time (3 for the top: the sign bit is 0)
+      steps = jnp.arange(1, 8 if shift == 28 else 16, dtype=jnp.int32) << shift
+      counts = (bits[None, :] >= (t | steps)[:, None]).sum(1)  # non-increasing
+      t = t | ((counts > m).sum().astype(jnp.int32) << shift)
+    member = (bits > t) | (jnp.arange(n) == j0)
+    cand = jnp.nonzero(member, size=m, fill_value=j0)[0]
+    real = live[cand] & (jnp.arange(m) < member.sum())
+    return cand, real, jax.lax.bitcast_convert_type(t, jnp.float32)
+
+  def block_step(state, width):
+    """Up to b picks from step i (where some valid token is live), their directions and rows.
+    Rows and directions before step i lie in the first `width` slots."""
+    i, c, q, d2, taken, picks = state
+    cand, real, bound = candidates_of(d2, taken)
+    cc = c[cand, :width]  # [M, width] earlier rows at the candidates
+    if gram is None:
+      s = jnp.einsum("md,nd->mn", x[cand], x[cand], preferred_element_type=jnp.float32)
+    else:
+      s = gram[cand][:, cand]
+    resid = rel[cand][:, None] * rel[cand][None, :] * s - cc @ cc.T  # [M, M] residual kernel
+
+    def pick(s):
+      """One certain pick: its row at the candidates and row t of T^-1 (below), side by side in
+      one [M + b] vector, so that a step is one matrix-vector product and one row write."""
+      t, _, d2c, pos, rows = s
+      p = jnp.argmax(d2c)  # -inf: taken, not live at the block start, or no candidate
+      sure = (d2c[p] > floor) & ((t == 0) | (d2c[p] > bound))
+      scale = jnp.sqrt(jnp.where(sure, d2c[p], 1.0))
+      col = rows[:, p]  # [b] the block's earlier rows at the pick: row t of T
+      unit = jnp.arange(b) == t
+      new = jnp.where(sure, (jnp.concatenate([resid[p], unit]) - col @ rows) / scale, 0.0)
+      e = new[:m]
+      d2c = jnp.where(sure & (jnp.arange(m) == p), -jnp.inf, d2c - e * e)
+      return t + sure, sure, d2c, pos.at[t].set(p), rows.at[t].set(new)
+
+    s = (lift(jnp.int32(0)), lift(True), jnp.where(real, d2[cand], -jnp.inf),
+         lift(jnp.zeros((b,), jnp.int32)), lift(jnp.zeros((b, m + b), jnp.float32)))
+    s = jax.lax.while_loop(lambda s: s[1] & (s[0] < b) & (i + s[0] < budget), pick, s)
+    count, _, _, pos, rows = s
+    inv = rows[:, m:]  # T^-1, zero rows past the block's picks
+    used = jnp.arange(b) < count
+    js = cand[pos]
+    # The block's directions Q = T^-1 (f[js] - c[js] q), T the [b, b] lower triangle of the
+    # block's rows at its picks (diagonal sqrt(d2)), then its rows for every token, f Q^T.
+    dirs = inv @ (f[js] - c[js, :width] @ q[:width])  # [b, D]
+    e = jnp.einsum("nd,bd->nb", f, dirs)  # [N, b]
+    for t in range(b):  # sequential, as the step-by-step loop (one fused pass)
+      d2 = d2 - e[:, t] * e[:, t]
+    return (i + count, jax.lax.dynamic_update_slice(c, e, (0, i)),
+            jax.lax.dynamic_update_slice(q, dirs, (i, 0)), d2, taken.at[js].max(used),
+            jax.lax.dynamic_update_slice(picks, js.astype(jnp.int32), (i,)))
+
+  def fallback_step(state):
+    """One pick with no live token: the largest relevance, then the first invalid token."""
+    i, taken, picks = state
+    free = valid & ~taken
+    j = jnp.where(free.any(), jnp.argmax(jnp.where(free, quality, -jnp.inf)), jnp.argmin(taken))
+    return i + 1, taken.at[j].set(True), picks.at[i].set(j.astype(jnp.int32))
+
+  # Rows c [N, K + b] and directions q [K + b, D] (b spare: whole-block writes). The loop runs
+  # in stretches of `rows` steps so that each block's products read only the slots written
+  # so far, rounded up (a block may run past its stretch's end).
+  state = (lift(jnp.int32(0)), lift(jnp.zeros((n, budget + b), jnp.float32)),
+           lift(jnp.zeros((budget + b, d), jnp.float32)), quality, lift(jnp.zeros((n,), bool)),
+           lift(jnp.zeros((budget + b,), jnp.int32)))
   rows = _row_block(budget)
-  done = []
   for first in range(0, budget, rows):
     last = min(first + rows, budget)
-    c = jnp.where(none[None], 1.0, jnp.zeros((last - first, n), jnp.float32))
-    step = functools.partial(body, done=tuple(done), first=first)
-    c, d2, taken, picks = jax.lax.fori_loop(first, last, step, (c, d2, taken, picks))
-    done.append(c)
-  return picks
+    state = jax.lax.while_loop(
+        lambda s, last=last: (s[0] < last) & live_of(s[3], s[4]).any(),
+        functools.partial(block_step, width=last), state)
+  i, _, _, _, taken, picks = state
+  _, _, picks = jax.lax.while_loop(lambda s: s[0] < budget, fallback_step, (i, taken, picks))
+  return picks[:budget]
+
+
+def _block_size(budget: int) -> int:
+  """Picks b per block of `greedy_map`: K split into equal blocks of at most 64. On CPU (batch
+  4, greedy alone, old step-by-step loop = 1): N = 4096 b = 64 0.29, b = 79 0.37; N = 1024
+  b = 64 0.69, b = 128 1.0 (blocks end early: the product is for b picks whatever the count);
+  N = 576 (K = 144) b = 72 or 48 ~0.9, b = 64 (64 + 64 + 16) ~1.1."""
+  return -(-budget // -(-budget // 64))
+
+
+def _candidates(n: int) -> int:
+  """Candidates M per block of `greedy_map`: N / 8 within [96, 256]. More candidates keep more
+  blocks whole (N = 4096, K = 1024: 35 blocks with M = 128, 23 with 256, 18 with 512) but cost
+  M^2 (D + K) per block. Greedy alone, batch 4 on CPU, relative to M = 96 / 96 / 128 / 256:
+  N = 256 M = 128 1.12, 64 1.4; N = 576 M = 128 1.11; N = 1024 M = 96 1.17, 192 1.21;
+  N = 4096 M = 192 1.11."""
+  return min(256, max(96, n // 8))
 
 
 def _row_block(budget: int) -> int:
-  """Rows per block of `greedy_map`'s Cholesky rows: K / 8, at least 64 (each block is a loop of
-  its own; at K = 1024 on CPU 8 blocks took 0.6x the time of 1, 4 blocks 0.7x)."""
+  """Steps per stretch of `greedy_map`: K / 8, at least 64."""
   return max(64, -(-budget // 8))
 
 
@@ -185,8 +279,10 @@ def cdpruner(tokens, budget, *, text=None, text_mask=None, sign="negative", norm
     sign: "negative" (official code: negated cosine) or "positive" (the paper's wording).
     normalize: relevance min-max per "example" (default) or over the whole "batch" (literal).
     theta: None (official) or a float in [0, 1): relevance exp(theta / (2 (1 - theta)) r).
-    cache_gram: keep the N x N similarity (True), recompute a row per step (False), or None:
-      when N <= GRAM_MAX_TOKENS. Same selection up to float rounding.
+    cache_gram: compute the N x N similarity (True) and read the diagonal and the candidates'
+      entries from it, or recompute those from the features (False, or None: the default; the
+      blocked greedy needs no other entry, and the matrix alone cost more than the whole greedy
+      at N = 4096). Same selection up to float rounding.
 
   Returns:
     `budget` tokens in raster order (padding last), original positions in `pos`.
@@ -214,19 +310,15 @@ def cdpruner(tokens, budget, *, text=None, text_mask=None, sign="negative", norm
   chex.assert_shape([rel, ok], (b, n))
   valid = valid & ok
   xn = jnp.where(valid[..., None], xn, 0.0)  # invalid tokens: zero rows of S, never in a row
-  use_gram = n <= GRAM_MAX_TOKENS if cache_gram is None else cache_gram
+  use_gram = bool(cache_gram)
 
   def one(x1, r1, v1):
-    if use_gram:
-      s = P.gram(x1)
-      return greedy_map(lambda j: s[j], jnp.diagonal(s), r1, v1, budget)
-    row = lambda j: jnp.einsum("nd,d->n", x1, x1[j], preferred_element_type=jnp.float32)
-    return greedy_map(row, jnp.einsum("nd,nd->n", x1, x1), r1, v1, budget)
+    return greedy_map(x1, r1, v1, budget, gram=P.gram(x1) if use_gram else None)
 
   chunks = 1
   if jax.default_backend() == "cpu":
     # One example at a time on CPU: its Cholesky rows (K x N) stay in cache across the steps
-    # (N = 1024: 127 -> 68 ms per call at batch 4; N = 4096: 5.2 -> 4.0 s).
+    # (step-by-step loop, N = 1024: 127 -> 68 ms per call at batch 4; N = 4096: 5.2 -> 4.0 s).
     shards = batch_shards(tokens.mask)
     chunks = b // shards if b % shards == 0 else 1
   idx = map_batch(jax.vmap(one), (xn, rel, valid), chunks)
