@@ -23,6 +23,7 @@ def get_config(arg: str = ""):
   c.skip_bad = False
   c.plan = "()"
   c.families = ("count", "binding", "digit", "number", "locate", "video", "audio")
+  c.split = "test"    # the testbed split: "test", "val" or "train" (is a model overfitting?)
   c.per_family = 32
   c.batch_size = 16
   c.max_len = 64

@@ -52,7 +52,10 @@ def examples(cfg, image_size: int) -> List[Dict[str, Any]]:
                   "family": "jsonl", "scene": None})
     return out
   from tcjax.data import testbed  # pylint: disable=g-import-not-at-top
-  return [testbed.example(f, "test", 0, i) for f in cfg.families for i in range(cfg.per_family)]
+  if cfg.split not in testbed.SPLITS:
+    raise ValueError(f"config.split: one of {testbed.SPLITS}, got {cfg.split!r}")
+  return [testbed.example(f, cfg.split, 0, i) for f in cfg.families
+          for i in range(cfg.per_family)]
 
 
 def run(model, params, tok, exs, cfg, plan) -> Dict[str, Any]:

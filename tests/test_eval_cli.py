@@ -53,3 +53,23 @@ def test_eval_on_jsonl(tmp_path):
   assert plan["kv_bytes"] == 2 * (4 + 8) * 2 * 8 * 4
   assert plan["flops"] < base["flops"]
   assert "| plan |" in eval_cli.table(rows)
+
+
+def test_testbed_split_is_chosen_and_checked():
+  # The examples of config.split, as the testbed makes them from (family, split, seed, index).
+  from tcjax.data import testbed  # pylint: disable=g-import-not-at-top
+  import pytest  # pylint: disable=g-import-not-at-top
+  cfg = get_config()
+  cfg.families = ("glyph", "digit")
+  cfg.per_family = 2
+  for split in ("train", "val", "test"):
+    cfg.split = split
+    got = eval_cli.examples(cfg, testbed.IMAGE_SIZE)
+    want = [testbed.example(f, split, 0, i) for f in ("glyph", "digit") for i in range(2)]
+    assert [(e["prefix"], e["suffix"]) for e in got] == [(e["prefix"], e["suffix"]) for e in want]
+    for a, b in zip(got, want):
+      np.testing.assert_array_equal(a["image"], b["image"])
+  assert get_config().split == "test"
+  cfg.split = "dev"
+  with pytest.raises(ValueError, match="config.split"):
+    eval_cli.examples(cfg, testbed.IMAGE_SIZE)
