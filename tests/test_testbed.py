@@ -87,6 +87,18 @@ def test_digit_in_box_is_the_answer():
               and box[1] <= d["x"] and d["x"] + tb.DIGIT_PX <= box[3] + 2]
     assert len(inside) == 1, i
     assert str(sk_label("test", inside[0]["image"])) == ex["suffix"], i
+    # The amber fill: exactly the outline's inside, minus the glyph's lit pixels, so it marks the
+    # boxed glyph's own 4-px patches and no other digit's.
+    amber = color_mask(pixels(ex), (0.35, 0.25, 0.0))
+    ys, xs = np.nonzero(amber)
+    assert (ys.min() - 1, xs.min() - 1, ys.max() + 2, xs.max() + 2) == box, i
+    d = inside[0]
+    glyph = np.zeros(amber.shape, bool)
+    lit = load_digits().images[2 * d["image"] + 1] > 0  # scikit-learn's own pixels
+    glyph[d["y"]:d["y"] + 8, d["x"]:d["x"] + 8] = lit
+    interior = np.zeros(amber.shape, bool)
+    interior[box[0] + 1:box[2] - 1, box[1] + 1:box[3] - 1] = True
+    assert np.array_equal(amber, interior & ~glyph), i
 
 
 def test_glyph_is_the_one_digit_drawn():
@@ -226,8 +238,8 @@ def test_describe_lists_what_the_pixels_hold():
     items = re.findall(r"((?:<loc\d{4}>){4}) ([a-z]+ [a-z]+|\d)", ex["suffix"])
     assert "".join(f"{b} {name}" for b, name in items) == ex["suffix"], i
     lit = img.max(-1) > 0.3
-    if kind == "digit":  # the drawn box outline is not an item
-      lit &= ~color_mask(img, (0.7, 0.7, 0.7))
+    if kind == "digit":  # the drawn box (outline and amber fill) is not an item
+      lit &= ~color_mask(img, (0.7, 0.7, 0.7)) & ~color_mask(img, (0.35, 0.25, 0.0))
     covered = np.zeros_like(lit)
     rows = []
     for b, name in items:
