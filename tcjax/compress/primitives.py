@@ -7,8 +7,9 @@ order, with `src` bookkeeping), `merge` (size-weighted scatter-merge into K slot
 (k x k pooling on the grid) and `sort_by_position`. Data-dependent counts in a fixed capacity:
 `rank_in_group` (a runtime number per group), `select_where`, `merge_into` (features the method
 computes); density-peak clustering of a group: from features, `dpc_sq_dists`, `dpc_scores`,
-`dpc_assign` (compare-free passes over squared distances, the fast path), or from a distance
-matrix, `density_peaks`, `nearest_centre`.
+`dpc_assign` (compare-free passes over squared distances, the fast path; `dpc_plan` runs the
+three on the Gram matrix for one group, with no distance matrix), or from a distance matrix,
+`density_peaks`, `nearest_centre`.
 """
 
 from __future__ import annotations
@@ -703,9 +704,9 @@ def dpc_plan(x: jax.Array, valid: jax.Array, budget: int, k: int, noise=None, *,
 
   Only the Gram matrix is N x N; the squared distances are recomputed from it, entry by entry
   with the same expression, where they are needed:
-    - one pass over it gives every row's bin minima (32 columns a bin) and the group's largest
-      squared distance; the k nearest come from the k bins with the smallest minima, as in
-      `top_k_by_bins` (exact);
+    - one reduction over it gives every row's bin minima (32 columns a bin), another the
+      group's largest squared distance; the k nearest come from the k bins with the smallest
+      minima, as in `top_k_by_bins` (exact);
     - the distance to the nearest denser token is exact from a row's k nearest whenever one of
       them is denser (every other token is at least as far); only the rows with none (the local
       density peaks, a fraction of the tokens) take a full row's minimum, `peak_rows` rows per
