@@ -28,7 +28,8 @@ on a fixed-size index buffer. Exactly the official selection, computed faster:
     over the odd half is the max over its cached neighbours in the odd half, exact whenever
     there is one (an uncached candidate is no more similar); rows with none there are computed
     in full (a `lax.while_loop` over the few misses), so each step costs O(R * 17) instead of
-    O(R^2). Shorter lists compact the Gram matrix to the live list and mask whole rows;
+    O(R^2). Shorter lists mask whole rows, of the Gram matrix compacted to the live list when
+    it has more than 512 rows;
   - the per-step stable sort is `primitives.argsort` (integer sorts, several times faster on
     CPU than a float sort with an index payload);
   - on CPU, examples with large Gram matrices run one after another (`_chunks`).
