@@ -114,3 +114,64 @@ def test_chat_univi_cascade_matches_numpy():
       got_all.append(feat[order])
     np.testing.assert_allclose(np.asarray(feats[b]), np.concatenate(got_all), rtol=1e-4,
                                atol=1e-5)
+
+
+def _dense_plan(x, valid, budget, k, noise=None):
+  """The passes over the whole N x N distance matrix, with a plain argmin: `dpc_plan`'s
+  reference."""
+  from tcjax.compress import primitives as P  # pylint: disable=g-import-not-at-top
+  d2, dmax2 = P.dpc_sq_dists(x, valid)
+  score = P.dpc_scores(d2, dmax2, valid, k, x.shape[1], noise=noise)
+  centres = jax.lax.top_k(score, budget)[1].astype(jnp.int32)
+  dc = jnp.where(valid[centres][:, None], P.dpc_dist(d2[centres], x.shape[1]), jnp.inf)
+  assign = jnp.argmin(dc, 0).astype(jnp.int32)
+  own = jnp.full(assign.shape, -1, jnp.int32).at[jnp.where(valid[centres], centres, len(assign))
+                                                 ].set(jnp.arange(budget, dtype=jnp.int32),
+                                                       mode="drop")
+  return jnp.where(own >= 0, own, assign), centres
+
+
+def test_dpc_plan_matches_dense_passes():
+  """`primitives.dpc_plan` (Gram rows, bins, k-nearest deltas, peak rows in rounds) gives the
+  dense passes' centres and assignment exactly, also when most rows are density peaks (rounds
+  of 8 rows: many rounds), with duplicates, ties, padding and NaN padding, N not a multiple of
+  the bins, and the official noise."""
+  from tcjax.compress import primitives as P  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  cases = []
+  for n in (352, 400):
+    x = rng.normal(size=(n, 24)).astype(np.float32)
+    cases.append(("random", x, np.ones(n, bool)))
+    # Few distinct points, many exact duplicates: every density ties within a cluster.
+    cases.append(("duplicates", x[rng.integers(0, 12, n)], np.ones(n, bool)))
+    # Points on a line at equal spacing: distances tie, and most rows are local peaks.
+    line = np.zeros((n, 24), np.float32)
+    line[:, 0] = np.arange(n) % 37
+    cases.append(("ties", line, np.ones(n, bool)))
+    # Quantised features: many equal distances across rows.
+    cases.append(("quantised", np.round(x), np.ones(n, bool)))
+    valid = rng.random(n) > 0.3
+    cases.append(("padding", x, valid))
+    cases.append(("nan padding", np.where(valid[:, None], x, np.nan).astype(np.float32), valid))
+  peaks_seen = 0
+  for name, x, valid in cases:
+    x, valid = jnp.asarray(x), jnp.asarray(valid)
+    n = x.shape[0]
+    official = jnp.asarray(rng.random(n).astype(np.float32) * 1e-6)
+    # Noise far above the densities orders the tokens at random: about 1 / k of the rows are
+    # then denser than all their k - 1 nearest (peaks, the full-row path).
+    shuffled = jnp.asarray(rng.random(n).astype(np.float32))
+    for k, budget, nz in ((5, 64, None), (3, 100, None), (5, 64, official), (3, 64, shuffled)):
+      want = jax.jit(functools.partial(_dense_plan, budget=budget, k=k))(x, valid, noise=nz)
+      got = jax.jit(functools.partial(P.dpc_plan, budget=budget, k=k, peak_rows=8))(
+          x, valid, noise=nz)
+      for w, g in zip(want, got):
+        np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{name}, k={k}")
+    # How many rows take the full-row path (no denser token among their k nearest).
+    d2, _ = P.dpc_sq_dists(x, valid)
+    vals, cols = P.top_k_by_bins(-d2, 3, 32)
+    rho = P._dpc_density(-vals, 3, x.shape[1], shuffled)[0]
+    rank = np.argsort(np.argsort(-np.asarray(rho), kind="stable"))
+    peaks = np.asarray(valid) & ~(rank[np.asarray(cols)] < rank[:, None]).any(1)
+    peaks_seen = max(peaks_seen, int(peaks.sum()))
+  assert peaks_seen > 64  # the rounds of 8 rows ran many times

@@ -130,13 +130,10 @@ def dpc_knn(tokens, budget, *, rng=None, k=5, weighting="plain"):
 
 def _plan(x: jax.Array, valid: jax.Array, budget: int, k: int, noise=None):
   """(assign int32[N], centres int32[K]) of one example: `dpc_centres(pairwise_distance(x), ...)`
-  and the nearest centre of every token (the first centre, in score order, on ties), through the
-  compare-free passes over squared distances (`primitives.dpc_sq_dists`, `dpc_scores`,
-  `dpc_assign`), which give the same values."""
-  d2, dmax2 = P.dpc_sq_dists(x, valid)
-  score = P.dpc_scores(d2, dmax2, valid, k, x.shape[1], noise=noise)
-  centres = jax.lax.top_k(score, budget)[1].astype(jnp.int32)
-  assign = P.dpc_assign(d2, centres, valid[centres], x.shape[1])
+  and the nearest centre of every token (the first centre, in score order, on ties), through
+  `primitives.dpc_plan` (the compare-free passes of `dpc_sq_dists`, `dpc_scores` and
+  `dpc_assign` on the Gram matrix, no N x N distance matrix), which gives the same values."""
+  assign, centres = P.dpc_plan(x, valid, budget, k, noise)
   return jnp.where(valid, assign, -1), centres
 
 

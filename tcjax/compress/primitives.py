@@ -7,8 +7,9 @@ order, with `src` bookkeeping), `merge` (size-weighted scatter-merge into K slot
 (k x k pooling on the grid) and `sort_by_position`. Data-dependent counts in a fixed capacity:
 `rank_in_group` (a runtime number per group), `select_where`, `merge_into` (features the method
 computes); density-peak clustering of a group: from features, `dpc_sq_dists`, `dpc_scores`,
-`dpc_assign` (compare-free passes over squared distances, the fast path), or from a distance
-matrix, `density_peaks`, `nearest_centre`.
+`dpc_assign` (compare-free passes over squared distances, the fast path; `dpc_plan` runs the
+three on the Gram matrix for one group, with no distance matrix), or from a distance matrix,
+`density_peaks`, `nearest_centre`.
 """
 
 from __future__ import annotations
@@ -516,7 +517,7 @@ def above_mean_raters(s: jax.Array, valid_text: jax.Array, valid_vis: jax.Array)
   return jnp.where(raters.any(1, keepdims=True), raters, valid_text)
 
 
-def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
+def gram(x: jax.Array, chunk: int = 256, *, scale: Optional[float] = None) -> jax.Array:
   """float32[N, N] = x @ x.T of `x: float[N, D]`, computing only the blocks on and above the
   diagonal (~(1 + 1/blocks) / 2 of the FLOPs of one matmul, with no loop) and mirroring them, so
   the result is exactly symmetric.
@@ -526,15 +527,20 @@ def gram(x: jax.Array, chunk: int = 256) -> jax.Array:
   the same jit ran ~1.6x slower than these (and slower than the full matmul). The blocks are
   written into one buffer in place: concatenating rows of blocks held a second N x N copy (~10 ms
   more per vispruner call at N=4096, batch 4, on CPU).
+
+  `scale` (a power of two) multiplies the left operand of every product: `scale * (x @ x.T)`,
+  exactly (scaling by a power of two commutes with rounding, outside the subnormal range), with
+  no pass over the N x N result.
   """
   n, d = x.shape
   x = x.astype(jnp.float32)
+  lhs = (lambda a: a) if scale is None else (lambda a: a * jnp.float32(scale))
   if n <= chunk:
-    return jnp.einsum("nd,md->nm", x, x, preferred_element_type=jnp.float32)
+    return jnp.einsum("nd,md->nm", lhs(x), x, preferred_element_type=jnp.float32)
   num = -(-n // chunk)
   size = -(-n // num)
   blocks = jnp.pad(x, ((0, num * size - n), (0, 0))).reshape(num, size, d)
-  upper = {(i, j): jnp.einsum("cd,ed->ce", blocks[i], blocks[j],
+  upper = {(i, j): jnp.einsum("cd,ed->ce", lhs(blocks[i]), blocks[j],
                               preferred_element_type=jnp.float32)
            for i in range(num) for j in range(i, num)}
   full = jnp.zeros((num * size, num * size), jnp.float32)
@@ -648,8 +654,18 @@ def dpc_scores(d2: jax.Array, dmax2: jax.Array, valid: jax.Array, k, dim: int, *
   drop the tokens outside the group. The mean over the k nearest is the sum of the first k of
   the ascending k_max smallest, divided by k (the same values as a mean when k == k_max).
   """
-  n = d2.shape[0]
-  near = dpc_dist(k_smallest(d2, k if k_max is None else k_max), dim)  # [N, k_max], self first
+  near2 = k_smallest(d2, k if k_max is None else k_max)  # [N, k_max], self first
+  rho, rank = _dpc_density(near2, k, dim, noise)
+  delta2 = jnp.minimum(jnp.min(_dpc_farther(d2, rank, rank), -1), dmax2)
+  return jnp.where(valid, rho * dpc_dist(delta2, dim), -jnp.inf)
+
+
+def _dpc_density(near2, k, dim, noise):
+  """(rho float32[N], rank float32[N]) from the ascending k_max smallest squared distances of
+  each row: the density exp(-mean of the k nearest distances^2), plus `noise`, and each token's
+  place in the stable descending order of rho (equal densities: lower index first)."""
+  n = near2.shape[0]
+  near = dpc_dist(near2, dim)
   k = jnp.broadcast_to(jnp.asarray(k, jnp.int32), (n,))
   total = jnp.take_along_axis(jnp.cumsum(near * near, -1), k[:, None] - 1, axis=-1)[:, 0]
   rho = jnp.exp(-total / k.astype(jnp.float32))
@@ -657,11 +673,107 @@ def dpc_scores(d2: jax.Array, dmax2: jax.Array, valid: jax.Array, k, dim: int, *
     rho = rho + noise
   order = jnp.argsort(-rho, stable=True)  # densest first; equal densities: lower index first
   rank = jnp.zeros((n,), jnp.float32).at[order].set(jnp.arange(n, dtype=jnp.float32))
-  not_denser = jnp.maximum(1.0 - rank[:, None] + rank[None, :], 0.0)  # 0 iff j denser than i
-  delta2 = jnp.minimum(jnp.min(d2 + not_denser * jnp.float32(_EXCLUDE), -1), dmax2)
-  return jnp.where(valid, rho * dpc_dist(delta2, dim), -jnp.inf)
+  return rho, rank
 
 
+def _dpc_farther(d2, rank_rows, rank_cols):
+  """d2 where column j is denser than row i (rank_j < rank_i), >= 3e38 elsewhere, with no
+  comparison: max(1 - rank_i + rank_j, 0) is 0 iff j is denser, and a positive integer
+  otherwise. d2: float32[R, M]; rank_rows: [R]; rank_cols: [M] or [R, M]."""
+  if rank_cols.ndim == 1:
+    rank_cols = rank_cols[None, :]
+  not_denser = jnp.maximum(1.0 - rank_rows[:, None] + rank_cols, 0.0)
+  return d2 + not_denser * jnp.float32(_EXCLUDE)
+
+
+# Rows per round of `dpc_plan`'s full-row minima (rows with no denser token among their k
+# nearest): N / 32, at least 64. On the benchmark inputs (26 such rows per example at N=4096),
+# rounds of 64 / 128 / 256 / 512 rows took 1.00 / 1.02 / 1.02 / 1.03 of the time at N=4096 and
+# 64 / 128 / 256 rows 1.00 / 1.01 / 1.03 at N=1024 (interleaved, under load): near noise; a
+# small round wastes little when there are few, and data with many (up to ~1/k of the rows
+# when densities are unrelated to the geometry) take a few more rounds.
+_PEAK_ROWS_FRACTION = 32
+
+
+def dpc_plan(x: jax.Array, valid: jax.Array, budget: int, k: int, noise=None, *,
+             bin_size: int = 32, peak_rows: Optional[int] = None
+             ) -> Tuple[jax.Array, jax.Array]:
+  """(assign int32[N], centres int32[K]) of one group `x: float[N, D]`: the centres
+  `top_k(dpc_scores(*dpc_sq_dists(x, valid), valid, k, D, noise=noise), budget)` and
+  `dpc_assign` of every token, the same values, without the N x N matrix of squared distances.
+
+  Only the Gram matrix is N x N; the squared distances are recomputed from it, entry by entry
+  with the same expression, where they are needed:
+    - one reduction over it gives every row's bin minima (32 columns a bin), another the
+      group's largest squared distance; the k nearest come from the k bins with the smallest
+      minima, as in `top_k_by_bins` (exact);
+    - the distance to the nearest denser token is exact from a row's k nearest whenever one of
+      them is denser (every other token is at least as far); only the rows with none (the local
+      density peaks, a fraction of the tokens) take a full row's minimum, `peak_rows` rows per
+      round of a `lax.while_loop`;
+    - the nearest centre reads the K centres' rows.
+  `k` is a static int <= N; tokens outside `valid` are as in `dpc_sq_dists`.
+  """
+  n, dim = x.shape
+  if k * bin_size * 2 > n:  # too few bins: the passes over the whole matrix
+    d2, dmax2 = dpc_sq_dists(x, valid)
+    score = dpc_scores(d2, dmax2, valid, k, dim, noise=noise)
+    centres = jax.lax.top_k(score, budget)[1].astype(jnp.int32)
+    return dpc_assign(d2, centres, valid[centres], dim), centres
+  x = jnp.where(valid[:, None], x.astype(jnp.float32), 0.0)
+  sq = jnp.sum(x * x, -1)
+  idx = jnp.arange(n)
+  # 2 x_i.x_j straight from the products (`gram(scale=2)`, exact): 2.0 * g was a pass of its
+  # own over the matrix, written out for the passes below.
+  g2 = gram(x, scale=2.0).at[idx, idx].set(2.0 * sq)
+  sq_col = jnp.where(valid, sq, jnp.inf)
+  sq_max = jnp.where(valid, sq, -jnp.inf)
+  bins = -(-n // bin_size)
+  pad = bins * bin_size - n
+  gb = jnp.pad(g2, ((0, 0), (0, pad))) if pad else g2
+  sq_col = jnp.pad(sq_col, (0, pad), constant_values=jnp.inf)  # padding: never near
+  sq_max_c = jnp.pad(sq_max, (0, pad), constant_values=-jnp.inf)
+  # Bin minima and the largest squared distance, each clamped at 0 after its reduction (max(., 0)
+  # is monotone, so this is the reduction of the clamped entries; clamping each entry made XLA
+  # write out an N x N matrix of zeros for it).
+  binned = lambda a: a.reshape(n, bins, bin_size)
+  bin_min = jnp.maximum(binned(sq[:, None] + sq_col[None, :] - gb).min(-1), 0.0)  # [N, bins]
+  dmax2 = jnp.maximum((sq_max[:, None] + sq_max_c[None, :] - gb).max(), 0.0)
+  # The k nearest: as `k_smallest` (`top_k_by_bins` of -d2), on the entries of the k bins
+  # with the smallest minima (ties: lower bin), in column order.
+  top_bins = jnp.sort(jax.lax.top_k(-bin_min, k)[1], axis=-1)  # [N, k]
+  cols = (top_bins[:, :, None] * bin_size + jnp.arange(bin_size)).reshape(n, k * bin_size)
+  near_neg, pos = jax.lax.top_k(-_dpc_d2(jnp.take_along_axis(gb, cols, axis=1), sq,
+                                          sq_col[cols]), k)
+  near2, near_cols = -near_neg, jnp.take_along_axis(cols, pos, axis=1)
+  rho, rank = _dpc_density(near2, k, dim, noise)
+  # Nearest denser token: exact from the k nearest when one of them is denser.
+  delta2 = jnp.min(_dpc_farther(near2, rank, rank[jnp.minimum(near_cols, n - 1)]), -1)
+  need = valid & (delta2 >= jnp.float32(_EXCLUDE))
+  size = min(n, peak_rows or max(64, n // _PEAK_ROWS_FRACTION))
+  sq_c = sq_col[:n]
+
+  def peaks(state):
+    delta2, need = state
+    sel = jnp.flatnonzero(need, size=size, fill_value=0)  # fill: row 0, masked below
+    full = jnp.min(_dpc_farther(_dpc_d2(g2[sel], sq[sel], sq_c), rank[sel], rank), -1)
+    delta2 = delta2.at[sel].min(jnp.where(need[sel], full, jnp.inf))
+    return delta2, need.at[sel].set(False)
+
+  delta2, _ = jax.lax.while_loop(lambda s: s[1].any(), peaks, (delta2, need))
+  delta2 = jnp.minimum(delta2, dmax2)
+  score = jnp.where(valid, rho * dpc_dist(delta2, dim), -jnp.inf)
+  centres = jax.lax.top_k(score, budget)[1].astype(jnp.int32)
+  return _nearest_slot(_dpc_d2(g2[centres], sq[centres], sq_c), centres, valid[centres],
+                       dim), centres
+
+
+def _dpc_d2(g2, sq_rows, sq_cols):
+  """Squared distances max(|x_i|^2 + |x_j|^2 - 2 x_i.x_j, 0) from `g2` = 2 x_i.x_j: [R, M]
+  (sq_cols: [M], or [R, M] one per entry)."""
+  if sq_cols.ndim == 1:
+    sq_cols = sq_cols[None, :]
+  return jnp.maximum(sq_rows[:, None] + sq_cols - g2, 0.0)
 def dpc_assign(d2: jax.Array, centres: jax.Array, ok: jax.Array, dim: int) -> jax.Array:
   """int32[N] the slot in `centres: int[K]` of each token's nearest centre among the slots with
   `ok: bool[K]` (the first such slot on ties: centres in score order give the official
@@ -671,12 +783,35 @@ def dpc_assign(d2: jax.Array, centres: jax.Array, ok: jax.Array, dim: int) -> ja
   The argmin is over the distances f(d2) themselves, not d2: two squared distances may round to
   one distance, and the tie then goes to the first centre, as on the distance matrix.
   """
-  n, k = d2.shape[0], centres.shape[0]
-  dc = jnp.where(ok[:, None], dpc_dist(d2[centres], dim), jnp.inf)  # [K, N]
-  assign = jnp.argmin(dc, 0).astype(jnp.int32)
+  return _nearest_slot(d2[centres], centres, ok, dim)
+
+
+def _nearest_slot(d2c: jax.Array, centres: jax.Array, ok: jax.Array, dim: int) -> jax.Array:
+  """`dpc_assign` from the centres' rows `d2c: float32[K, N]` of the squared distances."""
+  k, n = d2c.shape
+  dc = jnp.where(ok[:, None], dpc_dist(d2c, dim), jnp.inf)  # [K, N]
+  assign = _first_argmin(dc)
   own = jnp.full((n,), -1, jnp.int32).at[jnp.where(ok, centres, n)].set(
       jnp.arange(k, dtype=jnp.int32), mode="drop")
   return jnp.where(own >= 0, own, assign)
+
+
+def _first_argmin(dc: jax.Array) -> jax.Array:
+  """int32[N] `jnp.argmin(dc, 0)` (the first row on ties) of distances `dc: float[K, N]` that
+  are >= 0 or +inf, never NaN, for K < 2**24.
+
+  XLA's CPU argmin is a (value, index) reduction that does not vectorise (~30 ms on 1024 x 4096
+  against ~5.5 ms for this, measured under load): the column minimum m, then the smallest of
+  c + K * sign(dc_c - m), which is c where dc_c == m and >= K elsewhere (dc_c - m is exactly 0
+  only when equal: DPC distances sqrt(d2) / sqrt(D) are 0 or above ~1e-21, so the difference of
+  unequal ones is far from the subnormals a flush to zero would lose); an all-inf column
+  (inf - inf is NaN) is row 0, as for argmin.
+  """
+  k = dc.shape[0]
+  m = jnp.min(dc, 0)
+  rows = jnp.arange(k, dtype=jnp.float32)[:, None]
+  first = jnp.min(rows + jnp.sign(dc - m) * jnp.float32(k), 0)
+  return jnp.where(m == jnp.inf, 0, first).astype(jnp.int32)
 
 
 def density_peaks(dist: jax.Array, valid: jax.Array, k) -> jax.Array:

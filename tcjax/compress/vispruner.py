@@ -28,7 +28,8 @@ on a fixed-size index buffer. Exactly the official selection, computed faster:
     over the odd half is the max over its cached neighbours in the odd half, exact whenever
     there is one (an uncached candidate is no more similar); rows with none there are computed
     in full (a `lax.while_loop` over the few misses), so each step costs O(R * 17) instead of
-    O(R^2). Shorter lists compact the Gram matrix to the live list and mask whole rows;
+    O(R^2). Shorter lists mask whole rows, of the Gram matrix compacted to the live list when
+    it has more than 512 rows;
   - the per-step stable sort is `primitives.argsort` (integer sorts, several times faster on
     CPU than a float sort with an index payload);
   - on CPU, examples with large Gram matrices run one after another (`_chunks`).
@@ -128,10 +129,15 @@ def _dedup_one(gram, valid, n_div, steps):
       body = functools.partial(_cached_step, gram=gram, valid=valid, nb=nb, nb_sim=nb_sim,
                                sched=sched, k=k, cap=cap)
     else:
-      if cap < gram.shape[0]:  # compact to the live list: later steps touch C x C only
+      if cap < gram.shape[0] and _uses_cache(gram.shape[0]):
+        # Compact to the live list: later steps touch C x C only. A 2-D gather costs more than
+        # it saves on a small matrix: the steps on rows of the whole matrix measured 0.93 / 0.95
+        # of the time at N = 256 / 576 (224 / 504 candidates), but 1.06 at N=4096 (rows of 3584
+        # after the cached phases), so only matrices above 512 rows are compacted.
         live = res[:cap]
         gram, valid, ids = gram[live[:, None], live[None, :]], valid[live], ids[live]
         res = jnp.arange(cap, dtype=jnp.int32) + zero
+      res = res[:cap]
       body = functools.partial(_dense_step, gram=gram, valid=valid, sched=sched, k=k, cap=cap)
     res = jax.lax.fori_loop(start, end, body, res)
   return ids[res[:n_div]]
@@ -174,10 +180,11 @@ def _cached_step(i, res, *, gram, valid, nb, nb_sim, sched, k, cap):
 
 
 def _dense_step(i, res, *, gram, valid, sched, k, cap):
-  """One step on a small list: rows of the even half masked to the odd half's columns."""
+  """One step on a small list: rows of the even half masked to the odd half's columns (of the
+  whole, or compacted, `gram`)."""
   rem, r = sched[i, 0], sched[i, 1]
   a, b = res[0::2], res[1::2]
-  in_b = _odd_half(b, k, rem, cap) & valid
+  in_b = _odd_half(b, k, rem, gram.shape[0]) & valid
   m = jnp.where(in_b[None, :], gram[a], -jnp.inf).max(-1)
   return _next_list(a, b, m, valid[a], k, rem, r, cap)
 
