@@ -774,6 +774,8 @@ def _dpc_d2(g2, sq_rows, sq_cols):
   if sq_cols.ndim == 1:
     sq_cols = sq_cols[None, :]
   return jnp.maximum(sq_rows[:, None] + sq_cols - g2, 0.0)
+
+
 def dpc_assign(d2: jax.Array, centres: jax.Array, ok: jax.Array, dim: int) -> jax.Array:
   """int32[N] the slot in `centres: int[K]` of each token's nearest centre among the slots with
   `ok: bool[K]` (the first such slot on ties: centres in score order give the official
