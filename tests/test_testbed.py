@@ -77,6 +77,7 @@ def test_binding_matches_shape_of_component():
 
 
 def test_digit_in_box_is_the_answer():
+  d_all = load_digits()
   for i in range(N):
     ex = tb.example("digit", "test", 0, i)
     grey = color_mask(pixels(ex), (0.7, 0.7, 0.7))
@@ -94,7 +95,7 @@ def test_digit_in_box_is_the_answer():
     assert (ys.min() - 1, xs.min() - 1, ys.max() + 2, xs.max() + 2) == box, i
     d = inside[0]
     glyph = np.zeros(amber.shape, bool)
-    lit = load_digits().images[2 * d["image"] + 1] > 0  # scikit-learn's own pixels
+    lit = d_all.images[2 * d["image"] + 1] > 0  # scikit-learn's own pixels
     glyph[d["y"]:d["y"] + 8, d["x"]:d["x"] + 8] = lit
     interior = np.zeros(amber.shape, bool)
     interior[box[0] + 1:box[2] - 1, box[1] + 1:box[3] - 1] = True
