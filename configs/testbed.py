@@ -12,6 +12,7 @@
   python -m experiments.train --config configs/testbed.py:stage10 --workdir DIR  # stage 10
   python -m experiments.train --config configs/testbed.py:stage11 --workdir DIR  # stage 11
   python -m experiments.train --config configs/testbed.py:stage12 --workdir DIR  # stage 12
+  python -m experiments.train --config configs/testbed.py:stage13 --workdir DIR  # stage 13
   python -m experiments.train --config configs/testbed.py:smoke --workdir DIR    # ~1 minute
 
 The bundled model is trained in two stages: stage 1 from scratch on the seven question
@@ -47,7 +48,10 @@ zero, so the grown model first answers exactly as stage 10 does), because ten st
 calibration prototype that read digits was a 5-layer decoder. Stage 12 starts from stage 9 (the
 shipped model) after the testbed filled the box of `digit` scenes behind the glyph
 (`testbed.BOX_FILL`), so that the mark sits on the glyph's own patches; locate is drawn three
-times and the spectrograms as often as the clips (audio was the closest unmet target).
+times and the spectrograms as often as the clips (audio was the closest unmet target). Stage 13
+continues stage 12 at half its learning rate (stage 12 lost count at its peak rate and won it
+back only as the rate decayed), with the image families under their targets drawn more often:
+digit and locate three times, count twice.
   python -m experiments.train --config configs/testbed.py --config.total_steps=100 ...
 
 Every field below can be overridden with `--config.<field>=...`.
@@ -68,15 +72,16 @@ STAGE7 = "experiments/bundled_run7/checkpoint.npz"  # stage 7's
 STAGE8 = "experiments/bundled_run8/checkpoint.npz"  # stage 8's
 STAGE9 = "experiments/bundled_run9/checkpoint.npz"  # stage 9's
 STAGE10 = "experiments/bundled_run10/checkpoint.npz"  # stage 10's
+STAGE12 = "experiments/bundled_run12/checkpoint.npz"  # stage 12's
 STAGES = ("", "stage2", "stage3", "stage4", "stage5", "stage6", "stage7", "stage8", "stage9",
-          "stage10", "stage11", "stage12")
+          "stage10", "stage11", "stage12", "stage13")
 
 
 def get_config(arg: str = ""):
-  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage12" (its later stages), or
+  """arg: "" (stage 1 of the bundled model), "stage2" ... "stage13" (its later stages), or
   "smoke" (a tiny model, a few steps, for tests)."""
   if arg not in STAGES + ("smoke",):
-    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage12' or 'smoke'")
+    raise ValueError(f"unknown config arg {arg!r}; use '', 'stage2' ... 'stage13' or 'smoke'")
   smoke = arg == "smoke"
   c = ml_collections.ConfigDict()
   c.seed = 0
@@ -168,7 +173,8 @@ def get_config(arg: str = ""):
                        "locate", "describe", "video", "audio")
     c.data.max_len = 32
   # per-example loss, bf16, locate twice
-  if arg in ("stage6", "stage7", "stage8", "stage9", "stage10", "stage11", "stage12"):
+  if arg in ("stage6", "stage7", "stage8", "stage9", "stage10", "stage11", "stage12",
+             "stage13"):
     c.loss_norm = "example"
     c.compute_dtype = "bfloat16"
     c.optim.lr = 1e-3
@@ -231,4 +237,13 @@ def get_config(arg: str = ""):
                        "number", "number", "locate", "locate", "locate", "describe", "video",
                        "audio")
     c.data.weights = dict(image=0.7, video=0.15, audio=0.15)
+  if arg == "stage13":  # stage 12 at half the rate; digit and locate 3 times, count twice
+    c.init = STAGE12
+    c.total_steps = 2400
+    c.optim.lr = 5e-4
+    c.optim.warmup_steps = 50
+    c.eval.every = 800
+    c.data.families = ("count", "count", "binding", "glyph", "digit", "digit", "digit",
+                       "number", "locate", "locate", "locate", "describe", "video", "audio")
+    c.data.weights = dict(image=0.75, video=0.125, audio=0.125)
   return c
