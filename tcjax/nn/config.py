@@ -105,6 +105,13 @@ class PaliGemmaConfig:
   plan: ordered tuple of (stage, options) pairs (see `tcjax.nn.plan` and docs/architecture.md); options may be
   given as dicts: they are validated and stored as sorted (key, value) tuples, so the config
   stays hashable and can be a static argument under `jax.jit`.
+
+  frame_embedding: rows K of a learned table `llm/frame_embedding` float[K, E] (E = llm.width)
+  whose row f is added to the decoder input of every visual token of frame f of a clip or
+  spectrogram (`PaliGemma.embed_image_and_text`); 0 (default) = no table, images never get one.
+  Why: RoPE rotates queries and keys only, so a token's position shapes the attention scores
+  but never the values attended to; without this table a question whose answer is a frame
+  index ("when does the square appear") can read the frame only from where attention falls.
   """
 
   img: SiglipConfig = SiglipConfig()
@@ -112,6 +119,7 @@ class PaliGemmaConfig:
   plan: Tuple[Tuple[str, Tuple[Tuple[str, Any], ...]], ...] = ()
   # Encode a clip's frames in this many sequential chunks (memory for ViT activations / chunks).
   frame_chunks: int = 1
+  frame_embedding: int = 0
 
   def __post_init__(self):
     from tcjax.nn import plan as plan_lib  # pylint: disable=g-import-not-at-top
@@ -119,3 +127,7 @@ class PaliGemmaConfig:
     if isinstance(self.frame_chunks, bool) or not isinstance(self.frame_chunks, int) \
         or self.frame_chunks < 1:
       raise ValueError(f"frame_chunks must be a positive int, got {self.frame_chunks!r}")
+    if isinstance(self.frame_embedding, bool) or not isinstance(self.frame_embedding, int) \
+        or self.frame_embedding < 0:
+      raise ValueError(f"frame_embedding must be an int >= 0 (rows of the frame table, 0 = "
+                       f"none), got {self.frame_embedding!r}")

@@ -122,14 +122,19 @@ def is_local(cfg: GemmaConfig, layer):
   return cfg.version == 2 and bool(cfg.sliding_window) and layer % 2 == 0
 
 
+def take_rows(table, idx):
+  """table float[R, E], idx int32[B, T] -> float[B, T, E] rows `table[idx]`, batch-sharded like
+  idx on Explicit mesh axes (where a gather must be told where its rows go)."""
+  spec = getattr(jax.typeof(idx).sharding, "spec", None)
+  if spec is not None and any(a is not None for a in spec):
+    return table.at[idx].get(out_sharding=jax.sharding.PartitionSpec(spec[0], None, None))
+  return table[idx]
+
+
 def embed_text(p, text, cfg: GemmaConfig):
   """int32[B, T] -> float[B, T, E], scaled by sqrt(E) as Gemma does."""
   emb = p["embedder"]["input_embedding"]
-  spec = getattr(jax.typeof(text).sharding, "spec", None)
-  if spec is not None and any(a is not None for a in spec):  # Explicit axes: say where rows go
-    x = emb.at[text].get(out_sharding=jax.sharding.PartitionSpec(spec[0], None, None))
-  else:
-    x = emb[text]
+  x = take_rows(emb, text)
   return x * jnp.sqrt(jnp.asarray(cfg.width, nl.compute_dtype(emb))).astype(emb.dtype)
 
 

@@ -68,6 +68,28 @@ def _vit_scores(vit_out: Tokens, scores, tokens: Tokens):
   return jnp.where(tokens.mask & (carrier >= 0), s, 0.0).astype(jnp.float32)
 
 
+def add_frame_embedding(table, x, frame, mask, frames: int):
+  """x float[B, N, E] + table[frame] on the valid visual tokens of a clip or spectrogram.
+
+  RoPE rotates queries and keys, so a token's position changes which tokens attend to it but
+  never the value it contributes; a learned row per frame puts the frame index into the token
+  itself, where a question like "when does the square appear" can read it directly.
+
+  table: float[K, E] (`llm/frame_embedding`); frame: int32[B, N] each token's frame
+  (`Tokens.pos[..., 0]`: the original one, kept by every compression method; a merged token
+  has its representative's); mask: bool[B, N], padding (False) gets nothing added; frames: the
+  static frame count of the grid (1, an image: x is returned as is). The rows are cast to x's
+  dtype. Raises ValueError (at trace time) for a clip of more frames than the table's K rows.
+  """
+  if frames == 1:
+    return x
+  if frames > table.shape[0]:
+    raise ValueError(f"a clip of {frames} frames, but the frame embedding has "
+                     f"{table.shape[0]} rows (config.frame_embedding)")
+  rows = gemma.take_rows(table, frame).astype(x.dtype)
+  return x + jnp.where(mask[..., None], rows, jnp.zeros((), x.dtype))
+
+
 def _vit_plan(plan) -> tuple:
   """The vit-stage entries of a normalized plan (what `encode_image` depends on)."""
   return tuple(e for e in plan if e[0] == "vit")
@@ -214,6 +236,8 @@ class PaliGemma(nn.Module):
     the patch grid; x = zimg), aux). `text` is needed only by text-guided post_proj methods.
     encoded: `encode_image`'s output to start from instead of running the ViT (pass
     image=None); it must come from the same vit stage and carry this plan's ViT signals.
+    A clip's frame embedding (config.frame_embedding) is not in zimg: `embed_image_and_text`
+    adds it, so these tokens can go to `prefill(image_tokens=)` and get it there once.
     """
     cfg, plan = self.config, self.config.plan
     p = self.img()
@@ -290,7 +314,12 @@ class PaliGemma(nn.Module):
                            image_tokens=None):
     """-> (x float[B, N+T, E], input_mask bool[B, N+T], mask_ar int32[B, N+T]), as big_vision,
     plus the image Tokens and aux. image_tokens: projected image Tokens (`embed_image`'s; x is
-    zimg) used instead of encoding `image` (pass image=None)."""
+    zimg) used instead of encoding `image` (pass image=None).
+
+    Every path into the decoder passes here, after the whole plan before the llm stage: with
+    config.frame_embedding > 0, a clip's tokens get their frame's row of the table
+    (`add_frame_embedding`) here, once, and the returned Tokens' x is then that sum (the
+    decoder input)."""
     text, mask_ar, input_mask = _check_text(text, mask_ar, input_mask)
     if image_tokens is None:
       zimg, img, aux = self.embed_image(image, text, mask_ar, input_mask)
@@ -304,7 +333,12 @@ class PaliGemma(nn.Module):
       aux = {"image_tokens": img.num_tokens, "image_tokens_valid": img.count()}
     ztxt = self.embed_text(text)
     same = lambda a: like_batch(a, ztxt)  # Explicit meshes: one batch sharding for the concat
-    x = jnp.concatenate([same(zimg.astype(ztxt.dtype)), ztxt], 1)
+    zimg = same(zimg.astype(ztxt.dtype))
+    if self.config.frame_embedding:
+      zimg = add_frame_embedding(self.llm()["frame_embedding"], zimg, same(img.pos[..., 0]),
+                                 same(img.mask), img.grid[0])
+      img = img.replace(x=zimg)
+    x = jnp.concatenate([zimg, ztxt], 1)
     valid = jnp.concatenate([same(img.mask), same(input_mask)], 1)
     ar = jnp.concatenate([same(jnp.zeros(img.mask.shape, jnp.int32)), same(mask_ar)], 1)
     return x, valid, ar, img, aux
@@ -338,8 +372,8 @@ class PaliGemma(nn.Module):
     hidden: the last decoder layer's states at the text positions after the final norm (what
     the output embedding reads: a scale the norm keeps comparable between two models, where
     the raw residual stream may grow). image: the projected image tokens as they enter the
-    decoder (x float[B, N, E], after the vit / post_vit / post_proj stages; `src` maps each
-    patch of the grid to the token carrying it).
+    decoder (x float[B, N, E], after the vit / post_vit / post_proj stages and the frame
+    embedding; `src` maps each patch of the grid to the token carrying it).
     """
     out, seq, _, aux, img = self._decoder(image, text, mask_ar, input_mask, 0)
     p, cfg = self.llm(), self.config.llm

@@ -72,6 +72,8 @@ def param_shapes(config: PaliGemmaConfig) -> Dict[str, Tuple[int, ...]]:
   s[lay + "attn/attn_vec_einsum/w"] = (Lg, Hg, hg, E)
   s[lay + "mlp/gating_einsum"] = (Lg, 2, E, F)
   s[lay + "mlp/linear"] = (Lg, F, E)
+  if config.frame_embedding:  # rows added to visual tokens by frame (PaliGemmaConfig)
+    s["llm/frame_embedding"] = (config.frame_embedding, E)
   return s
 
 
@@ -88,8 +90,9 @@ _FAN_IN = (
 
 def init_param(name: str, key, shape, dtype=jnp.float32):
   """Random init of parameter `name` (flat big_vision path): LeCun-normal weights, zero biases,
-  unit LayerNorm scales, zero RMSNorm scales (Gemma computes x * (1 + scale))."""
-  if name.endswith("bias"):
+  unit LayerNorm scales, zero RMSNorm scales (Gemma computes x * (1 + scale)), a zero frame
+  table (a new table changes nothing until trained)."""
+  if name.endswith("bias") or name.endswith("frame_embedding"):
     return jnp.zeros(shape, dtype)
   if name.endswith("scale"):
     return jnp.ones(shape, dtype) if name.startswith("img/") else jnp.zeros(shape, dtype)
