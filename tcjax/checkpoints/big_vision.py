@@ -171,7 +171,9 @@ def infer_config(flat: Dict[str, Any], *, plan=()) -> PaliGemmaConfig:
                  attn_logits_softcap=50.0, final_logits_softcap=None, sliding_window=None)
   llm = GemmaConfig(version=version, vocab_size=V, width=E, depth=Lg, mlp_dim=F, num_heads=Hg,
                     num_kv_heads=K, head_dim=hd, **extra)
-  return PaliGemmaConfig(img=img, llm=llm, plan=tuple(plan))
+  # tcjax's frame table (PaliGemmaConfig.frame_embedding): absent from big_vision's files -> 0
+  frames = shape("llm/frame_embedding", 2)[0] if "llm/frame_embedding" in flat else 0
+  return PaliGemmaConfig(img=img, llm=llm, plan=tuple(plan), frame_embedding=frames)
 
 
 def expected_shapes(config: PaliGemmaConfig, flat=None) -> Dict[str, Tuple[int, ...]]:

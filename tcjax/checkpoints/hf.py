@@ -271,8 +271,17 @@ def canonical_name(name: str) -> str:
   return name
 
 
+def _no_frame_table(config: PaliGemmaConfig):
+  if config.frame_embedding:
+    raise ValueError(f"frame_embedding={config.frame_embedding}: HF PaliGemma has no frame "
+                     "embedding table (llm/frame_embedding), so this model has no HF form; "
+                     "keep it as a big_vision .npz")
+
+
 def hf_shapes(config: PaliGemmaConfig, hf_vocab: int) -> Dict[str, Tuple[int, ...]]:
-  """Canonical HF names and shapes for `config` (the HF embedding has `hf_vocab` rows)."""
+  """Canonical HF names and shapes for `config` (the HF embedding has `hf_vocab` rows).
+  ValueError for a config with a frame table (`frame_embedding` > 0): HF has none."""
+  _no_frame_table(config)
   v, g = config.img, config.llm
   D, M, p = v.width, v.mlp_dim, v.patch_size
   s = {
@@ -338,6 +347,7 @@ def _conversions(config: PaliGemmaConfig) -> Dict[str, Callable[[Mapping[str, An
   State values may be arrays or not-yet-read tensors: each fn reads only the tensors its one
   parameter is made of, so parameters can be converted and placed one at a time.
   """
+  _no_frame_table(config)
   v, g = config.img, config.llm
   D, H = v.width, v.num_heads
   hd = D // H

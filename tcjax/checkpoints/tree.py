@@ -27,6 +27,7 @@ axis L (scan):
       mlp/gating_einsum [2, E, F]       mlp/linear [F, E]
       post_attention_norm/scale [E]     post_ffw_norm/scale [E]          (Gemma 2 only)
   llm/final_norm/scale [E]
+  llm/frame_embedding                   [K, E]            tcjax only, with frame_embedding=K > 0
 
 RMSNorm scales are stored WITHOUT the +1 (the model computes x * (1 + scale)), as in big_vision.
 """
