@@ -7,7 +7,10 @@ heads: the grown model's logits equal the trained model's at the first step (tes
 against the un-grown model), the other new weights are random at the trained weights' scale, and
 the zero projections start receiving gradients at once (their gradient is the product of the
 random branch's output and the residual gradient), so training resumes from what was learned
-with more room. Used by `experiments.train` through `config.grow` (configs/testbed.py).
+with more room. A frame table (`frame_embedding`, see PaliGemmaConfig) added to the decoder input
+of a clip's tokens is likewise the identity while zero: `frame_embedding=K` gives a model without
+one a zero table of K rows, whose gradient is the residual gradient at each frame's tokens.
+Used by `experiments.train` through `config.grow` (configs/testbed.py).
 """
 
 import dataclasses
@@ -19,7 +22,7 @@ import numpy as np
 
 from tcjax.nn.config import PaliGemmaConfig
 
-GROW_FIELDS = ("llm_depth", "llm_num_heads")
+GROW_FIELDS = ("llm_depth", "llm_num_heads", "frame_embedding")
 # Leaves that write into the residual stream: zero in every new block / head.
 _OUTPUTS = ("attn_vec_einsum", "linear")
 
@@ -31,9 +34,12 @@ def _random_like(key, ref, shape):
 
 
 def grow_decoder(params: Dict[str, Any], config: PaliGemmaConfig, *, llm_depth: int = 0,
-                 llm_num_heads: int = 0, seed: int = 0) -> Tuple[PaliGemmaConfig, Dict[str, Any]]:
+                 llm_num_heads: int = 0, frame_embedding: int = 0, seed: int = 0
+                 ) -> Tuple[PaliGemmaConfig, Dict[str, Any]]:
   """(grown config, grown params): the decoder with `llm_depth` layers and `llm_num_heads` query
-  heads (0 keeps the current number), computing exactly what `params` computes.
+  heads (0 keeps the current number), and with `frame_embedding` > 0 a zero frame table
+  `llm/frame_embedding` float[frame_embedding, E] in the input embeddings' dtype (only for a
+  config without one: ValueError otherwise), computing exactly what `params` computes.
 
   New layers go on top of the trained ones (before the final norm); new query heads after the
   trained ones. Heads grow only where the mapping of query heads to KV heads stays put: one KV
@@ -50,6 +56,11 @@ def grow_decoder(params: Dict[str, Any], config: PaliGemmaConfig, *, llm_depth: 
                      f"{llm_cfg.num_heads} -> {heads}")
   if "llm" not in params or "layers" not in params["llm"]:
     raise ValueError("grow_decoder needs params with a scanned decoder at params['llm']['layers']")
+  if frame_embedding and config.frame_embedding:
+    raise ValueError(f"grow_decoder adds a frame table only to a model without one; this one has "
+                     f"{config.frame_embedding} rows (asked for {frame_embedding})")
+  if frame_embedding:
+    config = dataclasses.replace(config, frame_embedding=frame_embedding)  # checks the value
   layers = jax.tree.map(jnp.asarray, params["llm"]["layers"])
   attn = dict(layers["attn"])
   keys = iter(jax.random.split(jax.random.key(seed), 64))
@@ -85,6 +96,9 @@ def grow_decoder(params: Dict[str, Any], config: PaliGemmaConfig, *, llm_depth: 
   if new_l:
     layers = jax.tree_util.tree_map_with_path(add_layers, layers)
   grown = {**params, "llm": {**params["llm"], "layers": layers}}
+  if frame_embedding:  # zero rows: the decoder inputs stay as they were
+    emb = params["llm"]["embedder"]["input_embedding"]
+    grown["llm"]["frame_embedding"] = jnp.zeros((frame_embedding, emb.shape[1]), emb.dtype)
   kv_heads = heads if "qkv_einsum" in attn else llm_cfg.num_kv_heads
   new_llm = dataclasses.replace(llm_cfg, depth=depth, num_heads=heads, num_kv_heads=kv_heads)
   return dataclasses.replace(config, llm=new_llm), grown

@@ -51,11 +51,12 @@ from tcjax.train.step import TrainState, make_train_step
 
 
 def model_config(cfg: ml_collections.ConfigDict) -> PaliGemmaConfig:
-  """`config.model` (img / llm dicts, plan) -> PaliGemmaConfig. Unknown fields are refused by
-  the dataclasses."""
+  """`config.model` (img / llm dicts, plan, optional frame_embedding) -> PaliGemmaConfig.
+  Unknown fields are refused by the dataclasses."""
   m = cfg.model
   return PaliGemmaConfig(img=SiglipConfig(**m.img.to_dict()),
-                         llm=GemmaConfig(**m.llm.to_dict()), plan=model_plan(cfg))
+                         llm=GemmaConfig(**m.llm.to_dict()), plan=model_plan(cfg),
+                         frame_embedding=m.get("frame_embedding", 0))
 
 
 def model_plan(cfg: ml_collections.ConfigDict) -> tuple:
@@ -121,7 +122,8 @@ def load_init(path: str, plan=(), *, mesh=None, rules=None):
 
 def grown(cfg: ml_collections.ConfigDict, model: PaliGemma, params, mesh=None, rules=None):
   """(model, params) with the decoder grown as `config.grow` says (`tcjax.train.grow`; fields
-  llm_depth / llm_num_heads, 0 keeps), placed in their shardings when a mesh is given."""
+  llm_depth / llm_num_heads, 0 keeps; frame_embedding, rows of a zero frame table to add),
+  placed in their shardings when a mesh is given."""
   from tcjax.train import grow  # pylint: disable=g-import-not-at-top
   opts = dict(cfg.grow)
   unknown = set(opts) - set(grow.GROW_FIELDS)
