@@ -25,6 +25,8 @@ CONFIGS = {
         head_dim=8, query_pre_attn_scalar=8, attn_logits_softcap=50.0,
         final_logits_softcap=30.0, sliding_window=4096)),
 }
+# with tcjax's frame table llm/frame_embedding [3, 24] (PaliGemmaConfig.frame_embedding)
+CONFIGS["gemma1_frames"] = dataclasses.replace(CONFIGS["gemma1"], frame_embedding=3)
 
 
 def random_params(config, seed=0):
@@ -71,6 +73,7 @@ def test_npz_round_trip_float32(tmp_path, name):
   want_llm = config.llm if config.llm.version == 1 else dataclasses.replace(
       config.llm, query_pre_attn_scalar=8, final_logits_softcap=None, sliding_window=None)
   assert inferred.img == config.img and inferred.llm == want_llm
+  assert inferred.frame_embedding == config.frame_embedding
   a, b = flat_np(params), flat_np(loaded)
   assert a.keys() == b.keys()
   for k in a:
