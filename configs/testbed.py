@@ -107,6 +107,10 @@ def get_config(arg: str = ""):
   c.model.llm = dict(version=1, vocab_size=1152, width=w, depth=1 if smoke else 3,
                      mlp_dim=4 * w, num_heads=2, num_kv_heads=1, head_dim=w // 2)
   c.model.plan = ()            # a compression plan here trains through it
+  # > 0: rows of a learned frame table added to a clip's visual tokens by frame (8 video frames,
+  # 4 audio segments; PaliGemmaConfig.frame_embedding); on a config.init checkpoint, use
+  # grow=dict(frame_embedding=...) instead (the checkpoint's config wins)
+  c.model.frame_embedding = 0
   # > 0: add this multiple of the 2-D sin-cos table to the ViT's position embedding once, after
   # init or load (tcjax.train.loop.with_sincos_posemb)
   c.posemb_sincos = 0.0

@@ -294,3 +294,12 @@ def test_grow_refuses_a_second_table_and_bad_sizes():
   with pytest.raises(ValueError, match="unknown fields"):
     loop.grown(ml_collections.ConfigDict({"grow": {"frame_rows": 4}, "seed": 0}),
                PaliGemma(PLAIN), params)
+
+
+def test_training_config_field_reaches_the_model_config():
+  from configs import testbed  # pylint: disable=g-import-not-at-top
+  cfg = testbed.get_config("smoke")
+  assert loop.model_config(cfg).frame_embedding == 0
+  cfg.model.frame_embedding = 8  # the testbed's clips: 8 video frames, 4 audio segments
+  assert loop.model_config(cfg).frame_embedding == 8
+  assert "llm/frame_embedding" in ckpt.param_shapes(loop.model_config(cfg))
