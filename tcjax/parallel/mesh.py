@@ -88,6 +88,18 @@ def unshard_axis(x: jax.Array, axis: int, mesh=None) -> jax.Array:
   return jax.sharding.reshard(x, target)
 
 
+def _dividing_axes(axes, dim: int, sizes):
+  """The major part of mesh axes `axes` (a name or a tuple of names) whose device count divides
+  `dim`, as a spec entry: a name, a tuple, or None when not even the first one divides."""
+  keep, total = [], 1
+  for n in ((axes,) if isinstance(axes, str) else tuple(axes)):
+    if dim % (total * sizes[n]):
+      break
+    keep.append(n)
+    total *= sizes[n]
+  return None if not keep else keep[0] if len(keep) == 1 else tuple(keep)
+
+
 def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   """Reshape `x` per example, keeping the sharding of the batch axis (axis 0).
 
@@ -103,15 +115,7 @@ def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   lead = spec[0]
   if lead is not None and shape[0] != x.shape[0]:
     # Unfolding [B*T] -> [B, T]: keep the major mesh axes of the batch spec that divide B.
-    names = (lead,) if isinstance(lead, str) else tuple(lead)
-    sizes = dict(sharding.mesh.shape)
-    keep, total = [], 1
-    for n in names:
-      if shape[0] % (total * sizes[n]):
-        break
-      keep.append(n)
-      total *= sizes[n]
-    lead = None if not keep else keep[0] if len(keep) == 1 else tuple(keep)
+    lead = _dividing_axes(lead, shape[0], dict(sharding.mesh.shape))
   return jax.lax.reshape(x, tuple(shape), out_sharding=P(lead, *([None] * (len(shape) - 1))))
 
 
@@ -173,8 +177,9 @@ def constrain(x: jax.Array, *axes) -> jax.Array:
 
   Names the mesh lacks (or has with one device) are dropped, so model code can always say
   `constrain(x, "data", "seq")`. A no-op without a context mesh. Auto axes get a
-  `with_sharding_constraint` (uneven sizes are padded by XLA); Explicit axes a `reshard`, skipping
-  axes that do not divide evenly.
+  `with_sharding_constraint` (uneven sizes are padded by XLA); Explicit axes a `reshard` over the
+  major axes of each entry that divide evenly (6 frames over ("data", "seq") of a 2 x 4 mesh:
+  "data" alone; none when the first does not divide).
   """
   mesh = context_mesh()
   if mesh is None:
@@ -184,9 +189,10 @@ def constrain(x: jax.Array, *axes) -> jax.Array:
   spec = []
   for dim, a in zip(x.shape, axes):
     names = tuple(n for n in ((a,) if isinstance(a, str) else (a or ())) if mesh_axis(mesh, n))
-    total = int(np.prod([sizes[n] for n in names])) if names else 1
-    if not names or (explicit and dim % total):
+    if not names:
       spec.append(None)
+    elif explicit:
+      spec.append(_dividing_axes(names, dim, sizes))
     else:
       spec.append(names[0] if len(names) == 1 else names)
   spec += [None] * (x.ndim - len(spec))
