@@ -78,12 +78,35 @@ def unshard_axis(x: jax.Array, axis: int, mesh=None) -> jax.Array:
   keeps the others. On Auto axes (or outside a mesh) it is a no-op: XLA's partitioner decides.
   `mesh`: for callers without a context mesh (`jax.set_mesh`), e.g. `ring_attention(mesh=...)`.
   """
-  axis = axis % x.ndim
   if sharded_axis(x, axis) is None:
     return x
-  spec = jax.typeof(x).sharding.spec
+  return _reshard_axis(x, axis, None, mesh)
+
+
+def match_batch(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """`x` with its batch axis (axis 0) sharded like `ref`'s in its type, its other axes kept.
+
+  On Explicit mesh axes a `vmap` over several arrays needs one sharding of the mapped axis
+  (else "Mapped away dimension ... data vs None"); arrays that reach a function by different
+  paths (a clip's tokens and the ViT signals, bookkeeping built replicated) may differ there.
+  A no-op on Auto axes, outside a mesh, when the two already agree, and for anything but two
+  jax arrays with first axes of one size (left to the caller's checks).
+  """
+  if not (isinstance(x, jax.Array) and isinstance(ref, jax.Array) and x.ndim and ref.ndim
+          and x.shape[0] == ref.shape[0]):
+    return x
+  want = sharded_axis(ref, 0)
+  if sharded_axis(x, 0) == want:
+    return x
+  typed = ref if want is not None else x  # its (abstract) mesh: no context mesh needed
+  return _reshard_axis(x, 0, want, jax.typeof(typed).sharding.mesh)
+
+
+def _reshard_axis(x: jax.Array, axis: int, entry, mesh=None) -> jax.Array:
+  """`x` resharded with spec entry `entry` (mesh axes or None) at `axis`, the others kept."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None) or ()
   new_spec = list(spec) + [None] * (x.ndim - len(spec))
-  new_spec[axis] = None
+  new_spec[axis % x.ndim] = entry
   target = P(*new_spec) if mesh is None else jax.sharding.NamedSharding(mesh, P(*new_spec))
   return jax.sharding.reshard(x, target)
 
