@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from tcjax.parallel.mesh import like_batch
+from tcjax.parallel.mesh import match_batch
 
 
 @struct.dataclass
@@ -71,15 +71,22 @@ class Tokens:
           f"grid {frames}x{h}x{w} = {frames * h * w} patches does not match x with N={n} tokens")
     t_idx, r_idx, c_idx = jnp.unravel_index(jnp.arange(n, dtype=jnp.int32), (frames, h, w))
     pos = jnp.stack([t_idx, r_idx, c_idx], axis=-1).astype(jnp.int32)
-    batched = lambda a: like_batch(a, x)  # Explicit meshes: bookkeeping sharded like x's batch
     return cls(
         x=x,
-        pos=batched(jnp.broadcast_to(pos, (b, n, 3))),
-        size=batched(jnp.ones((b, n), jnp.float32)),
-        mask=batched(jnp.ones((b, n), bool)),
-        src=batched(jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n))),
+        pos=jnp.broadcast_to(pos, (b, n, 3)),
+        size=jnp.ones((b, n), jnp.float32),
+        mask=jnp.ones((b, n), bool),
+        src=jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (b, n)),
         grid=(frames, h, w),
-    )
+    ).sharded_like_x()
+
+  def sharded_like_x(self) -> "Tokens":
+    """These tokens with the batch axis of pos, size, mask and src sharded like x's, their
+    other axes kept (`parallel.mesh.match_batch`): on Explicit mesh axes a `vmap` over x, pos
+    and mask needs one batch sharding. A no-op on Auto axes, without a mesh, or when they agree."""
+    batched = lambda a: match_batch(a, self.x)
+    return self.replace(pos=batched(self.pos), size=batched(self.size), mask=batched(self.mask),
+                        src=batched(self.src))
 
   def linear_pos(self) -> jax.Array:
     """int32[B, N] raster index (frame-major) of each token's origin on the original grid."""

@@ -150,3 +150,19 @@ def test_map_batch_equals_one_call(kind):
   np.testing.assert_array_equal(got[1], want[1])
   with pytest.raises(ValueError, match="chunks=3 must be a positive divisor of the batch of 8"):
     map_batch(fn, (x, jnp.arange(8.0)), 3)
+
+
+def test_constrain_and_match_batch_on_explicit_axes():
+  """constrain keeps the major axes of an entry that divide the size (a pair of 3-frame clips'
+  6 frames: data alone); match_batch reshards the batch axis alone, like the reference's."""
+  from tcjax.parallel.mesh import constrain, match_batch
+  mesh = make_mesh((("data", 2), ("seq", 4)), axis_types="explicit")
+  spec = lambda a: jax.typeof(a).sharding.spec
+  with jax.set_mesh(mesh):
+    for rows, want in ((8, ("data", "seq")), (6, "data"), (3, None)):
+      out = jax.jit(lambda a: constrain(a, ("data", "seq")))(jnp.zeros((rows, 4)))
+      assert spec(out) == P(want, None), rows
+    x = _put(jnp.zeros((2, 8)), mesh, P(None, "seq"))
+    ref = _put(jnp.zeros((2, 3)), mesh, P("data"))
+    assert spec(jax.jit(match_batch)(x, ref)) == P("data", "seq")
+    assert spec(jax.jit(match_batch)(ref, x)) == P(None, None)

@@ -11,6 +11,7 @@ parallelism with replicated weights; the float32 run is checked to give the same
 logits within that noise (1e-4).
 """
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -21,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tcjax
 from configs.sharding import PALIGEMMA_RULES
+from tcjax.nn import PaliGemma
 from tcjax.parallel import make_mesh, shard_params
 from test_model import CONFIGS, IMG, inputs, make_params
 
@@ -127,3 +129,30 @@ def test_sharded_video_explicit_axes_equals_one_device(model_and_data):
       logits, tokens = run(sp, sc, st, sa)
   np.testing.assert_allclose(np.asarray(logits), np.asarray(want_logits), atol=1e-5, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+def test_three_frame_clips_equal_one_device(model_and_data, axis_type):
+  """Two 3-frame clips on (data 2, seq 4): the 6 frames do not divide the 8 devices, so the ViT
+  spreads them over data alone; temporal merging after per-frame pooling, and FrameFusion with
+  the ViT's scores folded back from 2 frame chunks, give the one-device tokens (float64)."""
+  model, params, _, _, _ = model_and_data
+  clip = np.random.default_rng(13).uniform(-1, 1, (2, 3, 16, 16, 3))
+  clip[:, 2] = clip[:, 1]
+  plans = {1: (("post_vit", {"method": "pool", "keep": 0.25}),
+               ("post_vit", {"method": "temporal_merge", "budget": 10})),
+           2: (("post_proj", {"method": "framefusion", "keep": 0.6}),)}
+  mesh = make_mesh(MESHES["2x4"], axis_types=axis_type)
+  with jax.enable_x64(True):
+    p64 = _f64(params)
+    for chunks, plan in plans.items():
+      m = PaliGemma(dataclasses.replace(model.config, plan=plan, frame_chunks=chunks))
+      embed = jax.jit(lambda p, c, m=m: m.apply({"params": p}, c, method=m.embed_image)[1])
+      want = jax.device_get(embed(p64, clip))
+      with jax.set_mesh(mesh):
+        sp, (sc,) = _sharded(mesh, p64, clip)
+        got = jax.device_get(embed(sp, sc))
+      for field in ("pos", "size", "mask", "src"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+      np.testing.assert_allclose(got.x, want.x, rtol=0, atol=1e-12)
+

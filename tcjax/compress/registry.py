@@ -9,6 +9,9 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import chex
 
+from tcjax.parallel.mesh import match_batch
+from tcjax.tokens import Tokens
+
 FAMILIES = ("sampling", "merging", "pooling", "cross_modal")
 STAGES = ("vit", "post_vit", "post_proj", "llm")
 # Signal names (docs/architecture.md). Each name means one thing at every stage that provides it:
@@ -243,6 +246,7 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
 
     @functools.wraps(fn)
     def checked(tokens, budget, *args, **kwargs):
+      tokens, kwargs = _batch_sharded_like_x(tokens, kwargs)
       out = fn(tokens, budget, *args, **kwargs)
       _check_output(out, tokens, budget)
       return out
@@ -254,6 +258,18 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
     return checked
 
   return wrap
+
+
+def _batch_sharded_like_x(tokens, kwargs):
+  """(tokens, kwargs) with the batch axis of the tokens' bookkeeping and of the array signals
+  sharded like tokens.x's (`Tokens.sharded_like_x`, `parallel.mesh.match_batch`): methods vmap
+  over them together, and on Explicit mesh axes they may arrive differently sharded (a clip's
+  tokens resharded per example, ViT signals folded back from the frames). A no-op otherwise;
+  anything else is left to the method's checks."""
+  if not isinstance(tokens, Tokens):
+    return tokens, kwargs
+  return tokens.sharded_like_x(), {k: match_batch(v, tokens.x) if k in SIGNALS and k != "rng"
+                                   else v for k, v in kwargs.items()}
 
 
 @dataclasses.dataclass(frozen=True)

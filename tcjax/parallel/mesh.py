@@ -78,14 +78,49 @@ def unshard_axis(x: jax.Array, axis: int, mesh=None) -> jax.Array:
   keeps the others. On Auto axes (or outside a mesh) it is a no-op: XLA's partitioner decides.
   `mesh`: for callers without a context mesh (`jax.set_mesh`), e.g. `ring_attention(mesh=...)`.
   """
-  axis = axis % x.ndim
   if sharded_axis(x, axis) is None:
     return x
-  spec = jax.typeof(x).sharding.spec
+  return _reshard_axis(x, axis, None, mesh)
+
+
+def match_batch(x: jax.Array, ref: jax.Array) -> jax.Array:
+  """`x` with its batch axis (axis 0) sharded like `ref`'s in its type, its other axes kept.
+
+  On Explicit mesh axes a `vmap` over several arrays needs one sharding of the mapped axis
+  (else "Mapped away dimension ... data vs None"); arrays that reach a function by different
+  paths (a clip's tokens and the ViT signals, bookkeeping built replicated) may differ there.
+  A no-op on Auto axes, outside a mesh, when the two already agree, and for anything but two
+  jax arrays with first axes of one size (left to the caller's checks).
+  """
+  if not (isinstance(x, jax.Array) and isinstance(ref, jax.Array) and x.ndim and ref.ndim
+          and x.shape[0] == ref.shape[0]):
+    return x
+  want = sharded_axis(ref, 0)
+  if sharded_axis(x, 0) == want:
+    return x
+  typed = ref if want is not None else x  # its (abstract) mesh: no context mesh needed
+  return _reshard_axis(x, 0, want, jax.typeof(typed).sharding.mesh)
+
+
+def _reshard_axis(x: jax.Array, axis: int, entry, mesh=None) -> jax.Array:
+  """`x` resharded with spec entry `entry` (mesh axes or None) at `axis`, the others kept."""
+  spec = getattr(jax.typeof(x).sharding, "spec", None) or ()
   new_spec = list(spec) + [None] * (x.ndim - len(spec))
-  new_spec[axis] = None
+  new_spec[axis % x.ndim] = entry
   target = P(*new_spec) if mesh is None else jax.sharding.NamedSharding(mesh, P(*new_spec))
   return jax.sharding.reshard(x, target)
+
+
+def _dividing_axes(axes, dim: int, sizes):
+  """The major part of mesh axes `axes` (a name or a tuple of names) whose device count divides
+  `dim`, as a spec entry: a name, a tuple, or None when not even the first one divides."""
+  keep, total = [], 1
+  for n in ((axes,) if isinstance(axes, str) else tuple(axes)):
+    if dim % (total * sizes[n]):
+      break
+    keep.append(n)
+    total *= sizes[n]
+  return None if not keep else keep[0] if len(keep) == 1 else tuple(keep)
 
 
 def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
@@ -103,15 +138,7 @@ def batch_reshape(x: jax.Array, shape: Sequence[int]) -> jax.Array:
   lead = spec[0]
   if lead is not None and shape[0] != x.shape[0]:
     # Unfolding [B*T] -> [B, T]: keep the major mesh axes of the batch spec that divide B.
-    names = (lead,) if isinstance(lead, str) else tuple(lead)
-    sizes = dict(sharding.mesh.shape)
-    keep, total = [], 1
-    for n in names:
-      if shape[0] % (total * sizes[n]):
-        break
-      keep.append(n)
-      total *= sizes[n]
-    lead = None if not keep else keep[0] if len(keep) == 1 else tuple(keep)
+    lead = _dividing_axes(lead, shape[0], dict(sharding.mesh.shape))
   return jax.lax.reshape(x, tuple(shape), out_sharding=P(lead, *([None] * (len(shape) - 1))))
 
 
@@ -173,8 +200,9 @@ def constrain(x: jax.Array, *axes) -> jax.Array:
 
   Names the mesh lacks (or has with one device) are dropped, so model code can always say
   `constrain(x, "data", "seq")`. A no-op without a context mesh. Auto axes get a
-  `with_sharding_constraint` (uneven sizes are padded by XLA); Explicit axes a `reshard`, skipping
-  axes that do not divide evenly.
+  `with_sharding_constraint` (uneven sizes are padded by XLA); Explicit axes a `reshard` over the
+  major axes of each entry that divide evenly (6 frames over ("data", "seq") of a 2 x 4 mesh:
+  "data" alone; none when the first does not divide).
   """
   mesh = context_mesh()
   if mesh is None:
@@ -184,9 +212,10 @@ def constrain(x: jax.Array, *axes) -> jax.Array:
   spec = []
   for dim, a in zip(x.shape, axes):
     names = tuple(n for n in ((a,) if isinstance(a, str) else (a or ())) if mesh_axis(mesh, n))
-    total = int(np.prod([sizes[n] for n in names])) if names else 1
-    if not names or (explicit and dim % total):
+    if not names:
       spec.append(None)
+    elif explicit:
+      spec.append(_dividing_axes(names, dim, sizes))
     else:
       spec.append(names[0] if len(names) == 1 else names)
   spec += [None] * (x.ndim - len(spec))
