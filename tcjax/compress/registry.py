@@ -246,7 +246,7 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
 
     @functools.wraps(fn)
     def checked(tokens, budget, *args, **kwargs):
-      tokens, kwargs = _batch_sharded_like_x(tokens, kwargs)
+      tokens, kwargs = batch_sharded_like_x(tokens, kwargs)
       out = fn(tokens, budget, *args, **kwargs)
       _check_output(out, tokens, budget)
       return out
@@ -260,12 +260,13 @@ def register(name: str, *, family: str, stages: Tuple[str, ...], needs: Tuple[st
   return wrap
 
 
-def _batch_sharded_like_x(tokens, kwargs):
+def batch_sharded_like_x(tokens, kwargs):
   """(tokens, kwargs) with the batch axis of the tokens' bookkeeping and of the array signals
   sharded like tokens.x's (`Tokens.sharded_like_x`, `parallel.mesh.match_batch`): methods vmap
   over them together, and on Explicit mesh axes they may arrive differently sharded (a clip's
   tokens resharded per example, ViT signals folded back from the frames). A no-op otherwise;
-  anything else is left to the method's checks."""
+  anything else is left to the method's checks. The learned compressors (`tcjax.nn.learned`)
+  get their inputs so too."""
   if not isinstance(tokens, Tokens):
     return tokens, kwargs
   return tokens.sharded_like_x(), {k: match_batch(v, tokens.x) if k in SIGNALS and k != "rng"

@@ -43,8 +43,9 @@ import numpy as np
 from flax import traverse_util
 
 from tcjax.compress import primitives as P
-from tcjax.compress.registry import FAMILIES, METHODS
+from tcjax.compress.registry import FAMILIES, METHODS, batch_sharded_like_x
 from tcjax.nn.layers import NEG_INF
+from tcjax.parallel.mesh import match_batch
 from tcjax.tokens import Tokens
 
 STAGES = ("post_vit", "post_proj")
@@ -222,6 +223,9 @@ class Compressors(nn.Module):
       raise ValueError(f"no learned plan entry with key {key!r}")
     _, method, budget, options = found[0]
     module = LEARNED[method].module(budget=budget, name=key, **dict(options))
+    # On Explicit mesh axes, one batch sharding for the tokens' fields and the signals, as
+    # every `tcjax.compress` method gets them.
+    tokens, signals = batch_sharded_like_x(tokens, signals)
     return module(tokens, **signals)
 
 
@@ -391,6 +395,15 @@ def check_text(tokens: Tokens, text, text_mask, method: str):
     text_mask = jnp.ones(text.shape[:2], bool)
   text_mask = P.check_array(text_mask, "text_mask", method, text.shape[:2], floating=False)
   return text, text_mask.astype(bool)
+
+
+def per_example(value, ref):
+  """`value` (a learned table without a batch axis, or a constant) broadcast over the batch of
+  `ref` float[B, ...], its batch axis sharded like ref's (`parallel.mesh.match_batch`): on
+  Explicit mesh axes a table broadcast replicated cannot be concatenated with (or otherwise
+  combined along a token axis with) the batch-sharded tokens."""
+  value = jnp.asarray(value)
+  return match_batch(jnp.broadcast_to(value, (ref.shape[0],) + value.shape), ref)
 
 
 def masked_softmax(logits, valid, axis=-1):

@@ -40,7 +40,8 @@ class PerceiverBlock(nn.Module):
     k = nn.DenseGeneral(hd, use_bias=False, name="key")(kv_in)   # [B, S, H, h]
     v = nn.DenseGeneral(hd, use_bias=False, name="value")(kv_in)
     logits = jnp.einsum("bkhd,bshd->bhks", q, k) * self.head_dim ** -0.5
-    kmask = jnp.concatenate([media_mask, jnp.ones(latents.shape[:2], bool)], axis=1)
+    kmask = jnp.concatenate([media_mask, learned.per_example(jnp.ones(latents.shape[1], bool),
+                                                             media_mask)], axis=1)
     attn = learned.masked_softmax(logits, kmask[:, None, None, :])
     o = jnp.einsum("bhks,bshd->bkhd", attn.astype(v.dtype), v)
     latents = latents + nn.DenseGeneral(d, axis=(-2, -1), use_bias=False, name="out")(o)
@@ -73,10 +74,10 @@ class PerceiverResampler(nn.Module):
     tokens = learned.check_input(tokens, self.budget, "perceiver")
     learned.check_positive("perceiver", depth=self.depth, heads=self.heads,
                            head_dim=self.head_dim, ff_mult=self.ff_mult)
-    b, _, d = tokens.x.shape
+    d = tokens.x.shape[-1]
     lat = self.param("latents", nn.initializers.normal(stddev=1.0), (self.budget, d))
     x = tokens.x.astype(jnp.float32)
-    latents = jnp.broadcast_to(lat, (b, self.budget, d))
+    latents = learned.per_example(lat, x)  # batch-sharded like the media (Explicit axes)
     attn = None
     for i in range(self.depth):
       latents, attn = PerceiverBlock(self.heads, self.head_dim, self.ff_mult,

@@ -112,11 +112,12 @@ class QFormer(nn.Module):
     if self.use_text is None:
       raise ValueError("qformer: use_text must be True or False (a plan entry sets it from "
                        "its stage)")
-    b, _, d = tokens.x.shape
+    d = tokens.x.shape[-1]
     k = self.budget
     init = nn.initializers.normal(stddev=0.02)
-    queries = jnp.broadcast_to(self.param("queries", init, (k, self.width)), (b, k, self.width))
-    h, row_mask = queries, jnp.ones((b, k), bool)
+    # Batch-sharded like the tokens (Explicit axes: concatenated with the prompt's rows).
+    h = learned.per_example(self.param("queries", init, (k, self.width)), tokens.x)
+    row_mask = learned.per_example(jnp.ones(k, bool), tokens.x)
     if self.use_text:
       if text is None:
         raise ValueError("qformer: use_text=True needs signal `text` (the prompt's embeddings:"
