@@ -44,7 +44,7 @@ from flax import traverse_util
 
 from tcjax.compress import primitives as P
 from tcjax.compress.registry import FAMILIES, METHODS, batch_sharded_like_x
-from tcjax.nn.layers import NEG_INF
+from tcjax.nn.layers import NEG_INF, compute_dtype
 from tcjax.parallel.mesh import match_batch
 from tcjax.tokens import Tokens
 
@@ -407,8 +407,9 @@ def per_example(value, ref):
 
 
 def masked_softmax(logits, valid, axis=-1):
-  """Softmax over `axis` where `valid` (broadcastable), in float32; fully masked rows give 0."""
-  logits = jnp.where(valid, logits.astype(jnp.float32), NEG_INF)
+  """Softmax over `axis` where `valid` (broadcastable), in at least float32 (float64 stays
+  float64); fully masked rows give 0."""
+  logits = jnp.where(valid, logits.astype(compute_dtype(logits)), NEG_INF)
   p = jax.nn.softmax(logits, axis=axis)
   return jnp.where(valid, p, 0.0)
 
@@ -419,7 +420,7 @@ def resampled(tokens: Tokens, x, weights) -> Tokens:
   tokens: the N input tokens; x: float[B, K, D] the slots' features; weights: float[B, K, N]
   weight of input token j in slot k (>= 0, zero on padding). Bookkeeping takes no gradient.
   """
-  w = jax.lax.stop_gradient(weights.astype(jnp.float32))
+  w = jax.lax.stop_gradient(weights.astype(compute_dtype(weights)))
   valid = tokens.mask
   w = jnp.where(valid[:, None, :], w, 0.0)
   # Share of input token j that slot k stands for (a uniform share where every weight is 0).
@@ -432,7 +433,8 @@ def resampled(tokens: Tokens, x, weights) -> Tokens:
   rep = jnp.argmax(jnp.where(valid[:, None, :], w, -1.0), axis=-1).astype(jnp.int32)  # [B, K]
   pos = jnp.take_along_axis(tokens.pos, rep[..., None], axis=1)
   b = x.shape[0]
-  return Tokens(x=x.astype(tokens.x.dtype), pos=pos.astype(jnp.int32), size=size,
+  return Tokens(x=x.astype(tokens.x.dtype), pos=pos.astype(jnp.int32),
+                size=size.astype(tokens.size.dtype),
                 mask=jnp.ones((b, k), bool), src=P.remap_src(tokens.src, old_to_new),
                 grid=tokens.grid)
 

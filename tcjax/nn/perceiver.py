@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tcjax.nn import learned
+from tcjax.nn.layers import compute_dtype
 from tcjax.tokens import Tokens
 
 
@@ -30,7 +31,8 @@ class PerceiverBlock(nn.Module):
 
   @nn.compact
   def __call__(self, media, latents, media_mask):
-    """-> (latents float[B, K, D], attention float32[B, H, K, N] on the media)."""
+    """-> (latents float[B, K, D], attention float32[B, H, K, N] on the media; float64
+    for float64 inputs)."""
     d = latents.shape[-1]
     hd = (self.heads, self.head_dim)
     m = nn.LayerNorm(epsilon=1e-5, name="norm_media")(media)
@@ -76,7 +78,7 @@ class PerceiverResampler(nn.Module):
                            head_dim=self.head_dim, ff_mult=self.ff_mult)
     d = tokens.x.shape[-1]
     lat = self.param("latents", nn.initializers.normal(stddev=1.0), (self.budget, d))
-    x = tokens.x.astype(jnp.float32)
+    x = tokens.x.astype(compute_dtype(tokens.x))
     latents = learned.per_example(lat, x)  # batch-sharded like the media (Explicit axes)
     attn = None
     for i in range(self.depth):

@@ -26,6 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from tcjax.nn import learned
+from tcjax.nn.layers import compute_dtype
 from tcjax.tokens import Tokens
 
 _LN_EPS = 1e-12  # BERT's LayerNorm epsilon
@@ -39,7 +40,7 @@ class BertAttention(nn.Module):
   @nn.compact
   def __call__(self, x, kv, kv_mask):
     """x float[B, Q, W] attends to kv float[B, S, Dkv] (kv_mask bool[B, S]) -> (float[B, Q, W],
-    attention float32[B, H, Q, S])."""
+    attention float32[B, H, Q, S]; float64 for float64 inputs)."""
     w = x.shape[-1]
     hd = (self.heads, w // self.heads)
     init = nn.initializers.normal(stddev=0.02)  # BERT's initializer range
@@ -128,11 +129,13 @@ class QFormer(nn.Module):
         raise ValueError(f"qformer: the prompt has {t} tokens, more than max_text="
                          f"{self.max_text}")
       pos = self.param("text_pos", init, (self.max_text, self.width))[:t]
-      th = nn.Dense(self.width, kernel_init=init, name="text_proj")(text.astype(jnp.float32))
+      th = nn.Dense(self.width, kernel_init=init, name="text_proj")(
+          text.astype(compute_dtype(text)))
       h = jnp.concatenate([h, th + pos], axis=1)
       row_mask = jnp.concatenate([row_mask, text_mask], axis=1)
     h = nn.LayerNorm(epsilon=_LN_EPS, name="embed_norm")(h)
-    image = nn.LayerNorm(epsilon=1e-6, name="ln_vision")(tokens.x.astype(jnp.float32))
+    image = nn.LayerNorm(epsilon=1e-6, name="ln_vision")(
+        tokens.x.astype(compute_dtype(tokens.x)))
     weights = None
     for i in range(self.depth):
       h, _ = BertAttention(self.heads, name=f"layer_{i}_self")(h, h, row_mask)
