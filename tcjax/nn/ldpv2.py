@@ -22,7 +22,7 @@ import flax.linen as nn
 from tcjax.compress import primitives as P
 from tcjax.compress.pool import pool_window_for_budget
 from tcjax.nn import learned
-from tcjax.parallel.mesh import batch_reshape
+from tcjax.parallel.mesh import batch_reshape, constrain
 from tcjax.tokens import Tokens
 
 
@@ -54,7 +54,11 @@ class LDPv2(nn.Module):
     x = nn.Dense(d, name="mlp_out")(nn.gelu(x, approximate=False))
     pooled = P.pool_grid(tokens.replace(x=x.astype(tokens.x.dtype)), k)
     ho, wo = P.pooled_grid(h, w, k)
-    grid = batch_reshape(pooled.x, (b * f, ho, wo, d))
+    # Each frame's grid whole on one device (batch over `data`): on Auto axes XLA may otherwise
+    # split the depthwise convolution along the grid as the decoder's `seq` sharding of the
+    # tokens propagates back, and did so wrongly (two 2 x 2 grids on (data 2, seq 4): features
+    # off by O(1), the one-device program and the embedding alone right).
+    grid = constrain(batch_reshape(pooled.x, (b * f, ho, wo, d)), "data")
     # PEG: a depthwise 3 x 3 convolution (zero padding) gives each token its neighbourhood,
     # i.e. a position code generated from the content; residual as in MobileVLM V2.
     peg = nn.Conv(d, (3, 3), padding="SAME", feature_group_count=d, name="peg")(grid)
