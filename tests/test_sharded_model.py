@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 import tcjax
 from configs.sharding import PALIGEMMA_RULES
-from tcjax.nn import PaliGemma
+from tcjax.nn import PaliGemma, learned
 from tcjax.parallel import make_mesh, shard_params
 from test_model import CONFIGS, IMG, inputs, make_params
 
@@ -152,7 +152,70 @@ def test_three_frame_clips_equal_one_device(model_and_data, axis_type):
       with jax.set_mesh(mesh):
         sp, (sc,) = _sharded(mesh, p64, clip)
         got = jax.device_get(embed(sp, sc))
-      for field in ("pos", "size", "mask", "src"):
-        np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
-      np.testing.assert_allclose(got.x, want.x, rtol=0, atol=1e-12)
+      _assert_same_tokens(got, want, atol=1e-12)
 
+
+def _assert_same_tokens(got, want, atol):
+  """The bookkeeping equal, the features to `atol`."""
+  for field in ("pos", "size", "mask", "src"):
+    np.testing.assert_array_equal(getattr(got, field), getattr(want, field), err_msg=field)
+  np.testing.assert_allclose(got.x, want.x, rtol=0, atol=atol)
+
+
+# Every registered learned compressor, tiny, as a plan entry for an input of f frames of the 4 x 4
+# patch grid (LDPv2's budget follows the grid, TokenLearner's is split over a clip's frames).
+# The Q-Former at post_proj reads the prompt (queries concatenated with its rows).
+LEARNED_ENTRIES = {
+    "ldpv2": lambda f: ("post_vit", {"method": "ldpv2", "budget": 4 * f, "mlp_dim": 4}),
+    "perceiver": lambda f: ("post_vit", {"method": "perceiver", "budget": 4, "depth": 2,
+                                         "heads": 2, "head_dim": 4, "ff_mult": 1}),
+    "qformer": lambda f: ("post_proj", {"method": "qformer", "budget": 4, "width": 8, "depth": 2,
+                                        "heads": 2, "mlp_dim": 8}),
+    "tokenlearner": lambda f: ("post_vit", {"method": "tokenlearner", "budget": 2 * f,
+                                            "bottleneck_dim": 4}),
+}
+
+
+def test_learned_entries_cover_every_learned_compressor():
+  assert set(LEARNED_ENTRIES) == set(learned.LEARNED)
+
+
+@functools.lru_cache(maxsize=None)
+def _learned_one_device(name, frames):
+  """(jitted forward -> (text logits, image Tokens entering the decoder), float64 params with
+  the compressor's init, float64 inputs, the one-device result) for two images (frames 0) or
+  two clips of `frames` frames."""
+  model, params, image, text, mask_ar = _data()
+  image, text, mask_ar = image[:2], text[:2], mask_ar[:2]
+  if frames:
+    image = np.random.default_rng(13).uniform(-1, 1, (2, frames, 16, 16, 3))
+  m = model.with_plan((LEARNED_ENTRIES[name](max(frames, 1)),))
+  with jax.enable_x64(True):
+    args = (_f64(image), text, mask_ar)
+    init = jax.jit(lambda *a: m.init(jax.random.key(1), *a)["params"][learned.SUBTREE])
+    p64 = _f64({**params, learned.SUBTREE: init(*args)})
+
+    @jax.jit
+    def run(p, *a):
+      logits, _, img, _ = m.apply({"params": p}, *a, method=m.features)
+      return logits, img
+
+    return run, p64, args, jax.device_get(run(p64, *args))
+
+
+@pytest.mark.parametrize("axis_type", ["explicit", "auto"])
+@pytest.mark.parametrize("name", sorted(LEARNED_ENTRIES))
+def test_learned_compressors_equal_one_device(name, axis_type):
+  """Each learned compressor in the model's forward on (data 2, seq 4), for two images and for
+  two 4-frame clips (their frames over all 8 devices, gathered per example before the
+  compressor), gives the one-device image tokens and logits: the bookkeeping equal, the rest
+  to 1e-12 in float64 (the decoder's ring attention, and on Auto axes the partitioner's split of
+  the towers' FSDP-sharded contractions, change reduction orders)."""
+  mesh = make_mesh(MESHES["2x4"], axis_types=axis_type)
+  for frames in (0, 4):
+    run, p64, args, (want_logits, want) = _learned_one_device(name, frames)
+    with jax.enable_x64(True), jax.set_mesh(mesh):
+      sp, sargs = _sharded(mesh, p64, *args)
+      logits, got = jax.device_get(run(sp, *sargs))
+    _assert_same_tokens(got, want, atol=1e-12)
+    np.testing.assert_allclose(logits, want_logits, rtol=0, atol=1e-12)
