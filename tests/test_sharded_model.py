@@ -182,9 +182,9 @@ def test_learned_entries_cover_every_learned_compressor():
 
 @functools.lru_cache(maxsize=None)
 def _learned_one_device(name, frames):
-  """(jitted forward -> (text logits, image Tokens entering the decoder), float64 params with
-  the compressor's init, float64 inputs, the one-device result) for two images (frames 0) or
-  two clips of `frames` frames."""
+  """(jitted forward -> (text logits, image Tokens entering the decoder), params with the
+  compressor's init, float64 inputs, the one-device result) for two images (frames 0) or two
+  clips of `frames` frames."""
   model, params, image, text, mask_ar = _data()
   image, text, mask_ar = image[:2], text[:2], mask_ar[:2]
   if frames:
@@ -193,7 +193,9 @@ def _learned_one_device(name, frames):
   with jax.enable_x64(True):
     args = (_f64(image), text, mask_ar)
     init = jax.jit(lambda *a: m.init(jax.random.key(1), *a)["params"][learned.SUBTREE])
-    p64 = _f64({**params, learned.SUBTREE: init(*args)})
+    # The compressor's float32 init beside float64 towers: weights narrower than the activations,
+    # as bf16 weights in a float32 run (where XLA split LDPv2's depthwise convolution wrongly).
+    p64 = {**_f64(params), learned.SUBTREE: init(*args)}
 
     @jax.jit
     def run(p, *a):

@@ -55,9 +55,9 @@ class LDPv2(nn.Module):
     pooled = P.pool_grid(tokens.replace(x=x.astype(tokens.x.dtype)), k)
     ho, wo = P.pooled_grid(h, w, k)
     # Each frame's grid whole on one device (batch over `data`): on Auto axes XLA may otherwise
-    # split the depthwise convolution along the grid as the decoder's `seq` sharding of the
-    # tokens propagates back, and did so wrongly (two 2 x 2 grids on (data 2, seq 4): features
-    # off by O(1), the one-device program and the embedding alone right).
+    # split the depthwise convolution as the decoder's shardings propagate back, and did so
+    # wrongly (jax 0.10: two 2 x 2 grids on (data 2, seq 4), weights narrower than the
+    # activations, e.g. bf16 in a float32 run: features off by O(1), the embedding alone right).
     grid = constrain(batch_reshape(pooled.x, (b * f, ho, wo, d)), "data")
     # PEG: a depthwise 3 x 3 convolution (zero padding) gives each token its neighbourhood,
     # i.e. a position code generated from the content; residual as in MobileVLM V2.
