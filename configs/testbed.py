@@ -260,10 +260,10 @@ def get_config(arg: str = ""):
   if arg == "stage14":  # stage 13 with a frame table; clips and spectrograms most of the batches
     c.init = STAGE13
     c.grow = dict(frame_embedding=64)
-    c.total_steps = 2000  # a clip batch costs more than an image batch: what the session fits
+    c.total_steps = 1600  # a clip batch costs more than an image batch: what the session fits
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 50
-    c.eval.every = 500
+    c.eval.every = 400
     c.data.families = ("count", "count", "binding", "glyph", "digit", "digit", "digit",
                        "number", "locate", "locate", "locate", "describe", "video", "audio")
     c.data.weights = dict(image=0.4, video=0.35, audio=0.25)
