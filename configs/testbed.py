@@ -248,23 +248,20 @@ def get_config(arg: str = ""):
                        "number", "number", "locate", "locate", "locate", "describe", "video",
                        "audio")
     c.data.weights = dict(image=0.7, video=0.15, audio=0.15)
-  if arg == "stage13":  # stage 12 at half the rate; digit and locate 3 times, count twice
-    c.init = STAGE12
-    c.total_steps = 2400
+  if arg in ("stage13", "stage14"):  # half stage 12's rate; digit and locate 3 times, count twice
     c.optim.lr = 5e-4
     c.optim.warmup_steps = 50
-    c.eval.every = 800
     c.data.families = ("count", "count", "binding", "glyph", "digit", "digit", "digit",
                        "number", "locate", "locate", "locate", "describe", "video", "audio")
+  if arg == "stage13":  # from stage 12
+    c.init = STAGE12
+    c.total_steps = 2400
+    c.eval.every = 800
     c.data.weights = dict(image=0.75, video=0.125, audio=0.125)
   if arg == "stage14":  # stage 13 with a frame table; clips and spectrograms most of the batches
     c.init = STAGE13
     c.grow = dict(frame_embedding=64)
     c.total_steps = 1600  # a clip batch costs more than an image batch: what the session fits
-    c.optim.lr = 5e-4
-    c.optim.warmup_steps = 50
     c.eval.every = 400
-    c.data.families = ("count", "count", "binding", "glyph", "digit", "digit", "digit",
-                       "number", "locate", "locate", "locate", "describe", "video", "audio")
     c.data.weights = dict(image=0.4, video=0.35, audio=0.25)
   return c
