@@ -131,6 +131,23 @@ def test_sharded_video_explicit_axes_equals_one_device(model_and_data):
   np.testing.assert_array_equal(np.asarray(tokens), np.asarray(want_tokens))
 
 
+def test_generation_on_explicit_axes_with_a_data_axis_of_one(model_and_data):
+  """data 1 x seq 8 on Explicit axes, a 5-token prompt and 3 new tokens (neither the prefill
+  nor the cache divides by 8): the prefill's values came out replicated while its keys were
+  batch-sharded (through RoPE's positions), and the decoding loop's first in-place write
+  refused the pair with a ShardingTypeError. Greedy tokens equal one device's (float64)."""
+  model, params, image, text, _ = model_and_data
+  gen = jax.jit(lambda p, i, t: tcjax.generate(model, p, i, t, max_new_tokens=3))
+  with jax.enable_x64(True):
+    p64, i64 = _f64(params), _f64(image)
+    want = np.asarray(gen(p64, i64, text[:, :5]))
+    mesh = make_mesh(MESHES["1x8"], axis_types="explicit")
+    with jax.set_mesh(mesh):
+      sp, (si, st) = _sharded(mesh, p64, i64, text[:, :5])
+      got = np.asarray(gen(sp, si, st))
+  np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("axis_type", ["explicit", "auto"])
 def test_three_frame_clips_equal_one_device(model_and_data, axis_type):
   """Two 3-frame clips on (data 2, seq 4): the 6 frames do not divide the 8 devices, so the ViT

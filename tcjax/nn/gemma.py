@@ -39,8 +39,8 @@ from tcjax.nn import layers as nl
 from tcjax.nn import plan as plan_lib
 from tcjax.nn.config import GemmaConfig
 from tcjax.parallel import attention as par_attn
-from tcjax.parallel.mesh import (batch_reshape, constrain, context_mesh, mesh_axis,
-                                 sharded_axis, unshard_axis)
+from tcjax.parallel.mesh import (batch_reshape, constrain, context_mesh, match_batch,
+                                 mesh_axis, sharded_axis, unshard_axis)
 from tcjax.tokens import Tokens
 
 
@@ -404,8 +404,12 @@ def _last_valid(valid):
 
 
 def _segment(ks, vs, seq: Seq, first_layer: int, cache_size: int) -> Segment:
-  k = jnp.concatenate(ks, 0) if len(ks) > 1 else ks[0]
-  v = jnp.concatenate(vs, 0) if len(vs) > 1 else vs[0]
+  # The stacked k / v [L, B, S, K, h] batch-sharded like the positions: on Explicit mesh axes
+  # the projections can come out typed differently (v replicated, k batch-sharded through
+  # RoPE's positions, with a data axis of size 1), and the decoding loop's in-place writes of
+  # batch-sharded entries need the buffers typed alike.
+  k = match_batch(jnp.concatenate(ks, 0) if len(ks) > 1 else ks[0], seq.pos, axis=1)
+  v = match_batch(jnp.concatenate(vs, 0) if len(vs) > 1 else vs[0], seq.pos, axis=1)
   pad = ((0, 0), (0, 0), (0, cache_size), (0, 0), (0, 0))
   return Segment(k=jnp.pad(k, pad), v=jnp.pad(v, pad),
                  pos=jnp.pad(seq.pos, ((0, 0), (0, cache_size))),

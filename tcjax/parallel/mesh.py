@@ -83,23 +83,24 @@ def unshard_axis(x: jax.Array, axis: int, mesh=None) -> jax.Array:
   return _reshard_axis(x, axis, None, mesh)
 
 
-def match_batch(x: jax.Array, ref: jax.Array) -> jax.Array:
-  """`x` with its batch axis (axis 0) sharded like `ref`'s in its type, its other axes kept.
+def match_batch(x: jax.Array, ref: jax.Array, axis: int = 0) -> jax.Array:
+  """`x` with its batch axis (`axis`, 0 by default) sharded like `ref`'s axis 0 in its type, its
+  other axes kept.
 
   On Explicit mesh axes a `vmap` over several arrays needs one sharding of the mapped axis
   (else "Mapped away dimension ... data vs None"); arrays that reach a function by different
   paths (a clip's tokens and the ViT signals, bookkeeping built replicated) may differ there.
   A no-op on Auto axes, outside a mesh, when the two already agree, and for anything but two
-  jax arrays with first axes of one size (left to the caller's checks).
+  jax arrays with batch axes of one size (left to the caller's checks).
   """
-  if not (isinstance(x, jax.Array) and isinstance(ref, jax.Array) and x.ndim and ref.ndim
-          and x.shape[0] == ref.shape[0]):
+  if not (isinstance(x, jax.Array) and isinstance(ref, jax.Array) and x.ndim > axis
+          and ref.ndim and x.shape[axis] == ref.shape[0]):
     return x
   want = sharded_axis(ref, 0)
-  if sharded_axis(x, 0) == want:
+  if sharded_axis(x, axis) == want:
     return x
   typed = ref if want is not None else x  # its (abstract) mesh: no context mesh needed
-  return _reshard_axis(x, 0, want, jax.typeof(typed).sharding.mesh)
+  return _reshard_axis(x, axis, want, jax.typeof(typed).sharding.mesh)
 
 
 def _reshard_axis(x: jax.Array, axis: int, entry, mesh=None) -> jax.Array:
