@@ -17,19 +17,29 @@ import tcjax
 from tcjax.compress import METHODS
 
 
+# Options every experiment passes to a method, with the reason: MustDrop's own 3 x 3 merge
+# windows do not divide the 16 x 16, 32 x 32 or 64 x 64 grids (the sweep's default is 2 too).
+OPTIONS = {"mustdrop_merge": {"window": 2}}
+
+
 def make_signals(name, tokens, *, seed=0, num_queries=1, key_dim=72, text_len=16,
                  attn_logits=None, text=None):
-  """Every signal `METHODS[name].needs`, shaped after `tokens: float[B, N, D]`."""
+  """Every signal `METHODS[name].needs`, shaped after `tokens: float[B, N, D]`.
+
+  attn has `num_queries` rows (a CLS-like row), or `text_len` prompt rows for a method that also
+  takes a `text_mask` over them (MustDrop's filter reads the decoder's prompt rows)."""
   b, n, d = tokens.x.shape
-  ks = jax.random.split(jax.random.key(seed), 6)
+  ks = jax.random.split(jax.random.key(seed), 7)
+  needs = METHODS[name].needs
   out = {}
-  for s in METHODS[name].needs:
+  for s in needs:
     if s == "scores":
       out[s] = (attn_logits if attn_logits is not None
                 else jax.random.normal(ks[0], (b, n)))
     elif s == "attn":
-      logits = (jnp.broadcast_to(attn_logits[:, None], (b, num_queries, n))
-                if attn_logits is not None else 3 * jax.random.normal(ks[1], (b, num_queries, n)))
+      q = text_len if "text_mask" in needs and "text" not in needs else num_queries
+      logits = (jnp.broadcast_to(attn_logits[:, None], (b, q, n))
+                if attn_logits is not None else 3 * jax.random.normal(ks[1], (b, q, n)))
       out[s] = jax.nn.softmax(logits, -1)
     elif s == "attn_heads":  # per-head rows (two heads), the decoder's prompt-row attention
       logits = (jnp.broadcast_to(attn_logits[:, None, None], (b, 2, num_queries, n))
@@ -43,17 +53,29 @@ def make_signals(name, tokens, *, seed=0, num_queries=1, key_dim=72, text_len=16
     elif s == "text":
       out[s] = text if text is not None else jax.random.normal(ks[3], (b, text_len, d))
     elif s == "text_mask":
-      t = (out["text"].shape[1] if "text" in out
+      t = (out["text"].shape[1] if "text" in out else out["attn"].shape[1] if "attn" in out
            else num_queries if "attn_heads" in out else text_len)
       out[s] = jnp.ones((b, t), bool)
+    elif s == "vit_scores":  # the ViT's attention score per token
+      out[s] = (attn_logits if attn_logits is not None
+                else jax.random.normal(ks[6], (b, n)))
+    elif s == "image_count":  # every token valid
+      out[s] = jnp.full((b,), n, jnp.int32)
     elif s == "rng":
       out[s] = ks[5]
   return out
 
 
+def method_call(name, budget):
+  """`(tokens, signals) -> METHODS[name].fn(tokens, budget, **signals)` with the method's
+  `OPTIONS` (static: closed over, never traced)."""
+  opts = OPTIONS.get(name, {})
+  return lambda t, s: METHODS[name].fn(t, budget, **s, **opts)
+
+
 def _accepts(name, tokens, budget, signals):
   try:
-    jax.eval_shape(lambda t, s: METHODS[name].fn(t, budget, **s), tokens, signals)
+    jax.eval_shape(method_call(name, budget), tokens, signals)
     return None
   except ValueError as e:
     return str(e)
@@ -76,6 +98,9 @@ def pick_budget(name, tokens, signals, fraction=0.25):
     for b in sorted(options, key=lambda v: (abs(math.log(v / target)), v)):
       if _accepts(name, tokens, b, signals) is None:
         return b
+  m = re.search(r"budget must be at least (\d+)", err)  # e.g. DyCoke's frames kept whole
+  if m and int(m.group(1)) <= n and _accepts(name, tokens, int(m.group(1)), signals) is None:
+    return int(m.group(1))
   for delta in range(1, n):
     for b in (target + delta, target - delta):
       if 1 <= b <= n and _accepts(name, tokens, b, signals) is None:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from tcjax.compress import METHODS
 
 from experiments._results import write_section
-from experiments._signals import make_signals, make_tokens_for
+from experiments._signals import make_signals, make_tokens_for, method_call
 
 D, HEADS, MLP, BATCH = 1152, 16, 4304, 4
 GRIDS = {256: (16, 16), 576: (24, 24), 1024: (32, 32), 4096: (64, 64)}
@@ -101,7 +101,7 @@ def bench(ns, methods, quick=False, log=print):
         log(f"  {name}: no accepted budget near N/4, skipped")
         continue
       signals = make_signals(name, tokens)
-      fn = jax.jit(lambda t, s, _name=name, _b=budget: METHODS[_name].fn(t, _b, **s))
+      fn = jax.jit(method_call(name, budget))
       try:
         t = time_call(fn, (tokens, signals), method_reps)
       except Exception as e:  # pylint: disable=broad-except

@@ -29,7 +29,7 @@ import tcjax
 from tcjax import compress
 from tcjax.compress import METHODS
 
-from experiments._signals import make_signals, pick_budget
+from experiments._signals import make_signals, method_call, pick_budget
 from experiments.bench_compress import block, block_params, time_call
 
 SIZE, PATCH, DIM, FRAMES = 224, 14, 64, 4
@@ -128,7 +128,7 @@ def run(budgets=(64, 16), out_dir=OUT, methods=None, reps=5, log=print):
         continue
       _, kind, signals, budget = best
       frames_img, tokens, _, _, t_block = setups[kind]
-      fn = jax.jit(lambda t, s, _n=name, _b=budget: METHODS[_n].fn(t, _b, **s))
+      fn = jax.jit(method_call(name, budget))
       out = fn(tokens, signals)
       ms = time_call(fn, (tokens, signals), reps) * 1e3
       kept = int(out.count()[0])
