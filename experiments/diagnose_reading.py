@@ -85,15 +85,13 @@ def glyph_probe(model, params, n: int) -> Dict[str, float]:
 
 
 def _answers(model, params, tokenizer, images, prefix: str, max_new_tokens: int) -> List[str]:
-  from tcjax.data import pipeline  # pylint: disable=g-import-not-at-top
   from tcjax.eval import runner  # pylint: disable=g-import-not-at-top
   out = []
   for s in range(0, len(images), 16):
     chunk = images[s:s + 16]
-    toks = pipeline._collate([pipeline.tokenize(tokenizer, prefix, None, 32)  # pylint: disable=protected-access
-                              for _ in chunk])
-    out += runner.answer_batch(model, params, tokenizer, np.stack(chunk), toks["text"],
-                               toks["input_mask"], max_new_tokens=max_new_tokens)
+    prompt = tokenizer.batch([prefix] * len(chunk), max_len=32)
+    out += runner.answer_batch(model, params, tokenizer, np.stack(chunk), prompt["text"],
+                               prompt["mask_input"].astype(bool), max_new_tokens=max_new_tokens)
   return out
 
 
@@ -174,10 +172,13 @@ def main(argv=None):
   ap.add_argument("--n", type=int, default=192, help="scenes per measurement")
   args = ap.parse_args(argv)
   from tcjax import bundled  # pylint: disable=g-import-not-at-top
-  model, params, tokenizer = bundled.load()
-  if args.checkpoint:
+  if args.checkpoint:  # the bundled model's weights are not read for another checkpoint
+    from tcjax.tokenizer import Tokenizer  # pylint: disable=g-import-not-at-top
     from tcjax.train.loop import load_init  # pylint: disable=g-import-not-at-top
     model, params = load_init(args.checkpoint)
+    tokenizer = Tokenizer(bundled.TOKENIZER)
+  else:
+    model, params, tokenizer = bundled.load()
   print("1. label probes on the ViT outputs (val accuracy):",
         {k: round(v, 3) for k, v in glyph_probe(model, params, args.n).items()}, flush=True)
   loc = locate_errors(model, params, tokenizer, args.n)
