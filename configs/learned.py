@@ -8,7 +8,7 @@
   python -m experiments.train --config configs/learned.py:m3 --workdir DIR
   python -m experiments.train --config configs/learned.py:caft --workdir DIR
 
-arg: "<method>[,budget=K][,stage=post_vit|post_proj][,smoke]" with method one of
+arg: "<method>[,budget=K][,stage=post_vit|post_proj][,video][,smoke]" with method one of
 `tcjax.nn.learned.LEARNED` (tokenlearner, perceiver, qformer, ldpv2). The plan holds one entry,
 the compressor at `stage` with `budget` output tokens (default 16; LDPv2 pools 2 x 2, so 64 of
 the 256 patches); its parameters are `compressor/<stage>_<method>_<budget>/...`, initialised
@@ -24,8 +24,15 @@ the towers: `tcjax.nn.learned.save_trained`); the sweep runs it beside the train
 
   python -m experiments.sweep --config.learned=DIR/compressors.npz
 
-Only the image families train: a compressor's budget is one number of tokens per example, and
-a 2048-token clip is a different compression problem (train one per modality if needed).
+The image families train by default: a compressor's budget is one number of tokens per example,
+and a 2048-token clip is a different compression problem. ",video" trains one on the testbed's
+8-frame clips instead (`video` family, batches of 4 (8 with smoke), evaluated on clips):
+
+  python -m experiments.train --config configs/learned.py:tokenlearner,budget=32,video --workdir DIR
+
+There a TokenLearner gets the entry option `frames=8` (its per-frame maps are shaped for 8-frame
+clips, and the loop initialises it on one) and LDPv2's default budget is its 2 x 2 pooling of
+every frame (512).
 "smoke": the tiny random model of configs/testbed.py:smoke and a few steps, for tests.
 
 "m3": Matryoshka multimodal training (M3, Cai et al., arXiv 2405.17430): one model serving
@@ -86,30 +93,35 @@ def reachable(method: str, budget: int, grid) -> bool:
 
 
 def parse(arg: str):
-  """"method[,budget=K][,stage=S][,smoke]" -> (method, budget, stage, smoke)."""
+  """"method[,budget=K][,stage=S][,video][,smoke]" -> (method, budget, stage, smoke, video)."""
   parts = [p.strip() for p in arg.split(",") if p.strip()]
   if not parts or parts[0] not in tuple(DEFAULT_STAGE) + ("m3", "caft"):
     raise ValueError(f"configs/learned.py needs a compressor first, one of "
                      f"{sorted(DEFAULT_STAGE)}, m3 or caft; got {arg!r}")
   method, rest = parts[0], parts[1:]
-  opts = {"budget": DEFAULT_BUDGET.get(method, 64), "stage": DEFAULT_STAGE.get(method, "post_vit"),
-          "smoke": False}
+  opts = {"budget": None, "stage": DEFAULT_STAGE.get(method, "post_vit"), "smoke": False,
+          "video": False}
   for p in rest:
     key, eq, value = p.partition("=")
-    if key == "smoke" and not eq:
-      opts["smoke"] = True
+    if key in ("smoke", "video") and not eq:
+      opts[key] = True
     elif key == "budget" and eq and value.isdigit() and int(value) > 0:
       opts["budget"] = int(value)
     elif key == "stage" and value in ("post_vit", "post_proj"):
       opts["stage"] = value
     else:
       raise ValueError(f"configs/learned.py: bad argument part {p!r} in {arg!r}; use "
-                       "budget=<int>, stage=post_vit|post_proj or smoke")
-  return method, opts["budget"], opts["stage"], opts["smoke"]
+                       "budget=<int>, stage=post_vit|post_proj, video or smoke")
+  if opts["video"] and method not in DEFAULT_STAGE:
+    raise ValueError(f"configs/learned.py: video trains a compressor, not {method!r}")
+  if opts["budget"] is None:
+    frames = testbed.VIDEO_FRAMES if opts["video"] and method == "ldpv2" else 1
+    opts["budget"] = DEFAULT_BUDGET.get(method, 64) * frames
+  return method, opts["budget"], opts["stage"], opts["smoke"], opts["video"]
 
 
 def get_config(arg: str = "tokenlearner"):
-  method, budget, stage, smoke = parse(arg)
+  method, budget, stage, smoke, video = parse(arg)
   c = testbed_config.get_config("smoke" if smoke else "")
   c.init = "" if smoke else BUNDLED  # the pretrained towers (config read off the file)
   if method == "caft":
@@ -128,11 +140,14 @@ def get_config(arg: str = "tokenlearner"):
     c.trainable = r"compressor/.*"
     # configs/testbed.py's sizes are the bundled model's (width 96), or the smoke model's.
     width = c.model.img["width"] if stage == "post_vit" else c.model.llm["width"]
-    c.model.plan = ((stage, {"method": method, "budget": budget, **sizes(method, width)}),)
-  c.data.families = testbed.IMAGE_FAMILIES
+    entry = {"method": method, "budget": budget, **sizes(method, width)}
+    if video and method == "tokenlearner":
+      entry["frames"] = testbed.VIDEO_FRAMES
+    c.model.plan = ((stage, entry),)
+  c.data.families = ("video",) if video else testbed.IMAGE_FAMILIES
   c.data.max_len = 24
-  c.data.batch_size = dict(image=8 if smoke else 32)
-  c.data.weights = dict(image=1.0)
+  c.data.batch_size = dict(video=8 if smoke else 4) if video else dict(image=8 if smoke else 32)
+  c.data.weights = dict(video=1.0) if video else dict(image=1.0)
   c.total_steps = 4 if smoke else 600
   c.ckpt_every = 2 if smoke else 200
   c.log_every = 1 if smoke else 20
@@ -141,7 +156,7 @@ def get_config(arg: str = "tokenlearner"):
     c.optim.lr = 3e-4  # the whole model moves, not a fresh module: a lower rate
   c.optim.warmup_steps = 1 if smoke else 50
   c.optim.weight_decay = 0.0
-  c.eval.families = testbed.IMAGE_FAMILIES
+  c.eval.families = c.data.families
   c.eval.every = 0 if smoke else 600  # once, at the end
   c.eval.per_family = 8 if smoke else 48
   return c

@@ -142,6 +142,37 @@ def test_checkpoints_carry_the_compressor(tmp_path):
     checkpoints.load_big_vision(path, plan=plan)
 
 
+def test_tokenlearner_for_clips_initialises_and_trains_on_clips():
+  """A plan entry `frames=F` shapes TokenLearner's per-frame maps for F-frame clips: the loop's
+  init (`loop.init_fn`, `learned.dummy_inputs`) runs the model on such a clip, so a train step
+  on clips works; without it the init sees an image and a clip is refused by name."""
+  entry = {"method": "tokenlearner", "budget": 8, "bottleneck_dim": 8}
+  clip = jax.random.uniform(jax.random.key(3), (2, 4, 32, 32, 3), minval=-1, maxval=1)
+  _, text, mask_ar = inputs()
+  batch = {"image": clip, "text": text, "mask_ar": mask_ar, "mask_loss": mask_ar}
+  model = PaliGemma(config((("post_vit", dict(entry, frames=4)),)))
+  assert learned.dummy_inputs(model.config)[0].shape == (1, 4, 32, 32, 3)
+  kernel = "compressor/post_vit_tokenlearner_8/map_out/kernel"
+  assert learned.param_shapes(model.config)[kernel] == (8, 2)  # 8 tokens = 2 maps x 4 frames
+  params = jax.jit(loop.init_fn(model, 0))()
+  state = TrainState.create(apply_fn=model.apply, params=params,
+                            tx=loop.make_optimizer(learned_config.get_config(
+                                "tokenlearner,budget=8,smoke"), params))
+  step = jax.jit(make_train_step(model))
+  state, _ = step(state, batch)  # the warm-up's first step has learning rate 0
+  state, metrics = step(state, batch)
+  assert np.isfinite(float(metrics["loss"]))
+  assert not np.array_equal(flat(state.params)[kernel], flat(params)[kernel])
+  plain = PaliGemma(config((("post_vit", entry),)))
+  assert learned.param_shapes(plain.config)[kernel] == (8, 8)  # initialised on an image
+  with pytest.raises(ValueError, match="frames=4"):
+    plain.apply({"params": jax.jit(loop.init_fn(plain, 0))()}, clip, text, mask_ar)
+  two = config((("post_vit", dict(entry, frames=4)),
+                ("post_proj", {"method": "tokenlearner", "budget": 4, "frames": 2})))
+  with pytest.raises(ValueError, match="different frame counts"):
+    learned.dummy_inputs(two)
+
+
 def test_config_trains_only_the_compressor():
   """configs/learned.py freezes the towers by the loop's regex: steps of the real train step +
   optimizer move every compressor parameter and no tower parameter; the towers carry

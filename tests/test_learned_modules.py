@@ -113,6 +113,29 @@ def test_tokenlearner_per_frame_on_clips():
   check_contract(f(params, clip), clip, 6)
 
 
+def test_tokenlearner_frames_fixes_the_parameter_shape():
+  """Per-frame maps: budget // F MLP outputs for a clip of F frames, `budget` for an image. An
+  input the parameters do not fit is refused by name, not by a shape error inside Flax."""
+  image = image_tokens(batch=2, grid=(4, 4))
+  clip = tcjax.Tokens.from_video(jax.random.normal(jax.random.key(1), (2, 4 * 16, D)),
+                                 frames=4, grid=(4, 4))
+  params, _ = run("tokenlearner", image, 8)  # frames=None: shaped by the image
+  assert params["params"]["map_out"]["kernel"].shape == (8, 8)
+  module = learned.make("tokenlearner", 8, **SMALL["tokenlearner"])
+  with pytest.raises(ValueError, match="hold 8 maps per frame.*needs 2.*frames=4"):
+    module.apply(params, clip)
+  params, f = run("tokenlearner", clip, 8, frames=4)
+  assert params["params"]["map_out"]["kernel"].shape == (8, 2)
+  check_contract(f(params, clip), clip, 8)
+  with pytest.raises(ValueError, match="frames=4 shapes its maps for clips of 4 frames"):
+    learned.make("tokenlearner", 8, frames=4, **SMALL["tokenlearner"]).apply(params, image)
+  with pytest.raises(ValueError, match="per_frame=False it has no effect"):
+    run("tokenlearner", clip, 8, frames=4, per_frame=False)
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match="frames must be a positive int"):
+      run("tokenlearner", clip, 8, frames=bad)
+
+
 def test_padding_tokens_are_ignored():
   """Masked (padding) input tokens get no weight: their features never reach the output."""
   tokens = image_tokens()

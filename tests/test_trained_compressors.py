@@ -130,6 +130,27 @@ def test_the_loop_writes_the_compressors_of_its_plan(tmp_path):
     np.testing.assert_array_equal(v, whole[k], err_msg=k)
 
 
+def test_video_config_trains_on_clips():
+  cfg = learned_config.get_config("tokenlearner,budget=8,video")
+  assert cfg.model.plan[0][1]["frames"] == 8 and cfg.data.families == ("video",)
+  assert dict(cfg.data.weights) == {"video": 1.0} and cfg.eval.families == ("video",)
+  assert learned_config.get_config("ldpv2,video").model.plan[0][1]["budget"] == 8 * 64
+  assert "frames" not in learned_config.get_config("perceiver,video").model.plan[0][1]
+  with pytest.raises(ValueError, match="video trains a compressor"):
+    learned_config.get_config("m3,video")
+
+
+@pytest.mark.slow  # a training run on the smoke model's clips
+def test_the_loop_trains_a_tokenlearner_on_clips(tmp_path):
+  """A TokenLearner shaped for 8-frame clips trains through the loop (initialised on a clip)."""
+  cfg = learned_config.get_config("tokenlearner,budget=8,video,smoke")
+  cfg.total_steps, cfg.eval.every = 2, 0
+  loop.train(cfg, str(tmp_path))
+  entries, tree = learned.load_trained(str(tmp_path / "compressors.npz"))
+  assert entries[0][1]["frames"] == 8
+  assert flat(tree)["compressor/post_vit_tokenlearner_8/map_out/kernel"].shape == (64, 1)
+
+
 @pytest.mark.slow  # the bundled model's sweep compiled for three settings
 def test_sweep_runs_trained_compressors_and_a_checkpoint(tmp_path):
   model, params, _ = bundled.load()

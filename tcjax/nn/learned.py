@@ -328,9 +328,17 @@ def load_trained(path: str):
   return tuple(plan), {SUBTREE: tree}
 
 
-def _dummy_inputs(config):
-  """A one-example image and prompt for initialising `config`'s model (shapes only matter)."""
-  image = jnp.zeros((1, config.img.image_size, config.img.image_size, 3), jnp.float32)
+def dummy_inputs(config):
+  """A one-example input and prompt for initialising `config`'s model (shapes only matter):
+  an image, or a clip of F frames when a learned entry of the plan has the option `frames=F`
+  > 1 (its parameters are shaped per frame, e.g. TokenLearner's per-frame maps)."""
+  frames = {dict(o)["frames"] for _, _, _, o in compressor_entries(config.plan)
+            if dict(o).get("frames") not in (None, 1)}
+  if len(frames) > 1:
+    raise ValueError(f"learned entries want clips of different frame counts {sorted(frames)}: "
+                     f"one model is initialised on one input shape")
+  size = (config.img.image_size, config.img.image_size, 3)
+  image = jnp.zeros((1,) + tuple(frames) + size, jnp.float32)
   text = jnp.ones((1, 4), jnp.int32)
   return image, text, jnp.zeros_like(text)
 
@@ -343,7 +351,7 @@ def param_shapes(config) -> Dict[str, Tuple[int, ...]]:
     return {}
   from tcjax.nn.paligemma import PaliGemma  # pylint: disable=g-import-not-at-top
   model = PaliGemma(config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *_dummy_inputs(config))["params"])
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), *dummy_inputs(config))["params"])
   flat = traverse_util.flatten_dict(shapes.get(SUBTREE, {}), sep="/")
   return {f"{SUBTREE}/{k}": tuple(v.shape) for k, v in flat.items()}
 
@@ -363,7 +371,7 @@ def init_missing(model, params, seed: int = 0, out_shardings=None):
   missing = tuple(e[0] for e in entries if e[0] not in have)
   if not missing:
     return params
-  inputs = _dummy_inputs(model.config)
+  inputs = dummy_inputs(model.config)
 
   def fresh():
     new = model.init(jax.random.key(seed), *inputs)["params"][SUBTREE]

@@ -138,10 +138,8 @@ def grown(cfg: ml_collections.ConfigDict, model: PaliGemma, params, mesh=None, r
 
 def init_fn(model: PaliGemma, seed: int):
   """A function of no arguments returning freshly initialised parameters (to jit)."""
-  cfg = model.config
-  image = jnp.zeros((1, cfg.img.image_size, cfg.img.image_size, 3), jnp.float32)
-  text = jnp.ones((1, 4), jnp.int32)
-  return lambda: model.init(jax.random.key(seed), image, text, jnp.zeros_like(text))["params"]
+  inputs = learned.dummy_inputs(model.config)  # a clip where a learned entry is shaped for one
+  return lambda: model.init(jax.random.key(seed), *inputs)["params"]
 
 
 def with_sincos_posemb(params, img_config, scale: float):
