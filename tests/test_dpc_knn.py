@@ -153,6 +153,9 @@ def test_dpc_plan_matches_dense_passes():
     valid = rng.random(n) > 0.3
     cases.append(("padding", x, valid))
     cases.append(("nan padding", np.where(valid[:, None], x, np.nan).astype(np.float32), valid))
+  # One jitted function per side, so that cases of one shape share their compilations.
+  dense = jax.jit(_dense_plan, static_argnames=("budget", "k"))
+  plan = jax.jit(functools.partial(P.dpc_plan, peak_rows=8), static_argnames=("budget", "k"))
   peaks_seen = 0
   for name, x, valid in cases:
     x, valid = jnp.asarray(x), jnp.asarray(valid)
@@ -162,9 +165,8 @@ def test_dpc_plan_matches_dense_passes():
     # then denser than all their k - 1 nearest (peaks, the full-row path).
     shuffled = jnp.asarray(rng.random(n).astype(np.float32))
     for k, budget, nz in ((5, 64, None), (3, 100, None), (5, 64, official), (3, 64, shuffled)):
-      want = jax.jit(functools.partial(_dense_plan, budget=budget, k=k))(x, valid, noise=nz)
-      got = jax.jit(functools.partial(P.dpc_plan, budget=budget, k=k, peak_rows=8))(
-          x, valid, noise=nz)
+      want = dense(x, valid, noise=nz, budget=budget, k=k)
+      got = plan(x, valid, noise=nz, budget=budget, k=k)
       for w, g in zip(want, got):
         np.testing.assert_array_equal(np.asarray(g), np.asarray(w), err_msg=f"{name}, k={k}")
     # How many rows take the full-row path (no denser token among their k nearest).
